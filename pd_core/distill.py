@@ -1,0 +1,94 @@
+"""Progressive distillation (Algorithm 2): the two-step DDIM target and the student's loss.
+
+Student with N steps, teacher with 2N. For t = (i + 1) / N, t' = t - 0.5/N, t'' = t - 1/N:
+    z_t'  = alpha_t'  x_hat(z_t, t)   + sigma_t'  eps_hat(z_t, t)        (teacher, NO clipping)
+    z_t'' = alpha_t'' x_hat(z_t', t') + sigma_t'' eps_hat(z_t', t')
+    x_tilde = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t)
+and for i = 0 (the student's last step, which returns x_hat) x_tilde = x_hat(z_t', t').
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pd_core._checks import broadcast_to, check_batch_vector, check_image_batch, check_num_steps
+from pd_core.denoiser import Denoiser, DenoiserFn
+from pd_core.schedule import LOGSNR_MAX, LOGSNR_MIN, alpha_sigma, logsnr
+from pd_core.weighting import check_combination, per_example_loss
+
+
+def _check_student_times(t: Tensor, *, num_steps: int) -> Tensor:
+    """Return i = t N - 1 as integers, refusing t not on the grid {1/N, ..., 1}."""
+    i_float = t.double() * num_steps - 1.0
+    i = torch.round(i_float)
+    if bool(((i_float - i).abs() > 1e-4).any()) or bool((i < 0).any()) or bool((i > num_steps - 1).any()):
+        raise ValueError(f"t must take values in {{1/N, ..., 1}} with N = num_steps = {num_steps}; "
+                         f"got values in [{t.min().item()}, {t.max().item()}]")
+    return i.long()
+
+
+def ddim_step(*, x_hat: Tensor, eps_hat: Tensor, logsnr_s: Tensor) -> Tensor:
+    """z_s = alpha_s x_hat + sigma_s eps_hat."""
+    alpha_s, sigma_s = (broadcast_to(v, x_hat) for v in alpha_sigma(logsnr_s))
+    return alpha_s * x_hat + sigma_s * eps_hat
+
+
+def distillation_target(teacher: DenoiserFn, *, z: Tensor, t: Tensor, num_steps: int,
+                        logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX) -> Tensor:
+    """x_tilde of Algorithm 2 (see module docstring); ``num_steps`` is the STUDENT's N, t in {1/N, ..., 1}."""
+    check_num_steps("num_steps", num_steps)
+    check_image_batch("z", z)
+    check_batch_vector("t", t, batch=z.shape[0])
+    i = _check_student_times(t, num_steps=num_steps)
+    t = t.to(z.dtype)
+    sched = dict(logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+    lam_t = logsnr(t, **sched)
+    lam_mid = logsnr((t - 0.5 / num_steps).clamp(min=0.0), **sched)
+    lam_s = logsnr((t - 1.0 / num_steps).clamp(min=0.0), **sched)
+
+    x_hat, eps_hat = teacher(z, lam_t)
+    z_mid = ddim_step(x_hat=x_hat, eps_hat=eps_hat, logsnr_s=lam_mid)
+    x_mid, eps_mid = teacher(z_mid, lam_mid)
+    z_s = ddim_step(x_hat=x_mid, eps_hat=eps_mid, logsnr_s=lam_s)
+
+    alpha_t, sigma_t = (broadcast_to(v, z) for v in alpha_sigma(lam_t))
+    alpha_s, sigma_s = (broadcast_to(v, z) for v in alpha_sigma(lam_s))
+    ratio = sigma_s / sigma_t
+    x_tilde = (z_s - ratio * z) / (alpha_s - ratio * alpha_t)
+    return torch.where(broadcast_to(i == 0, z), x_mid, x_tilde)
+
+
+class DistillationLoss:
+    """Per-example student loss w(lambda_t) ||x_hat_student(z_t) - x_tilde||^2 (no clipping anywhere).
+
+    i ~ U{0..N-1}, t = (i + 1)/N, z_t = alpha_t x + sigma_t eps; the teacher runs without gradients.
+    """
+
+    def __init__(self, teacher: Denoiser, *, num_steps: int, weighting: str,
+                 logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX):
+        check_num_steps("num_steps", num_steps)
+        self.teacher = teacher
+        self.num_steps = num_steps
+        self.weighting = weighting
+        self.sched = dict(logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+
+    def targets(self, x: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Sample (z_t, lambda_t, x_tilde) for a data batch; the teacher runs in inference mode."""
+        check_image_batch("x", x)
+        n = self.num_steps
+        i = torch.randint(0, n, (x.shape[0],), device=x.device, generator=generator)  # (B,)
+        t = (i + 1).to(x.dtype) / n
+        eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        lam = logsnr(t, **self.sched)
+        alpha, sigma = (broadcast_to(v, x) for v in alpha_sigma(lam))
+        z = alpha * x + sigma * eps
+        with torch.inference_mode():
+            x_tilde = distillation_target(self.teacher, z=z, t=t, num_steps=n, **self.sched)
+        return z, lam, x_tilde.float().clone()
+
+    def __call__(self, student: Denoiser, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        check_combination(parameterization=student.parameterization, weighting=self.weighting)
+        z, lam, x_tilde = self.targets(x, generator=generator)
+        x_hat, _ = student(z, lam)
+        return per_example_loss(x_hat=x_hat.float(), x=x_tilde, logsnr=lam.float(), kind=self.weighting)

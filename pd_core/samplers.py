@@ -1,0 +1,129 @@
+"""Samplers over any denoiser ``denoiser(z, logsnr) -> (x_hat, eps_hat)``.
+
+All walk the student grid t = (i + 1)/N -> i/N for i = N-1 .. 0, start from z ~ N(0, I) at t = 1,
+and return x_hat at the last step (i = 0), as the official sampler does. Pure functions: no I/O,
+randomness only through an injected ``generator``, progress through ``callback(step, num_steps)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from pd_core._checks import broadcast_to, check_image_batch, check_num_steps
+from pd_core.denoiser import DenoiserFn
+from pd_core.parameterization import clip_x_eps
+from pd_core.schedule import LOGSNR_MAX, LOGSNR_MIN, alpha_sigma, logsnr
+
+Callback = Callable[[int, int], None]
+
+
+def _logsnr_pair(i: int, *, num_steps: int, batch: int, like: Tensor, sched: dict) -> tuple[Tensor, Tensor]:
+    """(lambda_t, lambda_s) for step i, each of shape (B,)."""
+    grid = logsnr(torch.tensor([(i + 1) / num_steps, i / num_steps], dtype=torch.float64), **sched)
+    lam_t, lam_s = (torch.full((batch,), float(v), dtype=like.dtype, device=like.device) for v in grid)
+    return lam_t, lam_s
+
+
+def _denoise(denoiser: DenoiserFn, z: Tensor, lam: Tensor, *, clip: bool) -> tuple[Tensor, Tensor]:
+    x_hat, eps_hat = denoiser(z, lam)
+    return clip_x_eps(x_hat, z=z, logsnr=lam) if clip else (x_hat, eps_hat)
+
+
+def _validate(z: Tensor, num_steps: int) -> None:
+    check_image_batch("z", z)
+    check_num_steps("num_steps", num_steps)
+
+
+@torch.no_grad()
+def ddim(denoiser: DenoiserFn, z: Tensor, *, num_steps: int, clip: bool = True, callback: Callback | None = None,
+         logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX) -> Tensor:
+    """DDIM: z_s = alpha_s x_hat + sigma_s eps_hat; returns x_hat at the last step (N network calls)."""
+    _validate(z, num_steps)
+    sched = dict(logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+    for i in reversed(range(num_steps)):
+        lam_t, lam_s = _logsnr_pair(i, num_steps=num_steps, batch=z.shape[0], like=z, sched=sched)
+        x_hat, eps_hat = _denoise(denoiser, z, lam_t, clip=clip)
+        if i == 0:
+            z = x_hat
+        else:
+            alpha_s, sigma_s = (broadcast_to(v, z) for v in alpha_sigma(lam_s))
+            z = alpha_s * x_hat + sigma_s * eps_hat
+        if callback is not None:
+            callback(num_steps - i, num_steps)
+    return z
+
+
+def ancestral_moments(*, z_t: Tensor, x_hat: Tensor, logsnr_t: Tensor, logsnr_s: Tensor,
+                      gamma: float) -> tuple[Tensor, Tensor]:
+    """Mean and log-variance of q(z_s | z_t, x = x_hat), variance log-interpolated by ``gamma``.
+
+    r = e^{lambda_t - lambda_s};  mean = r (alpha_s / alpha_t) z_t + (1 - r) alpha_s x_hat;
+    log var = log(1 - r) + gamma log sigma_t^2 + (1 - gamma) log sigma_s^2
+    (gamma = 0: the posterior variance (1 - r) sigma_s^2; gamma = 1: (1 - r) sigma_t^2).
+    """
+    alpha_t, _ = alpha_sigma(logsnr_t)
+    alpha_s, _ = alpha_sigma(logsnr_s)
+    r = torch.exp(logsnr_t - logsnr_s)
+    log_one_minus_r = torch.log(-torch.expm1(logsnr_t - logsnr_s))
+    logvar = log_one_minus_r + gamma * torch.nn.functional.logsigmoid(-logsnr_t) \
+        + (1.0 - gamma) * torch.nn.functional.logsigmoid(-logsnr_s)
+    b = lambda v: broadcast_to(v, z_t)  # noqa: E731  (B,) -> (B, 1, 1, 1)
+    mean = b(r * alpha_s / alpha_t) * z_t + b((1.0 - r) * alpha_s) * x_hat
+    return mean, b(logvar)
+
+
+@torch.no_grad()
+def ancestral(denoiser: DenoiserFn, z: Tensor, *, num_steps: int, gamma: float = 0.3, clip: bool = True,
+              generator: torch.Generator | None = None, callback: Callback | None = None,
+              logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX) -> Tensor:
+    """Stochastic (ancestral) sampler: z_s ~ N(mean, exp(logvar)) from :func:`ancestral_moments`.
+
+    ``gamma`` in [0, 1] is the variance-interpolation coefficient the paper tunes per step count.
+    """
+    _validate(z, num_steps)
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1]; got {gamma}")
+    sched = dict(logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+    for i in reversed(range(num_steps)):
+        lam_t, lam_s = _logsnr_pair(i, num_steps=num_steps, batch=z.shape[0], like=z, sched=sched)
+        x_hat, _ = _denoise(denoiser, z, lam_t, clip=clip)
+        if i == 0:
+            z = x_hat
+        else:
+            mean, logvar = ancestral_moments(z_t=z, x_hat=x_hat, logsnr_t=lam_t, logsnr_s=lam_s, gamma=gamma)
+            noise = torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=generator)
+            z = mean + torch.exp(0.5 * logvar) * noise
+        if callback is not None:
+            callback(num_steps - i, num_steps)
+    return z
+
+
+@torch.no_grad()
+def heun(denoiser: DenoiserFn, z: Tensor, *, num_steps: int, clip: bool = True, callback: Callback | None = None,
+         logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX) -> Tensor:
+    """Probability-flow ODE baseline: Heun's method on dy/d eta = eps_hat, y = z / alpha, eta = sigma / alpha.
+
+    eta = exp(-lambda / 2). Euler on this ODE is exactly DDIM; Heun adds a corrector, costing
+    2 network calls per step (2N - 1 in all: the last step returns x_hat, like the other samplers).
+    """
+    _validate(z, num_steps)
+    sched = dict(logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+    for i in reversed(range(num_steps)):
+        lam_t, lam_s = _logsnr_pair(i, num_steps=num_steps, batch=z.shape[0], like=z, sched=sched)
+        x_hat, eps_t = _denoise(denoiser, z, lam_t, clip=clip)
+        if i == 0:
+            z = x_hat
+        else:
+            alpha_t, _ = (broadcast_to(v, z) for v in alpha_sigma(lam_t))
+            alpha_s, _ = (broadcast_to(v, z) for v in alpha_sigma(lam_s))
+            eta_t, eta_s = (broadcast_to(torch.exp(-0.5 * v), z) for v in (lam_t, lam_s))
+            y_t = z / alpha_t
+            y_euler = y_t + (eta_s - eta_t) * eps_t
+            _, eps_s = _denoise(denoiser, alpha_s * y_euler, lam_s, clip=clip)
+            z = alpha_s * (y_t + (eta_s - eta_t) * 0.5 * (eps_t + eps_s))
+        if callback is not None:
+            callback(num_steps - i, num_steps)
+    return z
