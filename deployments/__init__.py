@@ -1,0 +1,1 @@
+"""Prefect deployments of the pipeline: `python -m deployments.deploy --help`."""
