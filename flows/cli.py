@@ -1,0 +1,183 @@
+"""The ``pd`` command line: run a pipeline, sample, evaluate, list presets, show a pipeline's table.
+
+Errors are one line on stderr: exit 2 for bad arguments or config, 1 for failures at run time.
+Set PD_DEBUG=1 to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from tasks.env import prepare_environment
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class UsageError(Exception):
+    """Bad arguments: exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + error
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _add_config_args(p: argparse.ArgumentParser, *, preset_default: str | None = "smoke") -> None:
+    p.add_argument("--preset", default=preset_default, help="named preset (see `pd presets`)")
+    p.add_argument("--config", dest="config_path", help="YAML file merged over the preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field, e.g. --set distill.lr=1e-4 (repeatable)")
+    p.add_argument("--name", help="pipeline name (checkpoints live under pipelines/NAME)")
+    p.add_argument("--storage", help="checkpoint store root: a path or fsspec URL (s3://bucket/prefix)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under ./.pd)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pd", description="Progressive distillation pipeline (Salimans & Ho, 2022).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run the whole pipeline: teacher, every round, evaluation, report")
+    _add_config_args(run)
+    run.add_argument("--teacher-uri", help="import this teacher checkpoint instead of training one")
+
+    sample = sub.add_parser("sample", help="draw samples from a checkpoint or an MLflow model into a PNG grid")
+    sample.add_argument("--model", required=True, help="checkpoint folder URI (as `pd run` prints) or models:/NAME@ALIAS")
+    sample.add_argument("--steps", type=int, help="sampling steps (default: the steps the model was distilled for)")
+    sample.add_argument("--num", type=int, default=64, help="number of images")
+    sample.add_argument("--out", default="samples.png", help="output PNG (path or fsspec URL)")
+    sample.add_argument("--sampler", choices=("ddim", "stochastic", "heun"), default="ddim")
+    sample.add_argument("--gamma", type=float, default=0.3, help="variance interpolation of the stochastic sampler")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--batch-size", type=int, default=256)
+    sample.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    sample.add_argument("--throughput", action="store_true", help="also time sampling and print images/s")
+
+    ev = sub.add_parser("eval", help="evaluate one checkpoint at a step count with the config's metrics")
+    _add_config_args(ev)
+    ev.add_argument("--model", required=True, help="checkpoint folder URI")
+    ev.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    ev.add_argument("--sampler", choices=("ddim", "stochastic"), default="ddim")
+    ev.add_argument("--gamma", type=float, default=0.3)
+
+    sub.add_parser("presets", help="list the shipped presets")
+
+    show = sub.add_parser("show", help="print a pipeline's checkpoints and quality table from the store")
+    show.add_argument("pipeline", help="pipeline name")
+    show.add_argument("--storage", help="checkpoint store root (default: ./.pd/store)")
+
+    cfg = sub.add_parser("config", help="print the resolved config as YAML")
+    _add_config_args(cfg)
+    return parser
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils"):  # one line per event, not per request
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_presets(_: argparse.Namespace) -> int:
+    from pd_core.config import list_presets
+
+    for name, line in list_presets().items():
+        print(f"{name:16s} {line}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from pd_core.config import to_yaml
+    from tasks.common import resolve_config
+
+    cfg = resolve_config(preset=args.preset, config_path=args.config_path, overrides=args.overrides, name=args.name,
+                         storage=args.storage, tracking_uri=args.tracking_uri)
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tasks.common import resolve_config
+
+    # Validate before Prefect starts, so a bad config costs no server start and exits 2.
+    cfg = resolve_config(preset=args.preset, config_path=args.config_path, overrides=args.overrides, name=args.name,
+                         storage=args.storage, tracking_uri=args.tracking_uri, teacher_uri=args.teacher_uri)
+    from flows.pipeline import distillation_pipeline
+
+    t0 = time.perf_counter()
+    result = distillation_pipeline(preset=args.preset, overrides=args.overrides, name=args.name,
+                                   teacher_uri=args.teacher_uri, storage=args.storage,
+                                   tracking_uri=args.tracking_uri, config_path=args.config_path)
+    print()
+    print(f"pipeline {cfg.pipeline.name} finished in {time.perf_counter() - t0:.1f}s")
+    print(f"  teacher     {result['teacher']['uri']}")
+    for student in result["rounds"]:
+        print(f"  {student['steps']:>4d} steps  {student['uri']}")
+    print(f"  MLflow      {result.get('mlflow_link', '')}")
+    if result.get("report_uri"):
+        print(f"  report      {result['report_uri']}")
+    if result.get("table"):
+        print()
+        print(result["table"])
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from flows.sampling import sample_to_grid
+
+    out = sample_to_grid(model=args.model, steps=args.steps, num=args.num, out=args.out, sampler=args.sampler,
+                         gamma=args.gamma, seed=args.seed, batch_size=args.batch_size, device=args.device,
+                         throughput=args.throughput)
+    print(out)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from flows.sampling import evaluate_model_cli
+    from tasks.common import resolve_config
+
+    cfg = resolve_config(preset=args.preset, config_path=args.config_path, overrides=args.overrides, name=args.name,
+                         storage=args.storage, tracking_uri=args.tracking_uri)
+    print(evaluate_model_cli(cfg, model=args.model, steps=args.steps, sampler=args.sampler, gamma=args.gamma))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from flows.sampling import show_pipeline
+
+    print(show_pipeline(args.pipeline, storage=args.storage))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "sample": cmd_sample, "eval": cmd_eval, "presets": cmd_presets, "show": cmd_show,
+            "config": cmd_config}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    prepare_environment()
+    _setup_logging()
+    from pd_core.config import ConfigError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except (UsageError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as err:  # one clear line; the traceback only on request
+        if os.environ.get("PD_DEBUG"):
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

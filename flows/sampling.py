@@ -1,0 +1,106 @@
+"""CLI helpers outside the pipeline flow: sample a model into a grid, evaluate one model, show a pipeline."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+
+import torch
+
+from pd_core import images, jobs, samplers
+from pd_core.store import CheckpointStore
+from tasks.env import prepare_environment
+
+log = logging.getLogger("pd_core.sampling")
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def load_any_model(model: str, *, device: torch.device) -> jobs.LoadedModel:
+    """A checkpoint folder URI (file://, s3://, a path) or an MLflow model URI (models:/..., runs:/...)."""
+    if model.startswith(("models:/", "runs:/")):
+        from tasks.tracking import load_sampler_from_mlflow
+
+        weights_path, manifest = load_sampler_from_mlflow(model)
+        return jobs.model_from_files(weights_path=weights_path, manifest=manifest, device=device)
+    return jobs.load_model_uri(model, device=device)
+
+
+def sample_images(loaded: jobs.LoadedModel, *, steps: int, num: int, sampler: str, gamma: float, seed: int,
+                  batch_size: int, device: torch.device) -> torch.Tensor:
+    """Draw ``num`` images in batches from noise seeded by ``seed``; returns (num, C, H, W) in [-1, 1] on CPU."""
+    spec = loaded.denoiser.net.spec
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    sched = dict(logsnr_min=loaded.logsnr_min, logsnr_max=loaded.logsnr_max)
+    with torch.inference_mode():
+        for start in range(0, num, batch_size):
+            b = min(batch_size, num - start)
+            z = torch.randn((b, spec.in_channels, spec.image_size, spec.image_size), generator=gen).to(device)
+            if sampler == "ddim":
+                x = samplers.ddim(loaded.denoiser, z, num_steps=steps, **sched)
+            elif sampler == "stochastic":
+                x = samplers.ancestral(loaded.denoiser, z, num_steps=steps, gamma=gamma, generator=gen_for(device, seed + start),
+                                       **sched)
+            else:
+                x = samplers.heun(loaded.denoiser, z, num_steps=steps, **sched)
+            out.append(x.float().cpu())
+    return torch.cat(out)
+
+
+def gen_for(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def sample_to_grid(*, model: str, steps: int | None, num: int, out: str, sampler: str, gamma: float, seed: int,
+                   batch_size: int, device: str, throughput: bool) -> str:
+    """``pd sample``: write a PNG grid of ``num`` samples; return a one-line summary."""
+    prepare_environment()
+    if num < 1:
+        raise ValueError(f"--num must be >= 1; got {num}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be >= 1; got {steps}")
+    dev = _device(device)
+    loaded = load_any_model(model, device=dev)
+    steps = steps or loaded.steps
+    t0 = time.perf_counter()
+    x = sample_images(loaded, steps=steps, num=num, sampler=sampler, gamma=gamma, seed=seed, batch_size=batch_size,
+                      device=dev)
+    seconds = time.perf_counter() - t0
+    images.write_grid(x, out)
+    line = f"wrote {num} samples ({sampler}, {steps} steps) to {out}"
+    if throughput:
+        line += f"; {num / seconds:.1f} images/s ({seconds / num * 1e3:.2f} ms/image on {dev.type})"
+    return line
+
+
+def show_pipeline(name: str, *, storage: str | None) -> str:
+    """``pd show``: the pipeline's checkpoints and its quality table, read from the store."""
+    import pandas as pd
+
+    from tasks.common import resolve_config
+
+    cfg = resolve_config(preset="smoke", storage=storage, name=name)
+    store = CheckpointStore(cfg.storage.root, storage_options=dict(cfg.storage.storage_options))
+    lines = [f"pipeline {name} in {cfg.storage.root}"]
+    teacher = jobs.teacher_key(name)
+    if not store.is_complete(teacher):
+        raise FileNotFoundError(f"no pipeline named {name!r} in {cfg.storage.root} (no complete teacher at "
+                                f"{store.uri(teacher)}); check --storage and the name `pd run` printed")
+    lines.append(f"  teacher      {store.uri(teacher)}")
+    for key in sorted(k for k in store.list(f"pipelines/{name}/rounds") if k.count("/") == 3 and "." not in k.rsplit("/", 1)[1]):
+        if store.is_complete(key):
+            manifest = store.read_manifest(key)
+            lines.append(f"  {manifest['steps']:>4d} steps   {store.uri(key)}")
+    report = f"pipelines/{name}/report/quality.csv"
+    if store.exists(report):
+        df = pd.read_csv(io.BytesIO(store.get_bytes(report)))
+        lines += ["", df.to_string(index=False)]
+    else:
+        lines.append("  (no quality table yet: the pipeline has not finished its report)")
+    return "\n".join(lines)

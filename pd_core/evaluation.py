@@ -1,0 +1,162 @@
+"""A pipeline's evaluations over the store: features, teacher baselines, distilled students, floors.
+
+Every measurement is a flat record (see ``metrics.table``) cached as JSON next to the model it
+measures, keyed by the evaluation settings, so a rerun of a finished pipeline re-measures nothing.
+Same noise (seed), same N and the same reference split for every number that is compared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pd_core import images, samplers
+from pd_core.config import config_hash
+from pd_core.data import load_split
+from pd_core.jobs import LoadedModel, load_model
+from pd_core.metrics import (ReferenceFeatures, evaluate_sampler, extract_features, load_inception,
+                             load_or_compute_reference, load_or_train_classifier, real_floor, sample_noise)
+from pd_core.store import CheckpointStore
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class FeatureContext:
+    """The feature network and the reference split's features every record is measured against."""
+
+    extractor: Any  # FeatureExtractor: uint8 (N, C, H, W) -> (N, D), with fd_name / kid_name
+    reference: ReferenceFeatures
+    extractor_id: str  # sha256 of the feature network's weights
+
+
+def eval_hash(cfg: Any) -> str:
+    """Hash of what decides an evaluation's numbers (data and eval settings), independent of training."""
+    return config_hash(cfg, sections=("data", "eval"))[:12]
+
+
+def feature_context(cfg: Any, store: CheckpointStore, *, device: torch.device | str = "cpu") -> FeatureContext:
+    """Load or train the feature network, and load or compute the reference (test split) features; both cached."""
+    data_cfg, ev = cfg.data, cfg.eval
+    test_images = lambda: load_split(data_cfg, split="test").images  # noqa: E731  loaded on a cache miss only
+    if ev.features == "inception":
+        extractor = load_inception(ev.inception_weights, sha256=ev.inception_sha256, device=device)
+        extractor_id = ev.inception_sha256 or "inception-unverified"
+    else:
+        def labelled():
+            train, test = load_split(data_cfg, split="train"), load_split(data_cfg, split="test")
+            if train.labels is None or test.labels is None:
+                raise ValueError(f"data.name={data_cfg.name}: the feature classifier needs labels; "
+                                 f"use eval.features=inception for unlabelled data")
+            return train.images, train.labels, test.images, test.labels
+
+        key = f"classifiers/{data_cfg.name}-{data_cfg.image_size}-s{ev.seed}-e{ev.classifier_epochs}"
+        extractor = load_or_train_classifier(store, key, load_data=labelled, dataset=data_cfg.name, seed=ev.seed,
+                                             epochs=ev.classifier_epochs, device=device)
+        if extractor.manifest.get("test_accuracy") is not None:
+            log.info("feature classifier %s: test accuracy %.4f", key, extractor.manifest["test_accuracy"])
+        extractor_id = extractor.sha256
+    reference = load_or_compute_reference(store, f"references/{data_cfg.name}-{data_cfg.image_size}-test-{extractor_id[:12]}",
+                                          extractor=extractor, images=test_images, extractor_id=extractor_id)
+    return FeatureContext(extractor=extractor, reference=reference, extractor_id=extractor_id)
+
+
+def _cached(store: CheckpointStore, key: str, compute: Callable[[], dict]) -> dict:
+    if store.exists(key):
+        return json.loads(store.get_bytes(key))
+    record = compute()
+    store.put_bytes(key, json.dumps(record, indent=2, sort_keys=True).encode())
+    return record
+
+
+def floor_record(cfg: Any, store: CheckpointStore, ctx: FeatureContext) -> dict:
+    """Real-vs-real floor at the evaluation's N: N training images scored like N samples would be."""
+    n = cfg.eval.num_samples
+    key = f"references/floor-{cfg.data.name}-{cfg.data.image_size}-n{n}-{ctx.extractor_id[:12]}-{eval_hash(cfg)}.json"
+
+    def compute() -> dict:
+        train = load_split(cfg.data, split="train")
+        if len(train) < n:
+            raise ValueError(f"eval.num_samples={n} exceeds the {len(train)} training images available for the "
+                             f"real-vs-real floor; lower eval.num_samples")
+        feats = extract_features(ctx.extractor, train.images[:n])  # (N, D)
+        ev = cfg.eval
+        metrics = real_floor(feats, ctx.reference.features, fd_name=ctx.extractor.fd_name,
+                             kid_name=ctx.extractor.kid_name, kid_subsets=ev.kid_subsets,
+                             kid_subset_size=min(ev.kid_subset_size, n), seed=ev.seed)
+        return {"sampler": "floor", "steps": None, **metrics, "seconds_per_image": 0.0}
+
+    return _cached(store, key, compute)
+
+
+def make_sample_fn(model: LoadedModel, *, sampler: str, steps: int, gamma: float | None, seed: int,
+                   device: torch.device) -> Callable[[Tensor], Tensor]:
+    """noise (B, C, H, W) -> images in [-1, 1] with the given sampler (clipping on, as sampling does)."""
+    sched = dict(logsnr_min=model.logsnr_min, logsnr_max=model.logsnr_max)
+    gen = torch.Generator(device=device).manual_seed(seed + 7919)  # stochastic sampler's own noise stream
+
+    def sample(noise: Tensor) -> Tensor:
+        z = noise.to(device)
+        with torch.inference_mode():
+            if sampler == "ddim":
+                return samplers.ddim(model.denoiser, z, num_steps=steps, **sched)
+            if sampler == "stochastic":
+                return samplers.ancestral(model.denoiser, z, num_steps=steps, gamma=gamma, generator=gen, **sched)
+            raise ValueError(f"sampler must be 'ddim' or 'stochastic'; got {sampler!r}")
+
+    return sample
+
+
+def evaluate_checkpoint(cfg: Any, store: CheckpointStore, ctx: FeatureContext, *, key: str, label: str, sampler: str,
+                        steps: int, gamma: float | None = None, device: torch.device | str = "cpu",
+                        progress: Progress | None = None) -> dict:
+    """One record: the checkpoint at ``key`` sampled with ``sampler`` in ``steps`` steps; cached in the store."""
+    g = f"-g{gamma:.2f}" if gamma is not None else ""
+    cache = f"{key}.eval/{sampler}-{steps:04d}{g}-{eval_hash(cfg)}.json"
+    device = torch.device(device)
+
+    def compute() -> dict:
+        model = load_model(store, key, device=device)
+        ev = cfg.eval
+        fn = make_sample_fn(model, sampler=sampler, steps=steps, gamma=gamma, seed=ev.seed, device=device)
+        spec = model.denoiser.net.spec
+        metrics = evaluate_sampler(fn, num_samples=ev.num_samples, batch_size=ev.batch_size, seed=ev.seed,
+                                   feature_extractor=ctx.extractor, reference_stats=ctx.reference.stats,
+                                   image_shape=(spec.in_channels, spec.image_size, spec.image_size), reference_features=ctx.reference.features,
+                                   kid_subsets=ev.kid_subsets, kid_subset_size=min(ev.kid_subset_size, ev.num_samples),
+                                   progress=progress)
+        log.info("%s %s %d steps%s: %s", label, sampler, steps, f" gamma {gamma}" if gamma is not None else "",
+                 ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("n_samples",)))
+        return {"sampler": label, "steps": steps, "gamma": gamma, **metrics,
+                "model_sha256": model.manifest["sha256"], "model_uri": store.uri(key)}
+
+    return _cached(store, cache, compute)
+
+
+def write_grid(cfg: Any, store: CheckpointStore, *, key: str, sampler: str, steps: int,
+               device: torch.device | str = "cpu") -> str:
+    """A grid_size x grid_size PNG of the first samples (the evaluation's noise) next to the checkpoint."""
+    n = cfg.eval.grid_size ** 2
+    out_key = f"{key}.eval/grid-{sampler}-{steps:04d}.png"
+    if not store.exists(out_key):
+        device = torch.device(device)
+        model = load_model(store, key, device=device)
+        spec = model.denoiser.net.spec
+        noise = sample_noise(seed=cfg.eval.seed, start=0, count=n, shape=(spec.in_channels, spec.image_size, spec.image_size))
+        x = make_sample_fn(model, sampler=sampler, steps=steps, gamma=None, seed=cfg.eval.seed, device=device)(noise)
+        store.put_bytes(out_key, images.png_bytes(images.make_grid(x.float().cpu(), nrow=cfg.eval.grid_size)))
+    return store.uri(out_key)
+
+
+def teacher_step_counts(cfg: Any) -> list[int]:
+    """Step counts at which the teacher is measured: every N of the chain plus eval.teacher_extra_steps."""
+    chain = [cfg.distill.start_steps] + [s for _, s in cfg.distill.rounds()]
+    return sorted(set(chain) | set(cfg.eval.teacher_extra_steps), reverse=True)

@@ -1,0 +1,62 @@
+"""Config resolution and the factories every task uses (store, tracker)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pd_core.config import Config, load_config
+from pd_core.store import CheckpointStore
+from tasks.env import prepare_environment
+
+
+def resolve_config(*, preset: str | None = None, config_path: str | None = None, overrides: Sequence[str] = (),
+                   name: str | None = None, storage: str | None = None, tracking_uri: str | None = None,
+                   teacher_uri: str | None = None) -> Config:
+    """The resolved config: preset, then file, then --set overrides, then the named CLI options.
+
+    Embedded defaults are made concrete here: a relative storage root becomes an absolute path
+    under the project home, no tracking URI becomes ``sqlite:///<home>/mlflow.db``.
+    """
+    home = prepare_environment()
+    # A worker configured by environment (docker-compose sets these) needs no per-run options.
+    storage = storage or os.environ.get("PD_STORAGE") or None
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    extra = list(overrides)
+    if name:
+        extra.append(f"pipeline.name={name}")
+    if storage:
+        extra.append(f"storage.root={storage}")
+    if tracking_uri:
+        extra.append(f"tracking.tracking_uri={tracking_uri}")
+    if teacher_uri:
+        extra.append(f"pipeline.teacher_uri={teacher_uri}")
+    cfg = load_config(preset=preset, path=config_path, overrides=extra)
+    updates: dict[str, Any] = {}
+    root = cfg.storage.root
+    if "://" not in root:
+        # ".pd/..." means "inside the project home" ($PD_HOME, default ./.pd); other relative paths are
+        # relative to the working directory. Either way the URIs we print and store are absolute.
+        path = home / root[len(".pd/"):] if root.startswith(".pd/") else Path(root)
+        updates["storage"] = cfg.storage.model_copy(update={"root": str(path.resolve())})
+    if not cfg.tracking.tracking_uri:
+        updates["tracking"] = cfg.tracking.model_copy(update={"tracking_uri": f"sqlite:///{home / 'mlflow.db'}"})
+    return cfg.model_copy(update=updates) if updates else cfg
+
+
+def open_store(cfg: Config) -> CheckpointStore:
+    """The checkpoint store named by ``storage.root`` (credentials come from the environment)."""
+    return CheckpointStore(cfg.storage.root, storage_options=dict(cfg.storage.storage_options))
+
+
+def tracker_for(cfg: Config):
+    """A Tracker for ``cfg.tracking`` (imported lazily: MLflow is slow to import)."""
+    from tasks.tracking import Tracker
+
+    home = prepare_environment()
+    uri = cfg.tracking.tracking_uri
+    artifacts = (home / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    return Tracker(tracking_uri=uri, experiment=cfg.tracking.experiment, enabled=cfg.tracking.enabled,
+                   artifact_location=artifacts, journal_path=str(home / "mlflow-journal.jsonl"))

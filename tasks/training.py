@@ -1,0 +1,112 @@
+"""Prefect tasks at the compute boundaries: ensure the teacher, distill one round.
+
+They take the resolved config and small dicts (URIs, sha256s), never tensors or models, and
+return :class:`pd_core.jobs.CheckpointInfo` as a dict. Both are tagged ``gpu`` so a tag
+concurrency limit holds them to the GPUs a worker has.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+from prefect.tasks import exponential_backoff
+
+from pd_core import jobs
+from pd_core.config import Config, flatten
+from pd_core.store import StoreError
+from tasks.common import open_store, tracker_for
+from tasks.progress import ProgressReporter
+
+# Test hook: inject a NaN loss at this update (see tests/test_faults.py). Never set in production.
+NAN_AT_ENV = "PD_TEST_NAN_AT_STEP"
+
+
+def storage_error_only(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a task only when it failed on storage I/O (a NaN loss or a bad config never heals by retrying)."""
+    try:
+        state.result()
+    except (StoreError, ConnectionError, TimeoutError) as err:
+        return not isinstance(err, (jobs.PipelineMismatchError,))
+    except Exception:
+        return False
+    return False
+
+
+def _fault_step() -> int | None:
+    value = os.environ.get(NAN_AT_ENV)
+    return int(value) if value else None
+
+
+def run_params(cfg: Config, *, round_index: int, teacher_steps: int, student_steps: int) -> dict[str, Any]:
+    """MLflow params of every run: the flattened resolved config plus round and step counts."""
+    return {**flatten(cfg), "round": round_index, "teacher_steps": teacher_steps, "student_steps": student_steps}
+
+
+GPU_TASK = dict(tags=["gpu"], cache_policy=NONE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+                retry_condition_fn=storage_error_only)
+
+
+def _run_with_tracking(cfg: Config, *, run_name: str, parent_run_id: str | None, params: dict, kind: str,
+                       progress_key: str, description: str, work) -> dict:
+    """Shared body: open a child MLflow run, train with progress, tag the checkpoint, close the run."""
+    logger = get_run_logger()
+    tracker = tracker_for(cfg)
+    run_id = tracker.find_run(tags={"pd.pipeline_run": parent_run_id or "", "pd.run": run_name}) if parent_run_id else None
+    if run_id is None:
+        run_id = tracker.start_run(run_name=run_name, parent_run_id=parent_run_id, params=params,
+                                   tags={"pd.pipeline": cfg.pipeline.name, "pd.kind": kind, "pd.run": run_name,
+                                         "pd.pipeline_run": parent_run_id or ""})
+    reporter = ProgressReporter(key=progress_key, description=description, logger=logger,
+                                log_metrics=lambda m, step: tracker.log_metrics(run_id, m, step=step))
+    store = open_store(cfg)
+    try:
+        info: jobs.CheckpointInfo = work(store, reporter)
+    except BaseException:
+        tracker.end_run(run_id, status="FAILED")
+        raise
+    tracker.set_tags(run_id, {"checkpoint_uri": info.uri, "checkpoint_sha256": info.sha256,
+                              "skipped": str(not info.trained).lower()})
+    if info.trained:
+        tracker.log_metrics(run_id, {"train_seconds": info.train_seconds, "resumed_from": float(info.resumed_from)})
+    tracker.end_run(run_id)  # evaluation metrics are added to the finished run later
+    tracker.flush()
+    return {**info.as_dict(), "mlflow_run_id": run_id}
+
+
+@task(name="ensure-teacher", task_run_name="teacher", **GPU_TASK)
+def ensure_teacher_task(cfg: Config, *, parent_run_id: str | None = None) -> dict:
+    """Train the teacher (or import pipeline.teacher_uri, or skip a complete one); returns its checkpoint info."""
+    start = cfg.distill.start_steps
+
+    def work(store, reporter):
+        return jobs.ensure_teacher(cfg, store, on_progress=reporter, fault_at_step=_fault_step())
+
+    return _run_with_tracking(cfg, run_name="teacher", parent_run_id=parent_run_id, kind="teacher",
+                              params=run_params(cfg, round_index=0, teacher_steps=start, student_steps=start),
+                              progress_key=f"{cfg.pipeline.name}-teacher", description="teacher training", work=work)
+
+
+def round_run_name(*, round_index: int, teacher_steps: int, student_steps: int) -> str:
+    """``round-03-64to32``: the task-run and MLflow run name of a round."""
+    return f"round-{round_index:02d}-{teacher_steps}to{student_steps}"
+
+
+@task(name="distill-round", **GPU_TASK)
+def distill_round_task(cfg: Config, *, teacher: dict, round_index: int, parent_run_id: str | None = None) -> dict:
+    """Load the teacher from the store, distill its 2-step DDIM into a 1-step student, save the student."""
+    teacher_info = jobs.CheckpointInfo(**{k: v for k, v in teacher.items() if k != "mlflow_run_id"})
+    t_steps, s_steps = teacher_info.steps, teacher_info.steps // 2
+    name = round_run_name(round_index=round_index, teacher_steps=t_steps, student_steps=s_steps)
+
+    def work(store, reporter):
+        return jobs.run_round(cfg, store, round_index=round_index, teacher=teacher_info, on_progress=reporter,
+                              fault_at_step=_fault_step())
+
+    return _run_with_tracking(cfg, run_name=name, parent_run_id=parent_run_id, kind="student",
+                              params=run_params(cfg, round_index=round_index, teacher_steps=t_steps,
+                                                student_steps=s_steps),
+                              progress_key=f"{cfg.pipeline.name}-{name}",
+                              description=f"distilling {t_steps} -> {s_steps} steps", work=work)
