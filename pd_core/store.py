@@ -209,6 +209,30 @@ def _hint(err: BaseException) -> str:
 # Pure helpers
 
 
+def _holder_is_dead(lease_doc: Mapping[str, Any]) -> bool:
+    """True when the lease was taken on this host by a process that no longer exists.
+
+    A SIGKILLed worker cannot release its lease; without this, a rerun on the same machine would
+    wait out the whole TTL. Leases from other hosts are only ever released by expiry.
+    (A recycled pid makes a dead holder look alive: the rerun then waits for expiry, never worse.)
+    """
+    if lease_doc.get("host") != socket.gethostname():
+        return False
+    try:
+        pid = int(lease_doc.get("pid"))
+    except (TypeError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def sha256_bytes(data: bytes) -> str:
     """Hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
@@ -909,7 +933,7 @@ class CheckpointStore:
         with self._lease_mutex(key):
             current = self._read_json(self._lease_path(key), what=LEASE_NAME)
             if current is not None and current.get("owner") != owner \
-                    and self._lease_expiry(current, key=key) > time.time():
+                    and self._lease_expiry(current, key=key) > time.time() and not _holder_is_dead(current):
                 raise LeaseHeldError(
                     f"{self.uri(key)} is leased by {current.get('owner')!r} (host {current.get('host')}, pid "
                     f"{current.get('pid')}) until {current.get('expires_at')}; another run with this name is active - "
