@@ -177,7 +177,7 @@ class UNet(nn.Module):
         return nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1))
 
     @staticmethod
-    def _apply(module: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
+    def _run_block(module: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
         return module(h, emb) if isinstance(module, ResBlock) else module(h)
 
     def forward(self, z: Tensor, logsnr: Tensor, y: Tensor | None = None) -> Tensor:
@@ -185,7 +185,8 @@ class UNet(nn.Module):
         if z.ndim != 4 or z.shape[1] != s.in_channels or z.shape[2] % 2 ** (len(s.ch_mult) - 1) or z.shape[2:] != z.shape[2:][::-1]:
             raise ValueError(f"z must have shape (B, {s.in_channels}, H, H) with H divisible by "
                              f"{2 ** (len(s.ch_mult) - 1)}; got {tuple(z.shape)}")
-        emb = self.time_mlp(timestep_embedding(network_time_input(logsnr), s.ch)).to(z.dtype)  # (B, emb_ch)
+        temb = timestep_embedding(network_time_input(logsnr), s.ch)  # (B, ch), float32
+        emb = self.time_mlp(temb.to(self.time_mlp[0].weight.dtype)).to(z.dtype)  # (B, emb_ch); works after .double()/.half()
         if self.class_emb is not None:
             if y is None:
                 raise ValueError("y (class labels, shape (B,)) is required by a class-conditional U-Net")
@@ -195,7 +196,7 @@ class UNet(nn.Module):
             if isinstance(module, nn.ModuleList):
                 h = module[1](module[0](hs[-1], emb))
             else:
-                h = self._apply(module, hs[-1], emb)
+                h = self._run_block(module, hs[-1], emb)
             hs.append(h)
         h = hs[-1]
         h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
@@ -203,7 +204,7 @@ class UNet(nn.Module):
             if isinstance(module, nn.ModuleList):
                 h = module[1](module[0](torch.cat([h, hs.pop()], dim=1), emb))  # (B, ch + skip, H, W)
             else:
-                h = self._apply(module, h, emb)
+                h = self._run_block(module, h, emb)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
