@@ -104,3 +104,24 @@ def show_pipeline(name: str, *, storage: str | None) -> str:
     else:
         lines.append("  (no quality table yet: the pipeline has not finished its report)")
     return "\n".join(lines)
+
+
+def evaluate_model_cli(cfg, *, model: str, steps: int | None, sampler: str, gamma: float) -> str:
+    """``pd eval``: one checkpoint's metrics with the config's evaluation settings (features cached in the store)."""
+    from pd_core import evaluation
+    from pd_core.jobs import split_uri
+    from pd_core.train import resolve_runtime
+
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be >= 1; got {steps}")
+    root, key = split_uri(model)
+    model_store = CheckpointStore(root, storage_options=dict(cfg.storage.storage_options))
+    manifest = model_store.read_manifest(key)
+    if manifest is None:
+        raise FileNotFoundError(f"no checkpoint at {model} (no manifest); pass a checkpoint folder as `pd run` prints it")
+    device = resolve_runtime(cfg.runtime).device
+    ctx = evaluation.feature_context(cfg, model_store, device=device)
+    record = evaluation.evaluate_checkpoint(cfg, model_store, ctx, key=key, label=f"{sampler}", sampler=sampler,
+                                            steps=steps or int(manifest["steps"]),
+                                            gamma=gamma if sampler == "stochastic" else None, device=device)
+    return "\n".join(f"{k:24s} {v}" for k, v in record.items())
