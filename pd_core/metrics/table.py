@@ -1,0 +1,114 @@
+"""The quality-vs-steps table from simple per-(sampler, steps) records.
+
+A record is a flat dict, one per evaluated (sampler, steps[, gamma]):
+    {"sampler": "teacher_ddim" | "teacher_stochastic" | "distilled" | "floor" | ...,
+     "steps": 8,                 # None for "floor" (real vs real, no sampler)
+     "gamma": 0.3,               # optional: the stochastic sampler's variance coefficient
+     "n_samples": 10000, "seconds_per_image": 0.012,
+     "fd_fashion_mnist": 3.1, "kid_fashion_mnist": 0.002, ...}   # metrics: every other key
+A sampler evaluated at several gammas for one step count keeps the best one (lowest FD).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+
+FLOOR = "floor"
+META_KEYS = ("sampler", "steps", "gamma", "n_samples", "seconds_per_image")
+LONG_COLUMNS = ["sampler", "steps", "metric", "value", "n_samples", "seconds_per_image"]
+
+
+def _metrics(record: Mapping) -> dict[str, float]:
+    """Every numeric non-meta entry (strings such as a checkpoint URI are carried by the caller, not the table)."""
+    return {k: float(v) for k, v in record.items()
+            if k not in META_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def default_select_metric(rows: Sequence[Mapping]) -> str:
+    """The metric that picks the best gamma: ``fid`` if present, else the first ``fd_*``, else the first metric."""
+    names = [k for r in rows for k in _metrics(r)]
+    for name in names:
+        if name == "fid":
+            return name
+    for name in names:
+        if name.startswith("fd_"):
+            return name
+    if not names:
+        raise ValueError("records carry no metrics")
+    return names[0]
+
+
+def select_best(rows: Sequence[Mapping], *, metric: str | None = None) -> list[Mapping]:
+    """One record per (sampler, steps): the lowest ``metric`` among several gammas; floors kept as they are."""
+    metric = metric or default_select_metric(rows)
+    best: dict[tuple, Mapping] = {}
+    for r in rows:
+        if "sampler" not in r:
+            raise ValueError(f"record without 'sampler': {dict(r)}")
+        key = (r["sampler"], r.get("steps"), r.get("n_samples") if r["sampler"] == FLOOR else None)
+        score = _metrics(r).get(metric, math.inf)
+        if key not in best or score < _metrics(best[key]).get(metric, math.inf):
+            best[key] = r
+    return list(best.values())
+
+
+def _floor_for(floors: list[Mapping], n_samples: int | None) -> Mapping | None:
+    """The floor measured at the row's N (or the only floor there is)."""
+    same_n = [f for f in floors if f.get("n_samples") == n_samples]
+    return same_n[0] if same_n else (floors[0] if len(floors) == 1 else None)
+
+
+def quality_table(rows: Sequence[Mapping], *, select_metric: str | None = None) -> pd.DataFrame:
+    """Wide table, one row per step count (ascending):
+    steps, n_samples, <sampler>_<metric>..., <sampler>_gamma (when tuned), <sampler>_seconds_per_image,
+    floor_<metric>... (the real-vs-real floor at the row's N).
+    """
+    chosen = select_best(rows, metric=select_metric)
+    floors = [r for r in chosen if r["sampler"] == FLOOR]
+    runs = [r for r in chosen if r["sampler"] != FLOOR]
+    samplers = list(dict.fromkeys(r["sampler"] for r in runs))
+    tuned = {r["sampler"] for r in runs if r.get("gamma") is not None}
+    metric_names = list(dict.fromkeys(k for r in runs for k in _metrics(r)))
+    columns = ["steps", "n_samples"]
+    for s in samplers:
+        columns += [f"{s}_{m}" for m in metric_names] + ([f"{s}_gamma"] if s in tuned else [])
+        columns.append(f"{s}_seconds_per_image")
+    floor_metrics = list(dict.fromkeys(k for r in floors for k in _metrics(r)))
+    columns += [f"floor_{m}" for m in floor_metrics]
+
+    table = []
+    for steps in sorted({int(r["steps"]) for r in runs}):
+        at = [r for r in runs if int(r["steps"]) == steps]
+        n = max((r.get("n_samples") or 0 for r in at), default=0) or None
+        row: dict[str, object] = {"steps": steps, "n_samples": n}
+        for r in at:
+            s = r["sampler"]
+            row.update({f"{s}_{m}": v for m, v in _metrics(r).items()})
+            row[f"{s}_seconds_per_image"] = r.get("seconds_per_image")
+            if s in tuned:
+                row[f"{s}_gamma"] = r.get("gamma")
+        floor = _floor_for(floors, n)
+        if floor is not None:
+            row.update({f"floor_{m}": v for m, v in _metrics(floor).items()})
+        table.append(row)
+    df = pd.DataFrame(table, columns=columns)
+    return df.astype({"steps": "int64", "n_samples": "Int64"})
+
+
+def quality_long(rows: Sequence[Mapping], *, select_metric: str | None = None) -> pd.DataFrame:
+    """Long format for logging and plotting: columns sampler, steps, metric, value, n_samples, seconds_per_image.
+
+    Best gamma only (see :func:`select_best`); a tuned sampler's gamma appears as metric ``gamma``.
+    Floor rows have steps <NA>.
+    """
+    out = []
+    for r in select_best(rows, metric=select_metric):
+        base = {"sampler": r["sampler"], "steps": r.get("steps"), "n_samples": r.get("n_samples"),
+                "seconds_per_image": r.get("seconds_per_image")}
+        values = _metrics(r) | ({"gamma": float(r["gamma"])} if r.get("gamma") is not None else {})
+        out += [{**base, "metric": m, "value": v} for m, v in values.items()]
+    df = pd.DataFrame(out, columns=LONG_COLUMNS)
+    return df.astype({"steps": "Int64", "n_samples": "Int64", "value": "float64", "seconds_per_image": "float64"})
