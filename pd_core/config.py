@@ -281,9 +281,10 @@ class EvalConfig(_Section):
     inception_weights: str | None = Field(None, description="Path or fsspec URL of the pt_inception weights; "
                                                             "never downloaded implicitly.")
     inception_sha256: str | None = Field(None, description="Expected sha256 (hex) of inception_weights.")
-    stochastic_gammas: list[float] = Field(default_factory=list,
-                                           description="Also evaluate the ancestral sampler with these variance "
-                                                       "interpolation coefficients (each in [0, 1]).")
+    stochastic_gammas: list[float] = Field(default_factory=lambda: [0.0, 0.3, 0.7, 1.0],
+                                           description="Evaluate the teacher's ancestral sampler with these variance "
+                                                       "interpolation coefficients (each in [0, 1]); the table keeps "
+                                                       "the best per step count, as the paper tunes it. [] = skip.")
     kid_subsets: int = Field(100, ge=1, description="Random subsets averaged for KID.")
     kid_subset_size: int = Field(1000, ge=2, description="Images per KID subset (<= num_samples).")
     classifier_epochs: int = Field(5, ge=1, description="Epochs of the feature classifier (features=classifier).")
