@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--batch-size", type=int, default=256)
     sample.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     sample.add_argument("--throughput", action="store_true", help="also time sampling and print images/s")
+    sample.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs (default: $MLFLOW_TRACKING_URI, "
+                                               "else the sqlite file `pd run` uses)")
 
     ev = sub.add_parser("eval", help="evaluate one checkpoint at a step count with the config's metrics")
     _add_config_args(ev)
@@ -78,8 +80,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils"):  # one line per event, not per request
+    # One line per event, not per request; botocore says "Found credentials in environment variables" at INFO.
+    for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils", "botocore", "aiobotocore", "s3fs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _NoTracebackFormatter(logging.Formatter):
+    """Formats like ``inner`` but without exception text: the terminal gets one line per failure.
+
+    The record itself is left intact, so Prefect's API handler still sends the full traceback to
+    the run's logs in the UI.
+    """
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _console_without_tracebacks() -> None:
+    """Prefect's console handlers print flow/task failures with tracebacks: keep only the message there."""
+    import prefect.logging.configuration  # noqa: F401  (Prefect configures its handlers on import)
+
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)
+                                       if n.startswith("prefect")]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler.formatter, _NoTracebackFormatter):
+                handler.setFormatter(_NoTracebackFormatter(handler.formatter))
 
 
 def cmd_presets(_: argparse.Namespace) -> int:
@@ -108,6 +143,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                          storage=args.storage, tracking_uri=args.tracking_uri, teacher_uri=args.teacher_uri)
     from flows.pipeline import distillation_pipeline
 
+    if not os.environ.get("PD_DEBUG"):
+        _console_without_tracebacks()
     t0 = time.perf_counter()
     result = distillation_pipeline(preset=args.preset, overrides=args.overrides, name=args.name,
                                    teacher_uri=args.teacher_uri, storage=args.storage,
@@ -131,7 +168,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     out = sample_to_grid(model=args.model, steps=args.steps, num=args.num, out=args.out, sampler=args.sampler,
                          gamma=args.gamma, seed=args.seed, batch_size=args.batch_size, device=args.device,
-                         throughput=args.throughput)
+                         throughput=args.throughput, tracking_uri=args.tracking_uri)
     print(out)
     return 0
 

@@ -8,8 +8,11 @@ rounds whose checkpoints are complete and verified and continues a partial round
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
+from collections.abc import Iterator
 
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
@@ -20,13 +23,38 @@ from tasks.evaluate import evaluate_round_task, evaluate_teacher_task
 from tasks.report import publish_report_task
 from tasks.training import distill_round_task, ensure_teacher_task, round_run_name
 from pd_core.config import flatten
+from pd_core.store import Lease, LeaseLostError, StoreError
 
-LEASE_TTL_S = 15 * 60  # renewed at every progress event; a crashed owner's lease expires after this
+LEASE_TTL_S = 15 * 60  # renewed every third of it while the flow runs; a crashed owner's lease expires after this
 
 
 def pipeline_resource(name: str) -> dict[str, str]:
     """The Prefect event resource of a pipeline (automations and triggers match on it)."""
     return {"prefect.resource.id": f"pd.pipeline.{name}", "prefect.resource.name": name}
+
+
+@contextlib.contextmanager
+def _kept_alive(lease: Lease, *, logger) -> Iterator[Lease]:
+    """Renew ``lease`` from a daemon thread every third of its TTL while the body runs (rounds outlast a TTL)."""
+    stop = threading.Event()
+
+    def renew_until_stopped() -> None:
+        while not stop.wait(lease.ttl_s / 3):
+            try:
+                lease.renew()
+            except LeaseLostError as err:  # another run took the pipeline over: say so loudly, stop renewing
+                logger.error("%s", err)
+                return
+            except StoreError as err:  # storage hiccup: the next attempt may work, the TTL leaves room
+                logger.warning("could not renew the pipeline lease (will retry): %s", err)
+
+    thread = threading.Thread(target=renew_until_stopped, name="pd-lease-renewer", daemon=True)
+    thread.start()
+    try:
+        yield lease
+    finally:
+        stop.set()
+        thread.join()  # before the lease is released: no renewal races the release
 
 
 def _flow_run_id() -> str:
@@ -47,7 +75,8 @@ def distillation_pipeline(preset: str = "smoke", overrides: list[str] | None = N
     name = cfg.pipeline.name
     store = open_store(cfg)
     owner = f"{socket.gethostname()}:{os.getpid()}:flow-run-{_flow_run_id()}"
-    with store.acquire_lease(f"pipelines/{name}/lease", owner=owner, ttl_s=LEASE_TTL_S):
+    with store.acquire_lease(f"pipelines/{name}/lease", owner=owner, ttl_s=LEASE_TTL_S) as lease, \
+            _kept_alive(lease, logger=logger):
         tracker = tracker_for(cfg)
         parent = tracker.start_run(run_name=name, params=flatten(cfg),
                                    tags={"pd.pipeline": name, "pd.kind": "pipeline",

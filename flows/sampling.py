@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
 
 import torch
@@ -21,12 +22,17 @@ def _device(name: str) -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def load_any_model(model: str, *, device: torch.device) -> jobs.LoadedModel:
+def default_tracking_uri() -> str:
+    """Where `pd run` tracks by default: $MLFLOW_TRACKING_URI, else the project's sqlite file (not MLflow's ./mlflow.db)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{prepare_environment() / 'mlflow.db'}"
+
+
+def load_any_model(model: str, *, device: torch.device, tracking_uri: str | None = None) -> jobs.LoadedModel:
     """A checkpoint folder URI (file://, s3://, a path) or an MLflow model URI (models:/..., runs:/...)."""
     if model.startswith(("models:/", "runs:/")):
         from tasks.tracking import load_sampler_from_mlflow
 
-        weights_path, manifest = load_sampler_from_mlflow(model)
+        weights_path, manifest = load_sampler_from_mlflow(model, tracking_uri=tracking_uri or default_tracking_uri())
         return jobs.model_from_files(weights_path=weights_path, manifest=manifest, device=device)
     return jobs.load_model_uri(model, device=device)
 
@@ -58,7 +64,7 @@ def gen_for(device: torch.device, seed: int) -> torch.Generator:
 
 
 def sample_to_grid(*, model: str, steps: int | None, num: int, out: str, sampler: str, gamma: float, seed: int,
-                   batch_size: int, device: str, throughput: bool) -> str:
+                   batch_size: int, device: str, throughput: bool, tracking_uri: str | None = None) -> str:
     """``pd sample``: write a PNG grid of ``num`` samples; return a one-line summary."""
     prepare_environment()
     if num < 1:
@@ -66,7 +72,7 @@ def sample_to_grid(*, model: str, steps: int | None, num: int, out: str, sampler
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be >= 1; got {steps}")
     dev = _device(device)
-    loaded = load_any_model(model, device=dev)
+    loaded = load_any_model(model, device=dev, tracking_uri=tracking_uri)
     steps = steps or loaded.steps
     t0 = time.perf_counter()
     x = sample_images(loaded, steps=steps, num=num, sampler=sampler, gamma=gamma, seed=seed, batch_size=batch_size,

@@ -6,6 +6,7 @@ CLI, so their home folders and telemetry settings take effect.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -30,4 +31,19 @@ def prepare_environment() -> Path:
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect does not create parents
+    attach_pd_core_logs()
     return home
+
+
+def attach_pd_core_logs() -> None:
+    """Send pd_core's INFO lines (training progress, evaluation) to Prefect's run logs.
+
+    A worker sets up Prefect's logging before the flow module is imported, so the
+    PREFECT_LOGGING_EXTRA_LOGGERS default above comes too late there: attach the handler directly.
+    """
+    logger = logging.getLogger("pd_core")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    for handler in logging.getLogger("prefect.extra").handlers:
+        if handler not in logger.handlers:
+            logger.addHandler(handler)
