@@ -105,8 +105,11 @@ def show_pipeline(name: str, *, storage: str | None) -> str:
             lines.append(f"  {manifest['steps']:>4d} steps   {store.uri(key)}")
     report = f"pipelines/{name}/report/quality.csv"
     if store.exists(report):
+        from pd_core.metrics.table import summary_view
+
         df = pd.read_csv(io.BytesIO(store.get_bytes(report)))
-        lines += ["", df.to_string(index=False)]
+        lines += ["", summary_view(df).to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+                  f"(all columns: {store.uri(report)})"]
     else:
         lines.append("  (no quality table yet: the pipeline has not finished its report)")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from pd_core.config import Config
 from pd_core.metrics import quality_long, quality_table
+from pd_core.metrics.table import summary_view
 from tasks.common import open_store, tracker_for
 from tasks.evaluate import numeric_metrics
 from tasks.progress import artifact_key
@@ -77,7 +78,7 @@ def publish_report_task(cfg: Config, *, teacher: dict, baselines: list[dict], ro
         store.put_bytes(f"{prefix}/quality_long.csv", long.to_csv(index=False).encode())
         markdown = wide.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else wide.to_string(index=False)
         store.put_bytes(f"{prefix}/quality.md", markdown.encode())
-        out.update(table=wide.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+        out.update(table=summary_view(wide).to_string(index=False, float_format=lambda v: f"{v:.4g}"),
                    report_uri=store.uri(f"{prefix}/quality.csv"))
         create_table_artifact(table=json.loads(wide.to_json(orient="records")), key=artifact_key(f"{name}-quality"),
                               description=f"{name}: quality vs sampling steps ({fd_name} is "

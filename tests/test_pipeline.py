@@ -410,7 +410,8 @@ def test_cli_show_prints_the_table(pipeline: Pipeline) -> None:
         assert info["uri"] in proc.stdout
     assert "distilled_fd_digits" in proc.stdout and "teacher_ddim_fd_digits" in proc.stdout
     table = proc.stdout.split("\n\n", 1)[1].strip().splitlines()
-    assert len(table) == 1 + 4  # header + steps 1, 2, 4, 8
+    assert len(table) == 1 + 4 + 1  # header + steps 1, 2, 4, 8 + where the full CSV is
+    assert "quality.csv" in table[-1]
     missing = pipeline.pd("show", "no-such-pipeline", "--storage", pipeline.root, env=pipeline.s3_env)
     assert_one_line_error(missing, code=1, mentions="no-such-pipeline")
 

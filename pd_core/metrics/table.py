@@ -112,3 +112,12 @@ def quality_long(rows: Sequence[Mapping], *, select_metric: str | None = None) -
         out += [{**base, "metric": m, "value": v} for m, v in values.items()]
     df = pd.DataFrame(out, columns=LONG_COLUMNS)
     return df.astype({"steps": "Int64", "n_samples": "Int64", "value": "float64", "seconds_per_image": "float64"})
+
+
+def summary_view(wide: pd.DataFrame) -> pd.DataFrame:
+    """The columns a terminal has room for: steps, each sampler's FD (or FID), the tuned gamma, the floor's FD
+    and the seconds per image of the distilled sampler. The full table stays in the CSV."""
+    keep = [c for c in wide.columns
+            if c == "steps" or c.endswith("_gamma") or c == "distilled_seconds_per_image"
+            or ("_fd_" in c or c.startswith("fd_") or c.endswith("_fid")) and not c.endswith("_std")]
+    return wide[keep]
