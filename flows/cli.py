@@ -83,6 +83,8 @@ def _setup_logging() -> None:
     # One line per event, not per request; botocore says "Found credentials in environment variables" at INFO.
     for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils", "botocore", "aiobotocore", "s3fs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # An MLflow outage is reported once by the tracker; urllib3 would add a line per retried request.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 class _NoTracebackFormatter(logging.Formatter):

@@ -91,6 +91,24 @@ def split_uri(uri: str) -> tuple[str, str]:
     return root, key
 
 
+def check_weights_fit(tensors: dict, spec: UNetSpec, *, source: str) -> None:
+    """StoreError (one line, naming the first misfit) unless ``tensors`` are exactly the state dict of UNet(spec)."""
+    with torch.device("meta"):  # shapes only: nothing allocated, nothing drawn from the RNG
+        want = {k: tuple(v.shape) for k, v in UNet(spec).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in tensors.items()}
+    wrong = [k for k in want if k in have and have[k] != want[k]]
+    missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    if not (wrong or missing or extra):
+        return
+    if wrong:
+        first = f"{wrong[0]} has shape {list(have[wrong[0]])}, the architecture needs {list(want[wrong[0]])}"
+    else:
+        first = f"{missing[0]} is missing" if missing else f"{extra[0]} is not part of the architecture"
+    raise StoreError(f"{source}: weights do not fit the architecture in its manifest ({first}; "
+                     f"{len(wrong) + len(missing) + len(extra)} tensor(s) differ); the checkpoint or its manifest was "
+                     f"altered - re-export it or point at the right checkpoint")
+
+
 def _model_spec(cfg: Any, data: ImageData) -> UNetSpec:
     return unet_spec(cfg.model, in_channels=data.images.shape[1], image_size=data.images.shape[-1],
                      parameterization=cfg.diffusion.parameterization, num_classes=data.num_classes,
@@ -190,6 +208,7 @@ def import_teacher(cfg: Any, store: CheckpointStore, *, uri: str) -> CheckpointI
     src = CheckpointStore(src_root, storage_options=dict(cfg.storage.storage_options))
     tensors, manifest = src.load_checkpoint(src_key)
     spec = spec_from_dict(manifest["unet"])
+    check_weights_fit(tensors, spec, source=uri)
     if manifest.get("parameterization") != cfg.diffusion.parameterization:
         raise PipelineMismatchError(f"{uri} uses parameterization {manifest.get('parameterization')!r}, the config "
                                     f"{cfg.diffusion.parameterization!r}; set diffusion.parameterization to match")
@@ -221,12 +240,17 @@ def run_round(cfg: Any, store: CheckpointStore, *, round_index: int, teacher: Ch
         raise StoreError(f"{teacher.uri} changed since it was produced (sha256 {teacher_manifest['sha256'][:12]} != "
                          f"{teacher.sha256[:12]}); rerun the pipeline")
     spec = spec_from_dict(teacher_manifest["unet"])
+    check_weights_fit(teacher_weights, spec, source=teacher.uri)
     seed = cfg.pipeline.seed + 1000 * round_index  # each round sees its own noise and batches
+    # Student dropout draws from torch's global RNG: seed it per round, so the masks do not depend on what
+    # this process ran before (a rerun that skips the teacher would otherwise draw other masks).
+    torch.manual_seed(seed)
     state = new_student_state(teacher_weights=teacher_weights, spec=spec, distill_cfg=cfg.distill, runtime=runtime,
                               seed=seed)
-    _resume(store, key, state)
+    # Build every network BEFORE resuming: a network's init draws from the global RNG, which _resume restores.
     teacher_net = frozen_teacher(weights=teacher_weights, spec=spec, parameterization=cfg.diffusion.parameterization,
                                  runtime=runtime)
+    _resume(store, key, state)
     updates = cfg.distill.updates_for(student_steps)
     phase = round_phase(round_index=round_index, teacher_steps=teacher_steps, student_steps=student_steps)
     result = distill_round(state=state, teacher_net=teacher_net, student_steps=student_steps, updates=updates,
@@ -259,6 +283,7 @@ class LoadedModel:
 def model_from_tensors(tensors: dict, manifest: dict, *, source: str, device: torch.device | str = "cpu") -> LoadedModel:
     """An eval-mode U-Net built from the manifest's architecture, loaded with ``tensors`` (strict)."""
     spec = UNetSpec(**{**spec_to_dict(spec_from_dict(manifest["unet"])), "dropout": 0.0})
+    check_weights_fit(tensors, spec, source=source)
     net: nn.Module = UNet(spec)
     try:
         net.load_state_dict(tensors)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,11 +53,20 @@ def open_store(cfg: Config) -> CheckpointStore:
 
 
 def tracker_for(cfg: Config):
-    """A Tracker for ``cfg.tracking`` (imported lazily: MLflow is slow to import)."""
-    from tasks.tracking import Tracker
+    """The process's Tracker for ``cfg.tracking`` (imported lazily: MLflow is slow to import).
 
+    One per (URI, experiment, journal) in a process: every task of a pipeline shares it, so an
+    MLflow outage is probed and reported once, not once per task.
+    """
     home = prepare_environment()
     uri = cfg.tracking.tracking_uri
     artifacts = (home / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-    return Tracker(tracking_uri=uri, experiment=cfg.tracking.experiment, enabled=cfg.tracking.enabled,
-                   artifact_location=artifacts, journal_path=str(home / "mlflow-journal.jsonl"))
+    return _tracker(uri, cfg.tracking.experiment, cfg.tracking.enabled, artifacts, str(home / "mlflow-journal.jsonl"))
+
+
+@functools.lru_cache(maxsize=8)
+def _tracker(uri: str, experiment: str, enabled: bool, artifacts: str | None, journal: str):
+    from tasks.tracking import Tracker
+
+    return Tracker(tracking_uri=uri, experiment=experiment, enabled=enabled, artifact_location=artifacts,
+                   journal_path=journal)
