@@ -14,7 +14,7 @@ from torch import Tensor
 
 from pd_core._checks import broadcast_to, check_batch_vector, check_image_batch, check_num_steps
 from pd_core.denoiser import Denoiser, DenoiserFn
-from pd_core.schedule import LOGSNR_MAX, LOGSNR_MIN, alpha_sigma, logsnr
+from pd_core.schedule import LOGSNR_MAX, LOGSNR_MIN, alpha_sigma, logsnr, logsnr_unchecked
 from pd_core.weighting import check_combination, per_example_loss
 
 
@@ -43,9 +43,14 @@ def distillation_target(teacher: DenoiserFn, *, z: Tensor, t: Tensor, num_steps:
     i = _check_student_times(t, num_steps=num_steps)
     t = t.to(z.dtype)
     sched = dict(logsnr_min=logsnr_min, logsnr_max=logsnr_max)
-    lam_t = logsnr(t, **sched)
-    lam_mid = logsnr((t - 0.5 / num_steps).clamp(min=0.0), **sched)
-    lam_s = logsnr((t - 1.0 / num_steps).clamp(min=0.0), **sched)
+    return _two_step_target(teacher, z=z, t=t, lam_t=logsnr(t, **sched), last=i == 0, num_steps=num_steps, sched=sched)
+
+
+def _two_step_target(teacher: DenoiserFn, *, z: Tensor, t: Tensor, lam_t: Tensor, last: Tensor, num_steps: int,
+                     sched: dict) -> Tensor:
+    """:func:`distillation_target` for a valid grid t (no checks: no host syncs), lam_t = lambda(t) given."""
+    lam_mid = logsnr_unchecked((t - 0.5 / num_steps).clamp(min=0.0), **sched)
+    lam_s = logsnr_unchecked((t - 1.0 / num_steps).clamp(min=0.0), **sched)
 
     x_hat, eps_hat = teacher(z, lam_t)
     z_mid = ddim_step(x_hat=x_hat, eps_hat=eps_hat, logsnr_s=lam_mid)
@@ -56,7 +61,7 @@ def distillation_target(teacher: DenoiserFn, *, z: Tensor, t: Tensor, num_steps:
     alpha_s, sigma_s = (broadcast_to(v, z) for v in alpha_sigma(lam_s))
     ratio = sigma_s / sigma_t
     x_tilde = (z_s - ratio * z) / (alpha_s - ratio * alpha_t)
-    return torch.where(broadcast_to(i == 0, z), x_mid, x_tilde)
+    return torch.where(broadcast_to(last, z), x_mid, x_tilde)
 
 
 class DistillationLoss:
@@ -74,18 +79,23 @@ class DistillationLoss:
         self.sched = dict(logsnr_min=logsnr_min, logsnr_max=logsnr_max)
 
     def targets(self, x: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Sample (z_t, lambda_t, x_tilde) for a data batch; the teacher runs in inference mode."""
+        """Sample (z_t, lambda_t, x_tilde) for a data batch; the teacher runs without gradients.
+
+        Hot path: t is on the grid by construction, so nothing is checked on the host (no GPU
+        sync) and lambda_t is computed once. ``no_grad`` rather than ``inference_mode``: the target
+        then needs no copy to enter the student's autograd graph (the cost is the same).
+        """
         check_image_batch("x", x)
         n = self.num_steps
         i = torch.randint(0, n, (x.shape[0],), device=x.device, generator=generator)  # (B,)
         t = (i + 1).to(x.dtype) / n
         eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        lam = logsnr(t, **self.sched)
+        lam = logsnr_unchecked(t, **self.sched)
         alpha, sigma = (broadcast_to(v, x) for v in alpha_sigma(lam))
         z = alpha * x + sigma * eps
-        with torch.inference_mode():
-            x_tilde = distillation_target(self.teacher, z=z, t=t, num_steps=n, **self.sched)
-        return z, lam, x_tilde.float().clone()
+        with torch.no_grad():
+            x_tilde = _two_step_target(self.teacher, z=z, t=t, lam_t=lam, last=i == 0, num_steps=n, sched=self.sched)
+        return z, lam, x_tilde.float()
 
     def __call__(self, student: Denoiser, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         check_combination(parameterization=student.parameterization, weighting=self.weighting)

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from pd_core._checks import broadcast_to, check_image_batch
 from pd_core.denoiser import Denoiser
-from pd_core.schedule import LOGSNR_MAX, LOGSNR_MIN, alpha_sigma, logsnr
+from pd_core.schedule import LOGSNR_MAX, LOGSNR_MIN, alpha_sigma, logsnr_unchecked
 from pd_core.weighting import check_combination, per_example_loss
 
 
@@ -24,7 +24,7 @@ class TeacherLoss:
         check_combination(parameterization=model.parameterization, weighting=self.weighting)
         t = torch.rand(x.shape[0], device=x.device, dtype=x.dtype, generator=generator)  # (B,)
         eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        lam = logsnr(t, logsnr_min=self.logsnr_min, logsnr_max=self.logsnr_max)
+        lam = logsnr_unchecked(t, logsnr_min=self.logsnr_min, logsnr_max=self.logsnr_max)  # t in [0, 1): no check, no sync
         alpha, sigma = (broadcast_to(s, x) for s in alpha_sigma(lam))
         x_hat, _ = model(alpha * x + sigma * eps, lam)
         return per_example_loss(x_hat=x_hat.float(), x=x.float(), logsnr=lam.float(), kind=self.weighting)

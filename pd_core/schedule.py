@@ -33,6 +33,14 @@ def logsnr(t: Tensor | float, *, logsnr_min: float = LOGSNR_MIN, logsnr_max: flo
     t = as_tensor(t)
     if t.numel() and (bool((t < 0).any()) or bool((t > 1).any()) or bool(torch.isnan(t).any())):
         raise ValueError(f"t must lie in [0, 1]; got values in [{t.min().item()}, {t.max().item()}]")
+    return logsnr_unchecked(t, logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+
+
+def logsnr_unchecked(t: Tensor, *, logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX) -> Tensor:
+    """:func:`logsnr` without the range check, which reads the tensor on the host (a GPU sync).
+
+    For training loops whose t lies in [0, 1] by construction; everything else calls :func:`logsnr`.
+    """
     a, b = _cosine_constants(logsnr_min=logsnr_min, logsnr_max=logsnr_max)
     # float64 inside: near t = 1, tan(a t + b) sits next to its pole and float32 loses ~1e-3 in lambda.
     return (-2.0 * torch.log(torch.tan(a * t.double() + b))).to(t.dtype)

@@ -14,9 +14,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.tasks import exponential_backoff
 
-from pd_core import jobs
+from pd_core import distributed, jobs
 from pd_core.config import Config, flatten
-from pd_core.store import StoreError
+from pd_core.store import StorageIOError
 from tasks.common import open_store, tracker_for
 from tasks.progress import ProgressReporter
 
@@ -25,11 +25,14 @@ NAN_AT_ENV = "PD_TEST_NAN_AT_STEP"
 
 
 def storage_error_only(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry a task only when it failed on storage I/O (a NaN loss or a bad config never heals by retrying)."""
+    """Retry a task only when it failed on storage I/O.
+
+    A corrupt checkpoint (StoreError), a NaN loss or a bad config never heals by retrying.
+    """
     try:
         state.result()
-    except (StoreError, ConnectionError, TimeoutError) as err:
-        return not isinstance(err, (jobs.PipelineMismatchError,))
+    except (StorageIOError, ConnectionError, TimeoutError):
+        return True
     except Exception:
         return False
     return False
@@ -82,6 +85,8 @@ def ensure_teacher_task(cfg: Config, *, parent_run_id: str | None = None) -> dic
     start = cfg.distill.start_steps
 
     def work(store, reporter):
+        if cfg.runtime.nproc > 1:  # data-parallel: torchrun runs the job in nproc processes (pd_core.distributed)
+            return distributed.launch_job(cfg, job="teacher", on_progress=reporter, fault_at_step=_fault_step())
         return jobs.ensure_teacher(cfg, store, on_progress=reporter, fault_at_step=_fault_step())
 
     return _run_with_tracking(cfg, run_name="teacher", parent_run_id=parent_run_id, kind="teacher",
@@ -102,6 +107,9 @@ def distill_round_task(cfg: Config, *, teacher: dict, round_index: int, parent_r
     name = round_run_name(round_index=round_index, teacher_steps=t_steps, student_steps=s_steps)
 
     def work(store, reporter):
+        if cfg.runtime.nproc > 1:  # data-parallel: torchrun runs the round in nproc processes (pd_core.distributed)
+            return distributed.launch_job(cfg, job="round", round_index=round_index, teacher=teacher_info,
+                                          on_progress=reporter, fault_at_step=_fault_step())
         return jobs.run_round(cfg, store, round_index=round_index, teacher=teacher_info, on_progress=reporter,
                               fault_at_step=_fault_step())
 

@@ -1,0 +1,240 @@
+"""Orchestration overhead of the smoke pipeline with embedded defaults, per round.
+
+    python -m benchmarks.speed.orchestration
+
+Runs ``flows.pipeline.distillation_pipeline(preset="smoke")`` in this process (Prefect's ephemeral
+API, MLflow on sqlite, checkpoint store in a local folder, all under a fresh temporary PD_HOME),
+then runs it again (every round complete: all skipped). Wrappers around the library functions
+attribute each second of the flow's wall time to exactly one bucket (exclusive time: a store write
+inside training counts as storage, not training):
+
+- compute: training loops (pd_core.train via jobs), evaluation (classifier, reference and sample
+  features, FD/KID), sampling (every sampler call);
+- overhead: data loading, checkpoint store, MLflow tracking, progress reporting (Prefect artifacts +
+  MLflow metrics inside the loop), model construction, our own task and flow code outside those,
+  Prefect's task engine (Task.__call__ outside the task body: task-run creation, state
+  transitions through the API), Prefect events, and "prefect flow engine" = everything outside the
+  flow body (flow-run creation, the ephemeral API server's start, finalisation, log shipping).
+
+orchestration_overhead_s_per_round = (flow wall - compute) / rounds. The startup (flow call to the
+teacher job) is reported separately, as is the overhead per round without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+COMPUTE = ("training", "evaluation", "sampling")
+
+
+class Ledger:
+    """Exclusive wall time per bucket: entering a wrapped call pauses the enclosing one (per thread)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.first: dict[str, float] = {}
+        self.longest: dict[str, float] = defaultdict(float)  # the longest single call (inclusive) per bucket
+        self.by_label: dict[str, list[float]] = defaultdict(list)  # exclusive seconds of each labelled call
+        self.marks: list[tuple[float, str, float]] = []  # (start, label, compute seconds so far) of labelled calls
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def _stack(self) -> list:
+        if not hasattr(self._local, "stack"):
+            self._local.stack = []
+        return self._local.stack
+
+    def wrap(self, bucket: str, fn, *, label=None):
+        """``fn`` timed into ``bucket``; ``label(*args)`` names the call in ``by_label`` (exclusive seconds)."""
+        ledger = self
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            stack, now = ledger._stack(), time.perf_counter()
+            with ledger._lock:
+                ledger.first.setdefault(bucket, now)
+                ledger.calls[bucket] += 1
+                if stack:  # pause the enclosing bucket
+                    outer = stack[-1]
+                    ledger.seconds[outer[0]] += now - outer[1]
+                    outer[2] += now - outer[1]
+                if label is not None:  # a mark: when this call started and how much compute had been done
+                    ledger.marks.append((now, label(*args), sum(ledger.seconds.get(b, 0.0) for b in COMPUTE)))
+            stack.append([bucket, now, 0.0])
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                end = time.perf_counter()
+                name, since, exclusive = stack.pop()
+                with ledger._lock:
+                    ledger.seconds[name] += end - since
+                    ledger.longest[name] = max(ledger.longest[name], end - now)
+                    if label is not None:
+                        ledger.by_label[f"{bucket}: {label(*args)}"].append(exclusive + end - since)
+                    if stack:
+                        stack[-1][1] = end  # resume the enclosing bucket
+        return wrapper
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+        self.first.clear()
+        self.longest.clear()
+        self.by_label.clear()
+        self.marks.clear()
+
+
+def instrument(ledger: Ledger) -> None:
+    """Wrap the functions the tasks call (module attributes are looked up at call time)."""
+    from pd_core import evaluation, jobs, store
+    from tasks import progress, tracking
+
+    for name in ("train_teacher", "distill_round"):
+        setattr(jobs, name, ledger.wrap("training", getattr(jobs, name)))
+    jobs.load_train_data = ledger.wrap("data loading", jobs.load_train_data)
+    for name in ("new_teacher_state", "new_student_state", "frozen_teacher"):
+        setattr(jobs, name, ledger.wrap("model construction", getattr(jobs, name)))
+    for name in ("evaluate_sampler", "load_or_train_classifier", "load_or_compute_reference", "extract_features",
+                 "real_floor", "load_split"):
+        setattr(evaluation, name, ledger.wrap("evaluation", getattr(evaluation, name)))
+    make = evaluation.make_sample_fn
+
+    def make_sample_fn(*args, **kwargs):
+        return ledger.wrap("sampling", make(*args, **kwargs))
+    evaluation.make_sample_fn = make_sample_fn
+    for name in ("save_checkpoint", "load_checkpoint", "read_manifest", "is_complete", "save_state", "load_state",
+                 "clear_state", "put_bytes", "get_bytes", "exists", "list", "acquire_lease", "delete_checkpoint"):
+        setattr(store.CheckpointStore, name, ledger.wrap("checkpoint store", getattr(store.CheckpointStore, name)))
+    for name in ("start_run", "find_run", "log_params", "log_metrics", "set_tags", "log_artifact", "log_table",
+                 "log_text", "end_run", "flush", "log_sampler_model", "set_alias", "run_link"):
+        if hasattr(tracking.Tracker, name):
+            setattr(tracking.Tracker, name, ledger.wrap("mlflow", getattr(tracking.Tracker, name),
+                                                        label=lambda *a, _n=name: _n))
+    progress.ProgressReporter.__call__ = ledger.wrap("progress reporting", progress.ProgressReporter.__call__)
+    # Prefect's engine calls task.fn / flow.fn: time inside them that no finer bucket claims is our own task and
+    # flow code; what is left outside is Prefect's engine (task runs, states, the API server, logs, events)
+    from flows import pipeline
+    from tasks import evaluate, report, training
+
+    import prefect.tasks
+
+    call = prefect.tasks.Task.__call__
+    prefect.tasks.Task.__call__ = ledger.wrap("prefect task engine", call, label=lambda task, *a: task.name)
+    pipeline.emit_event = ledger.wrap("prefect events", pipeline.emit_event)
+    for task in (training.ensure_teacher_task, training.distill_round_task, evaluate.evaluate_teacher_task,
+                 evaluate.evaluate_round_task, report.publish_report_task):
+        task.fn = ledger.wrap("task code (ours)", task.fn)
+    pipeline.distillation_pipeline.fn = ledger.wrap("flow code (ours)", pipeline.distillation_pipeline.fn)
+
+
+def run_once(ledger: Ledger, *, name: str, threads: int) -> dict:
+    from flows.pipeline import distillation_pipeline
+
+    ledger.reset()
+    t0 = time.perf_counter()
+    result = distillation_pipeline(preset="smoke", name=name, overrides=[f"runtime.threads={threads}"])
+    wall = time.perf_counter() - t0
+    buckets = dict(ledger.seconds)
+    compute = sum(buckets.get(b, 0.0) for b in COMPUTE)
+    named = sum(buckets.values())
+    startup = ledger.first.get("flow code (ours)", t0) - t0  # flow run creation (+ ephemeral API server start)
+    # per round: from its distill-round task call to the next round's (or the report's), minus the compute in it
+    task_marks = [(t, name, c) for t, name, c in ledger.marks if name in ("distill-round", "publish-report")]
+    per_round = [(t1 - t0) - (c1 - c0) for (t0, n0, c0), (t1, _, c1) in zip(task_marks, task_marks[1:])
+                 if n0 == "distill-round"]
+    return {"per_round": per_round, "wall": wall, "compute": compute, "overhead": wall - compute, "buckets": buckets,
+            "glue": wall - named, "startup": startup, "rounds": len(result["rounds"]),
+            "calls": dict(ledger.calls), "longest": dict(ledger.longest),
+            "by_label": {k: list(v) for k, v in ledger.by_label.items()}}
+
+
+def report(label: str, r: dict) -> None:
+    print(f"\n{label}: flow wall {r['wall']:.2f} s, compute {r['compute']:.2f} s, overhead {r['overhead']:.2f} s "
+          f"over {r['rounds']} rounds = {r['overhead'] / r['rounds']:.2f} s/round "
+          f"(startup until the flow body runs {r['startup']:.2f} s)")
+    print("  overhead inside each round (its training task start -> the next one's, minus compute): "
+          + ", ".join(f"{s:.2f} s" for s in r["per_round"]))
+    rows = sorted(r["buckets"].items(), key=lambda kv: -kv[1]) + [("prefect flow engine (unattributed)", r["glue"])]
+    for bucket, secs in rows:
+        kind = "compute " if bucket in COMPUTE else "overhead"
+        calls = r["calls"].get(bucket)
+        longest = f", longest call {r['longest'][bucket]:.2f} s" if calls else ""
+        print(f"  {kind} {bucket:32s} {secs:7.2f} s{f'  ({calls} calls{longest})' if calls else ''}")
+    for name, secs in sorted(r["by_label"].items()):
+        print(f"      {name:44s} {len(secs):3d} calls: " + " ".join(f"{t:.2f}" for t in secs[:12]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--keep", action="store_true", help="keep the temporary PD_HOME")
+    p.add_argument("--no-gpu-tag", action="store_true",
+                   help="diagnosis: drop the tasks' `gpu` tag (Prefect then acquires no tag-concurrency slot per task "
+                        "run); rows get the suffix _no_gpu_tag")
+    p.add_argument("--threads", type=int, default=1, help="runtime.threads of the pipeline (1: steady on a shared box)")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    home = Path(tempfile.mkdtemp(prefix="pd-orch-bench-"))
+    os.environ["PD_HOME"] = str(home)
+    os.environ.pop("PREFECT_API_URL", None)  # embedded defaults: Prefect's ephemeral API
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("PD_STORAGE", None)
+    from tasks.env import prepare_environment
+
+    prepare_environment()
+    t0 = time.perf_counter()
+    import flows.pipeline  # noqa: F401  (Prefect, MLflow on first use)
+    import_s = time.perf_counter() - t0
+    from benchmarks.speed.common import machine, row, write_rows
+
+    print(machine())
+    print(f"import flows.pipeline (Prefect etc.): {import_s:.2f} s (not part of the flow's wall time)")
+    ledger = Ledger()
+    instrument(ledger)
+    if args.no_gpu_tag:
+        from tasks import evaluate as evaluate_tasks, report as report_tasks, training as training_tasks
+
+        for task in (training_tasks.ensure_teacher_task, training_tasks.distill_round_task,
+                     evaluate_tasks.evaluate_teacher_task, evaluate_tasks.evaluate_round_task,
+                     report_tasks.publish_report_task):
+            task.tags = set()
+    try:
+        first = run_once(ledger, name="orch-bench", threads=args.threads)
+        report("first run (teacher + 3 rounds trained and evaluated)", first)
+        second = run_once(ledger, name="orch-bench", threads=args.threads)
+        report("rerun (every checkpoint and evaluation complete: all skipped)", second)
+    finally:
+        if not args.keep:
+            shutil.rmtree(home, ignore_errors=True)
+    n = first["rounds"]
+    rows = [
+        row("orchestration_overhead_s_per_round", first["overhead"] / n, "s/round"),
+        row("orchestration_overhead_s_per_round_excl_startup", (first["overhead"] - first["startup"]) / n, "s/round"),
+        row("orchestration_overhead_s_in_round_median", sorted(first["per_round"])[len(first["per_round"]) // 2],
+            "s/round (train + eval tasks of one round, compute excluded)"),
+        row("orchestration_startup_s", first["startup"], "s"),
+        row("orchestration_flow_wall_s", first["wall"], "s"),
+        row("orchestration_rerun_all_skipped_s", second["wall"], "s"),
+    ]
+    for bucket, secs in first["buckets"].items():
+        if bucket not in COMPUTE:
+            row_name = "orchestration_" + re.sub(r"[^a-z0-9]+", "_", bucket).strip("_") + "_s_per_round"
+            rows.append(row(row_name, secs / n, "s/round"))
+    rows.append(row("orchestration_prefect_flow_engine_s_per_round", first["glue"] / n, "s/round"))
+    if args.no_gpu_tag:
+        rows = [{**r, "benchmark": r["benchmark"] + "_no_gpu_tag"} for r in rows]
+    if not args.no_write:
+        write_rows(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""One process of a data-parallel job; started by torchrun (see :func:`pd_core.distributed.launch_job`).
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m pd_core.distributed_job \\
+        --config cfg.json --job round --round-index 1 --teacher teacher.json --out result.json
+
+``--config`` is a resolved Config as JSON (``cfg.model_dump(mode="json")``), ``--teacher`` the
+teacher's CheckpointInfo as JSON. Rank 0 prints progress as ``PD_PROGRESS {json}`` lines and
+writes ``{"ok": true, "info": CheckpointInfo}`` or ``{"ok": false, "error_type", "message"}`` to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from pd_core import distributed, jobs
+from pd_core.config import validate_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pd_core.distributed_job", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="resolved config as JSON")
+    p.add_argument("--job", required=True, choices=("teacher", "round"))
+    p.add_argument("--round-index", type=int, help="round number (job=round)")
+    p.add_argument("--teacher", help="the teacher's CheckpointInfo as JSON (job=round)")
+    p.add_argument("--out", required=True, help="where rank 0 writes the result JSON")
+    p.add_argument("--fault-at-step", type=int, help="inject a NaN loss at this update (tests only)")
+    return p
+
+
+def _write(path: str, doc: dict) -> None:
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # CPU (oneDNN) returns some 1x1-conv weight gradients with equivalent but differently written strides; DDP
+    # then copies them into its bucket (a few KB) and warns once per process in every job's log: benign.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    info = distributed.init()
+    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
+                        format=f"[rank {info.rank}] %(message)s" if info.world_size > 1 else "%(message)s")
+    try:
+        cfg = validate_config(json.loads(Path(args.config).read_text()))
+        store = distributed.RankZeroStore(jobs.open_store(cfg), info)
+
+        def progress(event) -> None:
+            print(distributed.progress_line(event), flush=True)
+
+        on_progress = progress if info.is_main else None
+        if args.job == "teacher":
+            result = jobs.ensure_teacher(cfg, store, on_progress=on_progress, fault_at_step=args.fault_at_step)
+        else:
+            if args.round_index is None or args.teacher is None:
+                raise ValueError("--job round needs --round-index and --teacher")
+            teacher = jobs.CheckpointInfo(**json.loads(Path(args.teacher).read_text()))
+            result = jobs.run_round(cfg, store, round_index=args.round_index, teacher=teacher,
+                                    on_progress=on_progress, fault_at_step=args.fault_at_step)
+        if info.is_main:
+            _write(args.out, {"ok": True, "info": result.as_dict()})
+        return 0
+    except Exception as err:
+        if info.is_main:
+            _write(args.out, {"ok": False, "error_type": type(err).__name__, "message": str(err)})
+        logging.getLogger(__name__).error("rank %d: %s: %s", info.rank, type(err).__name__, err)
+        return 1
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
