@@ -212,7 +212,8 @@ def launch_job(cfg: Any, *, job: str, nproc: int | None = None, round_index: int
     module's logger) and their progress events to ``on_progress``; returns the job's
     :class:`~pd_core.jobs.CheckpointInfo`, or raises the child's error (same type for our own errors).
     torchrun runs in its own process group: if the caller is interrupted (e.g. the Prefect task is
-    cancelled), the whole group -- torchrun and every rank -- is terminated, no rank is left behind.
+    cancelled), torchrun gets SIGTERM and stops its ranks (checked by hand: no rank outlives it);
+    SIGKILL follows after a grace period if it does not exit.
     """
     from pd_core.jobs import CheckpointInfo
     from pd_core.train import ProgressEvent

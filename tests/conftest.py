@@ -105,3 +105,11 @@ def prefect_api() -> Iterator[str]:
     # A loaded 2-core machine can take longer than the harness' default 30 s to start the server.
     with prefect_test_harness(server_startup_timeout=180):
         yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(autouse=True)
+def _pd_core_logs_reach_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefect's logging setup (done by any earlier in-process flow run) turns propagation off for
+    its extra loggers (``pd_core``): turn it back on per test, so caplog sees pd_core's records
+    whatever ran before. Order-independent tests, not a change to what the product logs."""
+    monkeypatch.setattr(logging.getLogger("pd_core"), "propagate", True)
