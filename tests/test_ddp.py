@@ -127,7 +127,7 @@ def test_device_batches_equal_the_sampler(flip):
 
 def test_two_gloo_processes_match_one_process_with_double_batch(tmp_path):
     mp.spawn(_worker, args=(WORLD, distributed.free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     ref_losses, ref_weights = _train(rank=0, world=1)
     assert len(ranks[0]["losses"]) == STEPS and ranks[1]["losses"] == []  # progress is reported by rank 0 only
     torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(ref_losses), rtol=1e-4, atol=1e-6)
