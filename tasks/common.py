@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pd_core import jobs
 from pd_core.config import Config, load_config
 from pd_core.store import CheckpointStore
 from tasks.env import prepare_environment
@@ -49,7 +50,7 @@ def resolve_config(*, preset: str | None = None, config_path: str | None = None,
 
 def open_store(cfg: Config) -> CheckpointStore:
     """The checkpoint store named by ``storage.root`` (credentials come from the environment)."""
-    return CheckpointStore(cfg.storage.root, storage_options=dict(cfg.storage.storage_options))
+    return jobs.open_store(cfg)
 
 
 def tracker_for(cfg: Config):

@@ -19,15 +19,7 @@ LMIN, LMAX = -20.0, 20.0
 
 # ---- independent reference (numpy float64) -------------------------------------------------------
 
-def np_logsnr(t):
-    b = np.arctan(np.exp(-LMAX / 2))
-    a = np.arctan(np.exp(-LMIN / 2)) - b
-    return -2.0 * np.log(np.tan(a * np.asarray(t, dtype=np.float64) + b))
-
-
-def np_alpha_sigma(lam):
-    lam = np.asarray(lam, dtype=np.float64)
-    return np.sqrt(1 / (1 + np.exp(-lam))), np.sqrt(1 / (1 + np.exp(lam)))
+from tests.reference import np_alpha_sigma, np_logsnr  # noqa: E402
 
 
 class NumpyTeacher:
