@@ -1,7 +1,8 @@
 """A pipeline's evaluations over the store: features, teacher baselines, distilled students, floors.
 
-Every measurement is a flat record (see ``metrics.table``) cached as JSON next to the model it
-measures, keyed by the evaluation settings, so a rerun of a finished pipeline re-measures nothing.
+Every measurement is a flat record (see ``metrics.table``) cached as JSON under ``evals/<weights
+sha256>/``, keyed by the evaluation settings, so a rerun of a finished pipeline, or another pipeline
+that imports the same teacher, re-measures nothing.
 Same noise (seed), same N and the same reference split for every number that is compared.
 """
 
@@ -120,7 +121,12 @@ def evaluate_checkpoint(cfg: Any, store: CheckpointStore, ctx: FeatureContext, *
                         progress: Progress | None = None) -> dict:
     """One record: the checkpoint at ``key`` sampled with ``sampler`` in ``steps`` steps; cached in the store."""
     g = f"-g{gamma:.2f}" if gamma is not None else ""
-    cache = f"{key}.eval/{sampler}-{steps:04d}{g}-{eval_hash(cfg)}.json"
+    manifest = store.read_manifest(key)
+    if manifest is None:
+        raise FileNotFoundError(f"no complete checkpoint at {store.uri(key)} to evaluate")
+    # Keyed by the weights' sha256, not by the checkpoint's key: a teacher imported into another
+    # pipeline (pd run --teacher-uri) reuses the measurements made on the same weights.
+    cache = f"evals/{manifest['sha256'][:16]}/{sampler}-{steps:04d}{g}-{eval_hash(cfg)}.json"
     device = torch.device(device)
 
     def compute() -> dict:
@@ -138,7 +144,7 @@ def evaluate_checkpoint(cfg: Any, store: CheckpointStore, ctx: FeatureContext, *
         return {"sampler": label, "steps": steps, "gamma": gamma, **metrics,
                 "model_sha256": model.manifest["sha256"], "model_uri": store.uri(key)}
 
-    return _cached(store, cache, compute)
+    return {**_cached(store, cache, compute), "model_uri": store.uri(key)}
 
 
 def write_grid(cfg: Any, store: CheckpointStore, *, key: str, sampler: str, steps: int,

@@ -132,6 +132,11 @@ def _manifest(cfg: Any, *, kind: str, spec: UNetSpec, steps: int, round_index: i
     }
 
 
+def _timing(result: Any) -> dict[str, Any]:
+    """Training wall time for the manifest (the finishing invocation's; resumed_from > 0 says earlier work is not in it)."""
+    return {"train_seconds": round(float(result.seconds), 1), "resumed_from": int(result.resumed_from)}
+
+
 def _check_same_training(cfg: Any, manifest: dict, *, uri: str) -> None:
     have, want = manifest.get("config_hash"), training_hash(cfg)
     if have != want:
@@ -195,7 +200,8 @@ def ensure_teacher(cfg: Any, store: CheckpointStore, *, data: ImageData | None =
                            fault_at_step=fault_at_step)
     ref = store.save_checkpoint(key, tensors=copy_weights(result.weights),
                                 manifest=_manifest(cfg, kind="teacher", spec=spec, steps=start, round_index=0,
-                                                   parent_sha256=None, extra={"updates": result.steps}))
+                                                   parent_sha256=None,
+                                                   extra={"updates": result.steps, **_timing(result)}))
     store.clear_state(state_key(key))
     log.info("teacher saved to %s (sha256 %s)", ref.uri, ref.sha256[:12])
     return CheckpointInfo(key=key, uri=ref.uri, sha256=ref.sha256, steps=start, round=0, trained=True,
@@ -262,7 +268,8 @@ def run_round(cfg: Any, store: CheckpointStore, *, round_index: int, teacher: Ch
     ref = store.save_checkpoint(key, tensors=copy_weights(result.weights),
                                 manifest=_manifest(cfg, kind="student", spec=student_spec, steps=student_steps,
                                                    round_index=round_index, parent_sha256=teacher.sha256,
-                                                   extra={"updates": updates, "teacher_steps": teacher_steps}))
+                                                   extra={"updates": updates, "teacher_steps": teacher_steps,
+                                                          **_timing(result)}))
     store.clear_state(state_key(key))
     log.info("%s saved to %s (sha256 %s)", phase, ref.uri, ref.sha256[:12])
     return CheckpointInfo(key=key, uri=ref.uri, sha256=ref.sha256, steps=student_steps, round=round_index,

@@ -1,6 +1,6 @@
 """Prefect tasks that measure samplers: the teacher's baselines and each round's distilled student.
 
-Records are cached in the store next to each checkpoint, so reruns re-measure nothing; metrics go
+Records are cached in the store by the weights' sha256, so reruns re-measure nothing; metrics go
 to the matching MLflow child run under the same names for every round.
 """
 

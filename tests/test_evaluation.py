@@ -1,0 +1,76 @@
+"""pd_core.evaluation: records cached by the weights' sha256 (an imported teacher is not re-measured),
+and the GPU-task tags of the flows (tagged only where a concurrency limit can use them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pd_core import evaluation, jobs
+from pd_core.config import load_config
+from pd_core.store import CheckpointStore
+from pd_core.unet import UNet
+from tasks.common import GPU_TAG, gpu_task_tags
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The smoke preset cut down to 40 samples, a random-init 8x8 U-Net saved at two keys, a store."""
+    cfg = load_config(preset="smoke", overrides=["eval.num_samples=40", "eval.kid_subset_size=20",
+                                                 "eval.kid_subsets=2", "eval.classifier_epochs=1"])
+    store = CheckpointStore(str(tmp_path_factory.mktemp("store")))
+    spec = jobs.unet_spec(cfg.model, in_channels=1, image_size=8, parameterization=cfg.diffusion.parameterization,
+                          num_classes=0, dropout=0.0)
+    torch.manual_seed(0)
+    # Perturbed: the output layer starts at zero, which would make every sample the same image.
+    tensors = {k: v.detach() + 0.05 * torch.randn_like(v) for k, v in UNet(spec).state_dict().items()}
+    for name in ("a", "b"):
+        manifest = jobs._manifest(cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"name": name})}),
+                                  kind="teacher", spec=spec, steps=8, round_index=0, parent_sha256=None)
+        store.save_checkpoint(jobs.teacher_key(name), tensors=tensors, manifest=manifest)
+    ctx = evaluation.feature_context(cfg, store)
+    return cfg, store, ctx
+
+
+def test_same_weights_under_another_key_reuse_the_record(tiny, monkeypatch):
+    cfg, store, ctx = tiny
+    first = evaluation.evaluate_checkpoint(cfg, store, ctx, key="pipelines/a/teacher", label="teacher_ddim",
+                                           sampler="ddim", steps=2)
+    assert first["n_samples"] == 40 and first["fd_digits"] > 0
+    assert first["model_uri"] == store.uri("pipelines/a/teacher")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("re-measured weights that were already measured")
+
+    monkeypatch.setattr(evaluation, "evaluate_sampler", must_not_run)
+    again = evaluation.evaluate_checkpoint(cfg, store, ctx, key="pipelines/b/teacher", label="teacher_ddim",
+                                           sampler="ddim", steps=2)
+    assert again["model_uri"] == store.uri("pipelines/b/teacher")  # the record names the checkpoint asked about
+    assert {k: v for k, v in again.items() if k != "model_uri"} == {k: v for k, v in first.items() if k != "model_uri"}
+    sha = store.read_manifest("pipelines/a/teacher")["sha256"]
+    assert store.list(f"evals/{sha[:16]}") == [f"evals/{sha[:16]}/ddim-0002-{evaluation.eval_hash(cfg)}.json"]
+
+
+def test_other_eval_settings_or_steps_are_measured_anew(tiny):
+    cfg, store, ctx = tiny
+    base = evaluation.evaluate_checkpoint(cfg, store, ctx, key="pipelines/a/teacher", label="teacher_ddim",
+                                          sampler="ddim", steps=1)
+    other_seed = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"seed": cfg.eval.seed + 1})})
+    reseeded = evaluation.evaluate_checkpoint(other_seed, store, ctx, key="pipelines/a/teacher",
+                                              label="teacher_ddim", sampler="ddim", steps=1)
+    assert reseeded["fd_digits"] != base["fd_digits"]  # other noise: a new measurement, not the cached one
+
+
+def test_evaluating_a_missing_checkpoint_names_it(tiny):
+    cfg, store, ctx = tiny
+    with pytest.raises(FileNotFoundError, match="pipelines/nope/teacher"):
+        evaluation.evaluate_checkpoint(cfg, store, ctx, key="pipelines/nope/teacher", label="teacher_ddim",
+                                       sampler="ddim", steps=1)
+
+
+def test_gpu_tasks_are_tagged_only_where_a_limit_can_hold_them():
+    # The embedded temporary server belongs to one process: no tag limit there coordinates anything.
+    assert gpu_task_tags(None, api_url=None) == []
+    assert gpu_task_tags(None, api_url="http://prefect:4200/api") == [GPU_TAG] == ["gpu"]
+    assert gpu_task_tags(["a100"], api_url=None) == ["a100"]  # explicit tags always win
+    assert gpu_task_tags([], api_url="http://prefect:4200/api") == []
