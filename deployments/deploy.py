@@ -143,6 +143,7 @@ def plan(spec: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]
             continue
         parameters = dict(d.get("parameters") or {})
         if name in PIPELINE_DEPLOYMENTS:
+            parameters["task_tags"] = [args.gpu_tag]  # the tag whose concurrency limit this script sets
             if args.preset is not None:
                 parameters["preset"] = args.preset
             if args.overrides:

@@ -14,11 +14,12 @@ import socket
 import threading
 from collections.abc import Iterator
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.context import get_run_context
 from prefect.events import emit_event
+from prefect.settings import get_current_settings
 
-from tasks.common import open_store, resolve_config, tracker_for
+from tasks.common import gpu_task_tags, open_store, resolve_config, tracker_for
 from tasks.evaluate import evaluate_round_task, evaluate_teacher_task
 from tasks.report import publish_report_task
 from tasks.training import distill_round_task, ensure_teacher_task, round_run_name
@@ -67,16 +68,22 @@ def _flow_run_id() -> str:
 @flow(name="progressive-distillation")
 def distillation_pipeline(preset: str = "smoke", overrides: list[str] | None = None, name: str | None = None,
                           teacher_uri: str | None = None, storage: str | None = None,
-                          tracking_uri: str | None = None, config_path: str | None = None) -> dict:
-    """Distill a teacher round by round down to ``distill.final_steps``; evaluate, track and report each round."""
+                          tracking_uri: str | None = None, config_path: str | None = None,
+                          task_tags: list[str] | None = None) -> dict:
+    """Distill a teacher round by round down to ``distill.final_steps``; evaluate, track and report each round.
+
+    ``task_tags`` go on the training and evaluation tasks (a tag concurrency limit holds them to the
+    worker's GPUs); by default ``gpu`` on a standing Prefect server, none on the embedded one.
+    """
     logger = get_run_logger()
     cfg = resolve_config(preset=preset, config_path=config_path, overrides=overrides or [], name=name,
                          storage=storage, tracking_uri=tracking_uri, teacher_uri=teacher_uri)
     name = cfg.pipeline.name
     store = open_store(cfg)
     owner = f"{socket.gethostname()}:{os.getpid()}:flow-run-{_flow_run_id()}"
+    gpu_tags = gpu_task_tags(task_tags, api_url=get_current_settings().api.url)
     with store.acquire_lease(f"pipelines/{name}/lease", owner=owner, ttl_s=LEASE_TTL_S) as lease, \
-            _kept_alive(lease, logger=logger):
+            _kept_alive(lease, logger=logger), tags(*gpu_tags):
         tracker = tracker_for(cfg)
         parent = tracker.start_run(run_name=name, params=flatten(cfg),
                                    tags={"pd.pipeline": name, "pd.kind": "pipeline",

@@ -48,6 +48,21 @@ def resolve_config(*, preset: str | None = None, config_path: str | None = None,
     return cfg.model_copy(update=updates) if updates else cfg
 
 
+GPU_TAG = "gpu"  # the tag deployments/deploy.py puts a concurrency limit on
+
+
+def gpu_task_tags(task_tags: Sequence[str] | None, *, api_url: str | None) -> list[str]:
+    """Tags for the GPU tasks: ``task_tags`` when given; by default ``gpu`` on a standing Prefect server only.
+
+    The embedded temporary server of a plain ``pd run`` belongs to one process, so no limit there can
+    coordinate anything, and every tagged task would still pay the concurrency-slot calls (about 2 s
+    per task here: the largest part of the per-round orchestration overhead).
+    """
+    if task_tags is not None:
+        return list(task_tags)
+    return [GPU_TAG] if api_url else []
+
+
 def open_store(cfg: Config) -> CheckpointStore:
     """The checkpoint store named by ``storage.root`` (credentials come from the environment)."""
     return jobs.open_store(cfg)

@@ -1,8 +1,8 @@
 """Prefect tasks at the compute boundaries: ensure the teacher, distill one round.
 
 They take the resolved config and small dicts (URIs, sha256s), never tensors or models, and
-return :class:`pd_core.jobs.CheckpointInfo` as a dict. Both are tagged ``gpu`` so a tag
-concurrency limit holds them to the GPUs a worker has.
+return :class:`pd_core.jobs.CheckpointInfo` as a dict. The flows tag them (see
+``tasks.common.gpu_task_tags``) where a tag concurrency limit can hold them to the GPUs a worker has.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def run_params(cfg: Config, *, round_index: int, teacher_steps: int, student_ste
     return {**flatten(cfg), "round": round_index, "teacher_steps": teacher_steps, "student_steps": student_steps}
 
 
-GPU_TASK = dict(tags=["gpu"], cache_policy=NONE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+GPU_TASK = dict(cache_policy=NONE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
                 retry_condition_fn=storage_error_only)
 
 

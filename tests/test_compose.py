@@ -278,6 +278,7 @@ def test_deploy_plan_declares_the_deployments(deploy_plan):
         assert d["parameters"] == {
             "preset": "smoke", "overrides": ["teacher.updates=10"],
             "storage": "s3://checkpoints/pd", "tracking_uri": "http://mlflow:5000",
+            "task_tags": ["gpu"],  # the tag deploy.py limits, whatever the flow's own default
         }
     (schedule,) = by_name["pd-distill"]["schedules"]
     assert schedule["active"] is False  # optional, off until activated

@@ -286,7 +286,9 @@ def test_prefect_shows_round_tasks_artifacts_and_events(pipeline: Pipeline) -> N
         assert sorted(r.name for r in runs) == sorted(
             ["teacher", "eval-teacher", *names, *[f"eval-{n}" for n in names], "report"])
         assert all(r.state.is_completed() for r in runs)
-        assert all("gpu" in r.tags for r in runs if r.name != "report")  # a tag concurrency limit can hold them
+        # On a standing server (the harness here) the GPU tasks carry the `gpu` tag a limit can hold them by.
+        assert all("gpu" in r.tags for r in runs if r.name != "report")
+        assert not any("gpu" in r.tags for r in runs if r.name == "report")
         artifacts = prefect.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
         by_key = {a.key: a for a in artifacts if a.key}
