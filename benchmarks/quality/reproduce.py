@@ -1,0 +1,421 @@
+"""Reproduce the paper's central result at our scale (Fig. 4 / Table 2): quality vs sampling steps.
+
+    python -m benchmarks.quality.reproduce                 # fmnist-cpu + the fast ablation (~80 min, 2 cores)
+    python -m benchmarks.quality.reproduce --report-only   # rebuild the results from a finished store
+
+Runs the real pipeline twice through the ``pd`` command (Prefect's ephemeral API, MLflow on sqlite,
+checkpoints in a local store under ``--work``):
+
+1. ``pd run --preset P``: teacher, teacher baselines (DDIM and the stochastic sampler at every
+   gamma, every step count of the chain), the rounds 2N -> N and each student's evaluation;
+2. ``pd run --preset P --name P-fast --set distill.fast=true --teacher-uri <1's teacher>``: the same
+   teacher (imported, so its measurements are reused from the store), every round with
+   ``updates // distill.fast_factor`` updates (the paper's 50k-vs-10k ablation).
+
+Both are idempotent: a rerun trains nothing and re-measures nothing. Then it writes, to ``--out``:
+``results.csv`` (long format: preset, sampler, steps, metric, value, n_samples, seconds_per_image),
+``results.json`` (floors, timings, commands, machine), ``quality_vs_steps.png`` (metric vs steps,
+log-2 axis), ``samples.png`` (grids at 1, 2, 4, 8 steps: teacher DDIM vs distilled), RESULTS.md,
+and the README's headline block between its ``quality:`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from pd_core.config import load_config
+from pd_core.evaluation import teacher_step_counts
+from pd_core.metrics import quality_long
+from pd_core.store import CheckpointStore
+
+OUT = Path(__file__).resolve().parent
+REPO = OUT.parents[1]
+COLUMNS = ["preset", "sampler", "steps", "metric", "value", "n_samples", "seconds_per_image"]
+SAMPLERS = ("teacher_ddim", "teacher_stochastic", "distilled", "distilled_fast")
+LABELS = {"teacher_ddim": "teacher, DDIM", "teacher_stochastic": "teacher, stochastic (best gamma)",
+          "distilled": "distilled", "distilled_fast": "distilled, 5x fewer updates"}
+README_START, README_END = "<!-- quality:start -->", "<!-- quality:end -->"
+GRID_STEPS = (1, 2, 4, 8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Running the pipelines
+
+
+def pipeline_commands(*, preset: str, work: Path) -> dict[str, list[str]]:
+    """The two ``pd run`` command lines (main and fast ablation), with the work folder made absolute."""
+    work = work.resolve()
+    common = ["--storage", str(work / "store"), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]
+    teacher = f"file://{work / 'store'}/pipelines/{preset}/teacher"
+    return {
+        "distilled": ["pd", "run", "--preset", preset, *common],
+        "distilled_fast": ["pd", "run", "--preset", preset, "--name", f"{preset}-fast", "--set", "distill.fast=true",
+                           "--teacher-uri", teacher, *common],
+    }
+
+
+def run_pipelines(commands: Mapping[str, list[str]], *, log_dir: Path) -> None:
+    """Run each command, its output teed to ``log_dir/<sampler>.log``; stop at the first failure."""
+    env = {**os.environ, "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for sampler, cmd in commands.items():
+        log_path = log_dir / f"{sampler}.log"
+        print(f"[{time.strftime('%H:%M:%S')}] {shlex.join(cmd)}  (log: {log_path})", flush=True)
+        t0 = time.perf_counter()
+        with open(log_path, "a") as log:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            assert proc.stdout is not None
+            for line in proc.stdout:  # the pipeline's own progress lines (rate, ETA) pass through
+                log.write(line)
+                log.flush()
+                sys.stdout.write(line)
+            rc = proc.wait()
+        print(f"[{time.strftime('%H:%M:%S')}] exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
+        if rc != 0:
+            raise SystemExit(f"error: {shlex.join(cmd)} exited {rc}; see {log_path} (rerun resumes where it stopped)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Collecting records from the store
+
+
+def checkpoint_keys(store: CheckpointStore, *, pipeline: str) -> list[str]:
+    """The teacher's key, then each round's (``pipelines/<name>/rounds/03-0004``) in round order."""
+    rounds = [k for k in store.list(f"pipelines/{pipeline}/rounds") if re.fullmatch(r"\d{2}-\d{4}", k.rsplit("/", 1)[-1])]
+    return [f"pipelines/{pipeline}/teacher"] + sorted(rounds)
+
+
+def records_of(store: CheckpointStore, *, pipeline: str, floors: bool = True) -> list[dict]:
+    """Every evaluation record of a finished pipeline (from the sha256-keyed caches), plus the store's floors."""
+    out = []
+    for key in checkpoint_keys(store, pipeline=pipeline):
+        manifest = store.read_manifest(key)
+        if manifest is None:
+            raise SystemExit(f"error: {store.uri(key)} is not a complete checkpoint; run without --report-only first")
+        out += [json.loads(store.get_bytes(k)) for k in store.list(f"evals/{manifest['sha256'][:16]}")
+                if k.endswith(".json")]
+    if floors:
+        out += [json.loads(store.get_bytes(k)) for k in store.list("references")
+                if k.rsplit("/", 1)[-1].startswith("floor-") and k.endswith(".json")]
+    return out
+
+
+def results_frame(*, preset: str, main: Sequence[Mapping], fast: Sequence[Mapping]) -> pd.DataFrame:
+    """Long results: teacher rows and distilled rows of the main pipeline, distilled rows of the fast one
+    renamed ``distilled_fast``; floors excluded (they go to results.json). Best gamma per step count."""
+    rows = [r for r in main if r["sampler"] in ("teacher_ddim", "teacher_stochastic", "distilled")]
+    rows += [{**r, "sampler": "distilled_fast"} for r in fast if r["sampler"] == "distilled"]
+    if not rows:
+        raise ValueError("no evaluation records: did the pipelines run with eval.enabled=true?")
+    long = quality_long(rows)
+    long.insert(0, "preset", preset)
+    long["steps"] = long["steps"].astype("int64")
+    order = {s: i for i, s in enumerate(SAMPLERS)}
+    long = long.sort_values(["sampler", "steps", "metric"], key=lambda c: c.map(order) if c.name == "sampler" else c)
+    return long[COLUMNS].reset_index(drop=True)
+
+
+def fd_metric(df: pd.DataFrame) -> str:
+    """The headline metric: ``fid`` where present, else the offline ``fd_*`` (FD in our classifier's features)."""
+    names = list(dict.fromkeys(df["metric"]))
+    return next((m for m in names if m == "fid"), None) or next(m for m in names if m.startswith("fd"))
+
+
+def wide(df: pd.DataFrame, *, metric: str) -> pd.DataFrame:
+    """steps x sampler table of one metric (NaN where a sampler has no such step count)."""
+    w = df[df["metric"] == metric].pivot_table(index="steps", columns="sampler", values="value", aggfunc="first")
+    return w.reindex(columns=[s for s in SAMPLERS if s in w.columns]).sort_index(ascending=False)
+
+
+def target_checks(w: pd.DataFrame, *, start_steps: int) -> list[dict]:
+    """The issue's targets, each with its numbers and a verdict (lower metric is better)."""
+    checks = []
+    for n in sorted((s for s in w.index if s <= 8), reverse=True):
+        d, t = w.at[n, "distilled"], w.at[n, "teacher_ddim"]
+        if not (math.isnan(d) or math.isnan(t)):
+            checks.append({"target": f"distilled beats teacher DDIM at N={n}", "distilled": d, "teacher_ddim": t,
+                           "ratio": d / t, "met": bool(d < t)})
+    if 4 in w.index and start_steps in w.index:
+        d4, t0 = w.at[4, "distilled"], w.at[start_steps, "teacher_ddim"]
+        checks.append({"target": f"distilled 4-step within 1.3x of teacher DDIM at {start_steps} steps",
+                       "distilled": d4, "teacher_ddim": t0, "ratio": d4 / t0, "met": bool(d4 <= 1.3 * t0)})
+    return checks
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+
+
+def plot_quality(df: pd.DataFrame, *, metric: str, floor: float | None, path: Path, title: str) -> None:
+    """Metric vs steps on a log-2 axis: teacher DDIM, teacher stochastic, distilled (paper Fig. 4);
+    the fast ablation dashed and the real-vs-real floor dotted, for reference."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w = wide(df, metric=metric).sort_index()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    styles = {"teacher_ddim": dict(marker="s", color="tab:blue"),
+              "teacher_stochastic": dict(marker="^", color="tab:orange"),
+              "distilled": dict(marker="o", color="tab:green", linewidth=2.2),
+              "distilled_fast": dict(marker="o", color="tab:green", linestyle="--", alpha=0.6, markersize=4)}
+    for sampler in w.columns:
+        series = w[sampler].dropna()
+        ax.plot(series.index, series.values, label=LABELS[sampler], **styles[sampler])
+    if floor is not None:
+        ax.axhline(floor, color="grey", linestyle=":", label="real vs real (floor)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(list(w.index))
+    ax.set_xticklabels([str(s) for s in w.index])
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel(metric + ("" if metric == "fid" else " (FD, classifier features)"))
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_grids(grids: Mapping[tuple[str, int], bytes], *, steps: Sequence[int], path: Path, title: str) -> None:
+    """Rows teacher DDIM / distilled, one column per step count, from the store's grid PNGs."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    rows = [("teacher_ddim", "teacher, DDIM"), ("distilled", "distilled")]
+    fig, axes = plt.subplots(len(rows), len(steps), figsize=(2.6 * len(steps), 2.8 * len(rows)), dpi=110)
+    for i, (kind, label) in enumerate(rows):
+        for j, n in enumerate(steps):
+            ax = axes[i][j]
+            ax.axis("off")
+            png = grids.get((kind, n))
+            if png is not None:
+                ax.imshow(Image.open(io.BytesIO(png)).convert("L"), cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"{label}, {n} step{'s' if n > 1 else ''}", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# Text
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3g}"
+
+
+def headline_markdown(df: pd.DataFrame, *, metric: str, floor: float | None, n_samples: int,
+                      gammas: Mapping[int, float]) -> str:
+    """The steps x sampler table of the headline metric, with the floor in the caption."""
+    w = wide(df, metric=metric)
+    cols = [s for s in SAMPLERS if s in w.columns]
+    lines = ["| steps | " + " | ".join(LABELS[c] for c in cols) + " |", "|---:|" + "---:|" * len(cols)]
+    for n, row in w.iterrows():
+        cells = []
+        for c in cols:
+            cell = _fmt(row[c])
+            if c == "teacher_stochastic" and cell and n in gammas:
+                cell += f" (gamma {gammas[n]:g})"
+            if c == "distilled" and cell and not math.isnan(row.get("teacher_ddim", math.nan)) and row[c] < row["teacher_ddim"]:
+                cell = f"**{cell}**"
+            cells.append(cell)
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    caption = (f"`{metric}` ({'FID' if metric == 'fid' else 'FD in our classifier feature space, not Inception FID'}),"
+               f" lower is better, {n_samples} samples vs the 10k test split")
+    if floor is not None:
+        caption += f"; real-vs-real floor at the same N: {floor:.3g}"
+    return "\n".join(lines) + "\n\n" + caption + "."
+
+
+def update_readme(readme: Path, block: str) -> None:
+    """Replace the text between the README's quality markers (they must exist)."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"error: {readme} lacks the markers {README_START} / {README_END}")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_START}\n{block.strip()}\n{README_END}{tail}")
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def pipeline_durations(tracking_uri: str, *, pipelines: Sequence[str]) -> dict[str, dict]:
+    """Wall time of each pipeline's longest MLflow parent run (the one that trained) and of its latest."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name("progressive-distillation")
+    out: dict[str, dict] = {}
+    if exp is None:
+        return out
+    for name in pipelines:
+        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`pd.pipeline` = '{name}' and "
+                                                                    f"tags.`pd.kind` = 'pipeline'")
+        done = [r for r in runs if r.info.end_time]
+        if done:
+            longest = max(done, key=lambda r: r.info.end_time - r.info.start_time)
+            latest = max(done, key=lambda r: r.info.start_time)
+            out[name] = {"longest_run_s": round((longest.info.end_time - longest.info.start_time) / 1000, 1),
+                         "longest_run_id": longest.info.run_id,
+                         "latest_run_s": round((latest.info.end_time - latest.info.start_time) / 1000, 1)}
+    return out
+
+
+def build_report(*, preset: str, work: Path, out: Path, readme: Path | None) -> dict:
+    from benchmarks.speed.common import machine
+    from pd_core.evaluation import write_grid
+
+    work = work.resolve()
+    commands = pipeline_commands(preset=preset, work=work)
+    store = CheckpointStore(str(work / "store"))
+    cfg = load_config(preset=preset)
+    fast_name = f"{preset}-fast"
+    main, fast = records_of(store, pipeline=preset), records_of(store, pipeline=fast_name)
+    df = results_frame(preset=preset, main=main, fast=fast)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "results.csv", index=False)
+    metric = fd_metric(df)
+    n_samples = int(df["n_samples"].max())
+    floors = [r for r in main if r["sampler"] == "floor" and r.get("n_samples") == n_samples]
+    floor = floors[0][metric] if floors else None
+    gammas = {int(r.steps): float(r.value) for r in df[(df.sampler == "teacher_stochastic") & (df.metric == "gamma")].itertuples()}
+    w = wide(df, metric=metric)
+    checks = target_checks(w, start_steps=cfg.distill.start_steps)
+
+    plot_quality(df, metric=metric, floor=floor, path=out / "quality_vs_steps.png",
+                 title=f"{preset}: {n_samples} samples, lower is better")
+    grids = {}
+    for n in GRID_STEPS:  # the teacher's N-step grids are cheap (64 images): made here if missing
+        write_grid(cfg, store, key=f"pipelines/{preset}/teacher", sampler="ddim", steps=n)
+        grids[("teacher_ddim", n)] = store.get_bytes(f"pipelines/{preset}/teacher.eval/grid-ddim-{n:04d}.png")
+        for key in checkpoint_keys(store, pipeline=preset)[1:]:
+            if key.endswith(f"-{n:04d}"):
+                grids[("distilled", n)] = store.get_bytes(f"{key}.eval/grid-ddim-{n:04d}.png")
+    plot_grids(grids, steps=GRID_STEPS, path=out / "samples.png",
+               title=f"{preset}: the same noise for every panel (eval seed {cfg.eval.seed})")
+    teacher_grid = store.get_bytes(f"pipelines/{preset}/teacher.eval/grid-ddim-{cfg.distill.start_steps:04d}.png")
+    (out / f"teacher_{cfg.distill.start_steps}_steps.png").write_bytes(teacher_grid)
+
+    timings = {}
+    for name in (preset, fast_name):
+        keys = checkpoint_keys(store, pipeline=name)
+        timings[name] = {k.rsplit("/", 1)[-1]: store.read_manifest(k).get("train_seconds") for k in keys}
+    durations = pipeline_durations(f"sqlite:///{work / 'mlflow.db'}", pipelines=(preset, fast_name))
+    eval_seconds = {s: round(float((g.drop_duplicates("steps")["seconds_per_image"] * n_samples).sum()), 1)
+                    for s, g in df.groupby("sampler")}
+    summary = {"preset": preset, "machine": machine(), "commands": {k: shlex.join(v) for k, v in commands.items()},
+               "report_command": f"python -m benchmarks.quality.reproduce --preset {preset}",
+               "metric": metric, "n_samples": n_samples, "eval_seed": cfg.eval.seed, "pipeline_seed": cfg.pipeline.seed,
+               "floor": floors, "stochastic_gammas": list(cfg.eval.stochastic_gammas),
+               "best_gamma": gammas, "targets": checks, "train_seconds": timings,
+               "pipeline_wall_seconds": durations, "eval_seconds_by_sampler": eval_seconds,
+               "teacher_step_counts": teacher_step_counts(cfg)}
+    (out / "results.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    table = headline_markdown(df, metric=metric, floor=floor, n_samples=n_samples, gammas=gammas)
+    (out / "RESULTS.md").write_text(results_markdown(summary, table=table, cfg=cfg, df=df) + "\n")
+    if readme is not None:
+        update_readme(readme, readme_block(summary, table=table))
+    return summary
+
+
+def readme_block(summary: Mapping, *, table: str) -> str:
+    met = sum(c["met"] for c in summary["targets"])
+    return (f"Fashion-MNIST, preset `{summary['preset']}`, on this 2-core CPU machine "
+            f"(`{summary['report_command']}`; details, commands and timings in "
+            f"[benchmarks/quality/RESULTS.md](benchmarks/quality/RESULTS.md)). Bold: the distilled sampler beats "
+            f"the teacher's DDIM at the same number of steps. Targets met: {met} of {len(summary['targets'])}.\n\n"
+            f"{table}\n\n![quality vs steps](benchmarks/quality/quality_vs_steps.png)")
+
+
+def results_markdown(summary: Mapping, *, table: str, cfg, df: pd.DataFrame) -> str:
+    """RESULTS.md: machine, commands, sample counts, seeds, wall times, the table, the targets."""
+    preset, metric = summary["preset"], summary["metric"]
+    t = summary["train_seconds"]
+    lines = [f"# Quality vs sampling steps: `{preset}` (paper Fig. 4 / Table 2 at our scale)", "",
+             "Produced by one command (from the repo root, venv active):", "",
+             f"    {summary['report_command']}", "",
+             "which runs these two pipelines (idempotent: a rerun trains and measures nothing) and then writes "
+             "this file, `results.csv`, `results.json`, `quality_vs_steps.png` and `samples.png`:", ""]
+    lines += [f"    {c}" for c in summary["commands"].values()]
+    lines += ["", f"- **Machine:** {summary['machine']}; no GPU.",
+              f"- **Metric:** `{metric}` = "
+              + ("Inception FID" if metric == "fid" else "FD in our classifier's feature space (not Inception FID), "
+                 "see [CLASSIFIER.md](CLASSIFIER.md)")
+              + f"; also `kid_*`, precision and recall in results.csv. {summary['n_samples']} samples per "
+                f"measurement against the 10k test split, the same noise for every sampler (eval seed "
+                f"{summary['eval_seed']}); pipeline seed {summary['pipeline_seed']}.",
+              f"- **Floor:** real vs real at the same N ({summary['n_samples']} training images vs the test split): "
+              + ", ".join(f"{k} {v:.4g}" for f in summary["floor"] for k, v in f.items()
+                          if isinstance(v, float) and k not in ("seconds_per_image",)) + ".",
+              f"- **Teacher stochastic sampler:** the best of gamma in {summary['stochastic_gammas']} at each N "
+              "(chosen on the same metric; the chosen gamma is in the table).",
+              f"- **Schedule:** teacher {cfg.teacher.updates} updates x {cfg.teacher.batch_size} images; "
+              f"rounds {cfg.distill.start_steps} -> {cfg.distill.final_steps}, {cfg.distill.updates_per_round} updates "
+              f"each ({cfg.distill.last_rounds_updates} for the 2- and 1-step rounds) x {cfg.distill.batch_size} images;"
+              f" the fast ablation divides every round's updates by {cfg.distill.fast_factor}.", ""]
+    lines += ["## Headline", "", table, "", "![quality vs steps](quality_vs_steps.png)", "",
+              "![samples](samples.png)", "",
+              f"The teacher's own {cfg.distill.start_steps}-step DDIM grid: "
+              f"[teacher_{cfg.distill.start_steps}_steps.png](teacher_{cfg.distill.start_steps}_steps.png).", ""]
+    lines += ["## Targets", "", "| target | distilled | teacher DDIM | ratio | met |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {c['target']} | {c['distilled']:.3g} | {c['teacher_ddim']:.3g} | {c['ratio']:.2f} | "
+              f"{'yes' if c['met'] else '**no**'} |" for c in summary["targets"]]
+    lines += ["", "## Seconds per image (sampling, this CPU, batch of "
+              f"{cfg.eval.batch_size}, 2 threads)", "", "| steps | " + " | ".join(s for s in SAMPLERS if s in set(df.sampler))
+              + " |", "|---:|" + "---:|" * df.sampler.nunique()]
+    spi = df.drop_duplicates(["sampler", "steps"]).pivot_table(index="steps", columns="sampler",
+                                                               values="seconds_per_image", aggfunc="first")
+    spi = spi.reindex(columns=[s for s in SAMPLERS if s in spi.columns]).sort_index(ascending=False)
+    lines += [f"| {n} | " + " | ".join(_fmt(v) for v in row.values) + " |" for n, row in spi.iterrows()]
+    lines += ["", "## Wall times", "", "| pipeline | stage | training seconds |", "|---|---|---:|"]
+    for name, stages in t.items():
+        lines += [f"| {name} | {stage} | {_fmt(sec) if sec is not None else 'imported'} |" for stage, sec in stages.items()]
+    lines += [""]
+    for name, d in summary["pipeline_wall_seconds"].items():
+        lines.append(f"- `{name}`: the pipeline run that did the work took {d['longest_run_s']:.0f} s wall "
+                     f"(MLflow run {d['longest_run_id']}); the latest run {d['latest_run_s']:.0f} s.")
+    lines.append("- Evaluation (sampling + features) seconds by sampler, summed over step counts: "
+                 + ", ".join(f"{k} {v:.0f}" for k, v in summary["eval_seconds_by_sampler"].items()) + ".")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="fmnist-cpu")
+    p.add_argument("--work", type=Path, default=REPO / "runs" / "quality", help="store, MLflow db and logs")
+    p.add_argument("--out", type=Path, default=OUT, help="where the results files go")
+    p.add_argument("--report-only", action="store_true", help="do not run the pipelines; rebuild from the store")
+    p.add_argument("--no-readme", action="store_true", help="leave README.md alone")
+    args = p.parse_args(argv)
+    if not args.report_only:
+        run_pipelines(pipeline_commands(preset=args.preset, work=args.work), log_dir=args.work.resolve() / "logs")
+    summary = build_report(preset=args.preset, work=args.work, out=args.out,
+                           readme=None if args.no_readme else REPO / "README.md")
+    for c in summary["targets"]:
+        print(f"{'met ' if c['met'] else 'MISS'}  {c['target']}: {c['distilled']:.4g} vs {c['teacher_ddim']:.4g}")
+    print(f"wrote {args.out}/results.csv, results.json, RESULTS.md, quality_vs_steps.png, samples.png")
+
+
+if __name__ == "__main__":
+    main()
