@@ -34,17 +34,33 @@ def pipeline_resource(name: str) -> dict[str, str]:
     return {"prefect.resource.id": f"pd.pipeline.{name}", "prefect.resource.name": name}
 
 
+class LeaseGuard:
+    """What the flow asks between tasks: is the pipeline's lease still ours?"""
+
+    def __init__(self, lease: Lease) -> None:
+        self.lease = lease
+        self.lost: LeaseLostError | None = None  # set by the renewer thread
+
+    def check(self) -> None:
+        """Raise LeaseLostError once the lease was lost: another run owns the pipeline, so this one must not
+        write another checkpoint (two writers would race on the same keys)."""
+        if self.lost is not None:
+            raise LeaseLostError(f"{self.lost}; this run stops before its next task (rerun once the other run ends)")
+
+
 @contextlib.contextmanager
-def _kept_alive(lease: Lease, *, logger) -> Iterator[Lease]:
+def _kept_alive(lease: Lease, *, logger) -> Iterator[LeaseGuard]:
     """Renew ``lease`` from a daemon thread every third of its TTL while the body runs (rounds outlast a TTL)."""
     stop = threading.Event()
+    guard = LeaseGuard(lease)
 
     def renew_until_stopped() -> None:
         while not stop.wait(lease.ttl_s / 3):
             try:
                 lease.renew()
-            except LeaseLostError as err:  # another run took the pipeline over: say so loudly, stop renewing
+            except LeaseLostError as err:  # another run took the pipeline over: stop renewing, stop the flow
                 logger.error("%s", err)
+                guard.lost = err
                 return
             except StoreError as err:  # storage hiccup: the next attempt may work, the TTL leaves room
                 logger.warning("could not renew the pipeline lease (will retry): %s", err)
@@ -52,7 +68,7 @@ def _kept_alive(lease: Lease, *, logger) -> Iterator[Lease]:
     thread = threading.Thread(target=renew_until_stopped, name="pd-lease-renewer", daemon=True)
     thread.start()
     try:
-        yield lease
+        yield guard
     finally:
         stop.set()
         thread.join()  # before the lease is released: no renewal races the release
@@ -83,19 +99,22 @@ def distillation_pipeline(preset: str = "smoke", overrides: list[str] | None = N
     owner = f"{socket.gethostname()}:{os.getpid()}:flow-run-{_flow_run_id()}"
     gpu_tags = gpu_task_tags(task_tags, api_url=get_current_settings().api.url)
     with store.acquire_lease(f"pipelines/{name}/lease", owner=owner, ttl_s=LEASE_TTL_S) as lease, \
-            _kept_alive(lease, logger=logger), tags(*gpu_tags):
+            _kept_alive(lease, logger=logger) as guard, tags(*gpu_tags):
         tracker = tracker_for(cfg)
         parent = tracker.start_run(run_name=name, params=flatten(cfg),
                                    tags={"pd.pipeline": name, "pd.kind": "pipeline",
                                          "prefect.flow_run_id": _flow_run_id()})
         logger.info("pipeline %s: store %s, MLflow %s", name, cfg.storage.root, tracker.run_link(parent))
         teacher = ensure_teacher_task(cfg, parent_run_id=parent)
+        guard.check()
         baselines = evaluate_teacher_task(cfg, teacher=teacher, parent_run_id=parent)
         rounds, current = [], teacher
         for round_index, (t_steps, s_steps) in enumerate(cfg.distill.rounds(), start=1):
             run_name = round_run_name(round_index=round_index, teacher_steps=t_steps, student_steps=s_steps)
+            guard.check()
             student = distill_round_task.with_options(task_run_name=run_name)(
                 cfg, teacher=current, round_index=round_index, parent_run_id=parent)
+            guard.check()
             metrics = evaluate_round_task.with_options(task_run_name=f"eval-{run_name}")(cfg, student=student)
             rounds.append({"student": student, "metrics": metrics})
             emit_event(event="pd.round.completed", resource=pipeline_resource(name),
@@ -103,6 +122,7 @@ def distillation_pipeline(preset: str = "smoke", overrides: list[str] | None = N
                                 "checkpoint_uri": student["uri"], "checkpoint_sha256": student["sha256"],
                                 "metrics": metrics, "trained": student["trained"]})
             current = student
+        guard.check()
         report = publish_report_task(cfg, teacher=teacher, baselines=baselines, rounds=rounds, parent_run_id=parent)
         tracker.end_run(parent)
         pending = tracker.flush()

@@ -944,3 +944,21 @@ def test_mlflow_outage_is_one_warning_line_per_run(mlflow_down_pipeline: LocalRu
     lines = [line for line in mlflow_down_pipeline.proc.err().splitlines()
              if ("unreachable" in line and "WARNING" in line) or "Retrying (Retry(" in line]
     assert len(lines) == 1, f"{len(lines)} lines about the outage, e.g. {lines[:3]}"
+
+
+def test_a_lost_lease_stops_the_flow_before_its_next_task(tmp_path: Path) -> None:
+    """The renewer finds the lease gone (expired and taken over, or removed): the flow's next check raises,
+    so this run writes no further checkpoint while another run owns the pipeline."""
+    from flows.pipeline import _kept_alive
+    from pd_core.store import LeaseLostError
+
+    store = CheckpointStore(str(tmp_path / "store"))
+    with store.acquire_lease("pipelines/x/lease", owner="me", ttl_s=0.3) as lease, \
+            _kept_alive(lease, logger=logging.getLogger("test")) as guard:
+        guard.check()  # ours: nothing happens
+        Path(lease.uri.removeprefix("file://")).unlink()  # what a takeover or an operator's cleanup does to us
+        deadline = time.monotonic() + 10
+        while guard.lost is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(LeaseLostError, match="stops before its next task"):
+            guard.check()
