@@ -32,30 +32,30 @@ def _register_students(cfg: Config, store, tracker, rounds: list[dict], *, fd_na
     name = cfg.tracking.registered_model or f"pd-{cfg.pipeline.name}"
     versions: dict[str, str] = {}
     candidates = [r for r in rounds if r["student"]["steps"] <= FEW_STEPS] or rounds[-1:]
+    scored = [(r["metrics"][fd_name], r["student"]["key"]) for r in candidates
+              if r.get("metrics") and fd_name in r["metrics"]]
+    # Decided before logging, so they travel with the (journaled) registration: a version registered
+    # while MLflow is down gets its aliases when the journal replays.
+    targets = {"final": rounds[-1]["student"]["key"], "best-few-step": min(scored)[1] if scored else None}
     for r in candidates:
         student = r["student"]
+        aliases = [a for a, key in targets.items() if key == student["key"]]
         marker = f"{student['key']}.mlflow-{tracker.experiment}.json"
         if store.exists(marker):  # registered by an earlier run of this pipeline: no duplicate version
             versions[student["key"]] = json.loads(store.get_bytes(marker))["version"]
+            for alias in aliases:  # the aliases may point elsewhere since (another pipeline's run): point back
+                tracker.set_alias(registered_model=name, alias=alias, version=versions[student["key"]])
             continue
         tensors, manifest = store.load_checkpoint(student["key"])
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.safetensors"
             save_file(tensors, str(path))
             _, version = tracker.log_sampler_model(student["mlflow_run_id"], weights_path=str(path), manifest=manifest,
-                                                   registered_model=name,
+                                                   registered_model=name, alias=aliases,
                                                    tags={"steps": str(student["steps"]), "checkpoint_uri": student["uri"]})
         if version is not None:
             versions[student["key"]] = version
             store.put_bytes(marker, json.dumps({"version": version, "model": name}).encode())
-    if versions:
-        final = rounds[-1]["student"]["key"]
-        if final in versions:
-            tracker.set_alias(registered_model=name, alias="final", version=versions[final])
-        scored = [(r["metrics"][fd_name], r["student"]["key"]) for r in candidates
-                  if r.get("metrics") and fd_name in r["metrics"] and r["student"]["key"] in versions]
-        if scored:
-            tracker.set_alias(registered_model=name, alias="best-few-step", version=versions[min(scored)[1]])
     return {"registered_model": name, **{k.rsplit("/", 1)[-1]: v for k, v in versions.items()}}
 
 

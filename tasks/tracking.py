@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit
@@ -534,11 +534,12 @@ class Tracker:
 
     def log_sampler_model(self, run_id: str | None, *, weights_path: str, manifest: dict,
                           registered_model: str | None, tags: dict[str, str] | None = None,
-                          alias: str | None = None) -> tuple[str, str | None]:
+                          alias: str | Sequence[str] | None = None) -> tuple[str, str | None]:
         """Log the sampler as a models-from-code pyfunc (safetensors + manifest); register it if asked.
 
         Returns ``(model_uri, version)``: ``models:/<model_id>`` and the registered version (None when
-        not registered). ``alias`` is set on that version in the same (journaled) call. While MLflow
+        not registered). ``alias`` (one name or several) is set on that version in the same (journaled)
+        call, so a version registered during an outage gets its aliases on replay. While MLflow
         is unreachable returns ``("runs:/<run_id>/sampler", None)`` and the replay does it all later;
         ``("", None)`` when MLflow refused it (logged).
         """
@@ -547,7 +548,8 @@ class Tracker:
         red = _redactor()
         payload = {"run_id": run_id, "weights_path": str(weights_path),
                    "manifest": json.loads(red(json.dumps(manifest))),
-                   "registered_model": registered_model, "tags": _clean_tags(tags, red), "alias": alias}
+                   "registered_model": registered_model, "tags": _clean_tags(tags, red),
+                   "aliases": [alias] if isinstance(alias, str) else list(alias or [])}
         result = self._submit("log_sampler_model", payload, offline_result=(f"runs:/{run_id}/{MODEL_NAME}", None))
         return ("", None) if result is None else (result[0], result[1])
 
@@ -825,8 +827,9 @@ class Tracker:
         version = None
         if p["registered_model"]:
             version = self._register(p["registered_model"], model_id=model.model_id, run_id=run_id, tags=tags)
-            if p.get("alias"):
-                self._op_set_alias({"registered_model": p["registered_model"], "alias": p["alias"],
+            # "alias": one name, in journals written before "aliases" existed
+            for alias in p.get("aliases") or ([p["alias"]] if p.get("alias") else []):
+                self._op_set_alias({"registered_model": p["registered_model"], "alias": alias,
                                     "version": version}, replaying=replaying)
         return uri, version
 

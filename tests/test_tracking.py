@@ -360,7 +360,8 @@ def test_outage_is_journaled_and_replayed_in_order(tmp_path: Path, db_uri: str,
     weights = tmp_path / "student.safetensors"
     tensors = _tiny_weights(weights)
     assert tracker.log_sampler_model(child, weights_path=str(weights), manifest={"steps": 1},
-                                     registered_model="pd-outage", alias="best") == (f"runs:/{child}/sampler", None)
+                                     registered_model="pd-outage", alias=["best", "final"]) == (
+        f"runs:/{child}/sampler", None)
     weights.unlink()  # the journal stashed its own copy
     tracker.end_run(child)
     tracker.end_run(parent)
@@ -387,6 +388,7 @@ def test_outage_is_journaled_and_replayed_in_order(tmp_path: Path, db_uri: str,
     assert client.get_run(parent).info.status == "FINISHED"
     path, _ = load_sampler_from_mlflow("models:/pd-outage@best", tracking_uri=db_uri)
     assert torch.equal(load_file(path)["conv.weight"], tensors["conv.weight"])
+    assert str(client.get_model_version_by_alias("pd-outage", "final").version) == "1"  # every alias, on replay
     # callers still holding the placeholder reach the real run
     tracker.log_metrics(child, {"late": 1.0}, step=5)
     assert client.get_metric_history(real_child, "late")[0].step == 5
