@@ -91,6 +91,12 @@ def test_readme_block_is_replaced_between_the_markers(tmp_path):
         rp.update_readme(readme, "x")
 
 
+def test_rebuilt_results_md_keeps_the_hand_written_notes():
+    old = "# old generated\n\n| 1 | 9 |\n\n## Notes\n\nWhy the 1-step student lags.\n"
+    assert rp.with_notes("# new\n\n| 1 | 3 |", old=old) == "# new\n\n| 1 | 3 |\n\n## Notes\n\nWhy the 1-step student lags.\n"
+    assert rp.with_notes("# new\n", old="") == "# new\n"
+
+
 def test_pipeline_commands_share_store_tracking_and_teacher(tmp_path):
     cmds = rp.pipeline_commands(preset="fmnist-cpu", work=tmp_path)
     main, fast = cmds["distilled"], cmds["distilled_fast"]

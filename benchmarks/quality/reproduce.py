@@ -36,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 
 from pd_core.config import load_config
-from pd_core.evaluation import teacher_step_counts
+from pd_core.evaluation import eval_hash, teacher_step_counts
 from pd_core.metrics import quality_long
 from pd_core.store import CheckpointStore
 
@@ -47,6 +47,7 @@ SAMPLERS = ("teacher_ddim", "teacher_stochastic", "distilled", "distilled_fast")
 LABELS = {"teacher_ddim": "teacher, DDIM", "teacher_stochastic": "teacher, stochastic (best gamma)",
           "distilled": "distilled", "distilled_fast": "distilled, 5x fewer updates"}
 README_START, README_END = "<!-- quality:start -->", "<!-- quality:end -->"
+NOTES = "## Notes"  # RESULTS.md from this heading on is written by people and kept on every rebuild
 GRID_STEPS = (1, 2, 4, 8)
 
 
@@ -98,8 +99,22 @@ def checkpoint_keys(store: CheckpointStore, *, pipeline: str) -> list[str]:
     return [f"pipelines/{pipeline}/teacher"] + sorted(rounds)
 
 
-def records_of(store: CheckpointStore, *, pipeline: str, floors: bool = True) -> list[dict]:
-    """Every evaluation record of a finished pipeline (from the sha256-keyed caches), plus the store's floors."""
+def classifier_manifest(store: CheckpointStore, cfg) -> dict:
+    """The manifest of the feature classifier the pipelines used (cached in the store by the first one)."""
+    key = f"classifiers/{cfg.data.name}-{cfg.data.image_size}-s{cfg.eval.seed}-e{cfg.eval.classifier_epochs}"
+    manifest = store.read_manifest(key)
+    if manifest is None:
+        raise SystemExit(f"error: no feature classifier at {store.uri(key)}; run the pipelines first")
+    return manifest
+
+
+def extractor_tag(store: CheckpointStore, cfg) -> str:
+    """The feature network's id as floor keys carry it (sha256[:12] of the classifier)."""
+    return classifier_manifest(store, cfg)["sha256"][:12]
+
+
+def records_of(store: CheckpointStore, *, pipeline: str) -> list[dict]:
+    """Every evaluation record of a finished pipeline's checkpoints (from the sha256-keyed caches)."""
     out = []
     for key in checkpoint_keys(store, pipeline=pipeline):
         manifest = store.read_manifest(key)
@@ -107,9 +122,6 @@ def records_of(store: CheckpointStore, *, pipeline: str, floors: bool = True) ->
             raise SystemExit(f"error: {store.uri(key)} is not a complete checkpoint; run without --report-only first")
         out += [json.loads(store.get_bytes(k)) for k in store.list(f"evals/{manifest['sha256'][:16]}")
                 if k.endswith(".json")]
-    if floors:
-        out += [json.loads(store.get_bytes(k)) for k in store.list("references")
-                if k.rsplit("/", 1)[-1].startswith("floor-") and k.endswith(".json")]
     return out
 
 
@@ -247,6 +259,12 @@ def headline_markdown(df: pd.DataFrame, *, metric: str, floor: float | None, n_s
     return "\n".join(lines) + "\n\n" + caption + "."
 
 
+def with_notes(generated: str, *, old: str) -> str:
+    """The generated RESULTS.md followed by the hand-written part of the old one (from ``## Notes`` on)."""
+    notes = old.split(NOTES, 1)[1] if NOTES in old else ""
+    return generated.rstrip("\n") + "\n" + (f"\n{NOTES}{notes}" if notes else "")
+
+
 def update_readme(readme: Path, block: str) -> None:
     """Replace the text between the README's quality markers (they must exist)."""
     text = readme.read_text()
@@ -297,7 +315,8 @@ def build_report(*, preset: str, work: Path, out: Path, readme: Path | None) -> 
     df.to_csv(out / "results.csv", index=False)
     metric = fd_metric(df)
     n_samples = int(df["n_samples"].max())
-    floors = [r for r in main if r["sampler"] == "floor" and r.get("n_samples") == n_samples]
+    floors = [json.loads(store.get_bytes(k)) for k in store.list("references")  # this evaluation's floor only
+              if k.endswith(f"-n{n_samples}-{extractor_tag(store, cfg)}-{eval_hash(cfg)}.json")]
     floor = floors[0][metric] if floors else None
     gammas = {int(r.steps): float(r.value) for r in df[(df.sampler == "teacher_stochastic") & (df.metric == "gamma")].itertuples()}
     w = wide(df, metric=metric)
@@ -322,18 +341,22 @@ def build_report(*, preset: str, work: Path, out: Path, readme: Path | None) -> 
         keys = checkpoint_keys(store, pipeline=name)
         timings[name] = {k.rsplit("/", 1)[-1]: store.read_manifest(k).get("train_seconds") for k in keys}
     durations = pipeline_durations(f"sqlite:///{work / 'mlflow.db'}", pipelines=(preset, fast_name))
+    # sampling + features of the measurements in the table (the stochastic sampler's other gammas not included)
     eval_seconds = {s: round(float((g.drop_duplicates("steps")["seconds_per_image"] * n_samples).sum()), 1)
                     for s, g in df.groupby("sampler")}
     summary = {"preset": preset, "machine": machine(), "commands": {k: shlex.join(v) for k, v in commands.items()},
                "report_command": f"python -m benchmarks.quality.reproduce --preset {preset}",
-               "metric": metric, "n_samples": n_samples, "eval_seed": cfg.eval.seed, "pipeline_seed": cfg.pipeline.seed,
+               "metric": metric, "n_samples": n_samples,
+               "classifier_test_accuracy": classifier_manifest(store, cfg).get("test_accuracy"), "eval_seed": cfg.eval.seed, "pipeline_seed": cfg.pipeline.seed,
                "floor": floors, "stochastic_gammas": list(cfg.eval.stochastic_gammas),
                "best_gamma": gammas, "targets": checks, "train_seconds": timings,
-               "pipeline_wall_seconds": durations, "eval_seconds_by_sampler": eval_seconds,
+               "pipeline_wall_seconds": durations, "eval_seconds_of_table_measurements": eval_seconds,
                "teacher_step_counts": teacher_step_counts(cfg)}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     table = headline_markdown(df, metric=metric, floor=floor, n_samples=n_samples, gammas=gammas)
-    (out / "RESULTS.md").write_text(results_markdown(summary, table=table, cfg=cfg, df=df) + "\n")
+    results_md = out / "RESULTS.md"
+    old = results_md.read_text() if results_md.exists() else ""
+    results_md.write_text(with_notes(results_markdown(summary, table=table, cfg=cfg, df=df), old=old))
     if readme is not None:
         update_readme(readme, readme_block(summary, table=table))
     return summary
@@ -361,7 +384,8 @@ def results_markdown(summary: Mapping, *, table: str, cfg, df: pd.DataFrame) -> 
     lines += ["", f"- **Machine:** {summary['machine']}; no GPU.",
               f"- **Metric:** `{metric}` = "
               + ("Inception FID" if metric == "fid" else "FD in our classifier's feature space (not Inception FID), "
-                 "see [CLASSIFIER.md](CLASSIFIER.md)")
+                 f"a classifier with {summary['classifier_test_accuracy']:.2%} test accuracy, see "
+                 "[CLASSIFIER.md](CLASSIFIER.md)")
               + f"; also `kid_*`, precision and recall in results.csv. {summary['n_samples']} samples per "
                 f"measurement against the 10k test split, the same noise for every sampler (eval seed "
                 f"{summary['eval_seed']}); pipeline seed {summary['pipeline_seed']}.",
@@ -395,8 +419,9 @@ def results_markdown(summary: Mapping, *, table: str, cfg, df: pd.DataFrame) -> 
     for name, d in summary["pipeline_wall_seconds"].items():
         lines.append(f"- `{name}`: the pipeline run that did the work took {d['longest_run_s']:.0f} s wall "
                      f"(MLflow run {d['longest_run_id']}); the latest run {d['latest_run_s']:.0f} s.")
-    lines.append("- Evaluation (sampling + features) seconds by sampler, summed over step counts: "
-                 + ", ".join(f"{k} {v:.0f}" for k, v in summary["eval_seconds_by_sampler"].items()) + ".")
+    lines.append("- Evaluation seconds (sampling + features) of the measurements in the table, summed over step "
+                 "counts (the stochastic sampler's other gammas cost as much again each): "
+                 + ", ".join(f"{k} {v:.0f}" for k, v in summary["eval_seconds_of_table_measurements"].items()) + ".")
     return "\n".join(lines)
 
 
