@@ -125,3 +125,46 @@ def test_committed_results_match_results_md_and_readme():
             assert [c.split(" (gamma")[0].strip() for c in row.strip("|").split("|")] == [c.strip() for c in cells]
     for png in ("quality_vs_steps.png", "samples.png"):
         assert Image.open(QUALITY / png).size[0] > 300
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_reproduce_end_to_end_on_the_smoke_preset(tmp_path):
+    """The one command, on the smoke preset: two real `pd run`s (main, fast ablation importing its teacher),
+    then every results file, from the store and MLflow they wrote."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PD_HOME": str(tmp_path / "home")}
+    env.pop("PREFECT_API_URL", None)  # embedded defaults, as the documented command runs
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quality.reproduce", "--preset", "smoke", "--work", str(work),
+                           "--out", str(out), "--no-readme"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=850)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    df = pd.read_csv(out / "results.csv")
+    assert list(df.columns) == rp.COLUMNS
+    fd = df[df.metric == "fd_digits"]
+    assert sorted(fd[fd.sampler == "teacher_ddim"].steps) == [1, 2, 4, 8]
+    assert sorted(fd[fd.sampler == "distilled"].steps) == sorted(fd[fd.sampler == "distilled_fast"].steps) == [1, 2, 4]
+    assert (fd.n_samples == 200).all()
+    # the fast pipeline imported the main teacher and re-measured nothing of it: one record per measurement
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["floor"] and summary["floor"][0]["n_samples"] == 200
+    assert summary["train_seconds"]["smoke-fast"]["teacher"] is None  # imported, not trained
+    assert summary["train_seconds"]["smoke"]["teacher"] > 0
+    assert set(summary["pipeline_wall_seconds"]) == {"smoke", "smoke-fast"}
+    text = (out / "RESULTS.md").read_text()
+    assert "pd run --preset smoke" in text and "distill.fast=true" in text and "## Targets" in text
+    for png in ("quality_vs_steps.png", "samples.png", "teacher_8_steps.png"):
+        assert Image.open(out / png).size[0] > 100
+    # a rerun trains nothing and gives the same table
+    again = subprocess.run([sys.executable, "-m", "benchmarks.quality.reproduce", "--preset", "smoke", "--work",
+                            str(work), "--out", str(out), "--no-readme"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "teacher step" not in again.stdout and "complete and verified: skipped" in again.stdout
+    pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), df)
