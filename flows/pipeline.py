@@ -14,7 +14,7 @@ import socket
 import threading
 from collections.abc import Iterator
 
-from prefect import flow, get_run_logger, tags
+from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 from prefect.events import emit_event
 from prefect.settings import get_current_settings
@@ -99,23 +99,24 @@ def distillation_pipeline(preset: str = "smoke", overrides: list[str] | None = N
     owner = f"{socket.gethostname()}:{os.getpid()}:flow-run-{_flow_run_id()}"
     gpu_tags = gpu_task_tags(task_tags, api_url=get_current_settings().api.url)
     with store.acquire_lease(f"pipelines/{name}/lease", owner=owner, ttl_s=LEASE_TTL_S) as lease, \
-            _kept_alive(lease, logger=logger) as guard, tags(*gpu_tags):
+            _kept_alive(lease, logger=logger) as guard:
         tracker = tracker_for(cfg)
         parent = tracker.start_run(run_name=name, params=flatten(cfg),
                                    tags={"pd.pipeline": name, "pd.kind": "pipeline",
                                          "prefect.flow_run_id": _flow_run_id()})
         logger.info("pipeline %s: store %s, MLflow %s", name, cfg.storage.root, tracker.run_link(parent))
-        teacher = ensure_teacher_task(cfg, parent_run_id=parent)
+        teacher = ensure_teacher_task.with_options(tags=gpu_tags)(cfg, parent_run_id=parent)
         guard.check()
-        baselines = evaluate_teacher_task(cfg, teacher=teacher, parent_run_id=parent)
+        baselines = evaluate_teacher_task.with_options(tags=gpu_tags)(cfg, teacher=teacher, parent_run_id=parent)
         rounds, current = [], teacher
         for round_index, (t_steps, s_steps) in enumerate(cfg.distill.rounds(), start=1):
             run_name = round_run_name(round_index=round_index, teacher_steps=t_steps, student_steps=s_steps)
             guard.check()
-            student = distill_round_task.with_options(task_run_name=run_name)(
+            student = distill_round_task.with_options(task_run_name=run_name, tags=gpu_tags)(
                 cfg, teacher=current, round_index=round_index, parent_run_id=parent)
             guard.check()
-            metrics = evaluate_round_task.with_options(task_run_name=f"eval-{run_name}")(cfg, student=student)
+            metrics = evaluate_round_task.with_options(task_run_name=f"eval-{run_name}", tags=gpu_tags)(
+                cfg, student=student)
             rounds.append({"student": student, "metrics": metrics})
             emit_event(event="pd.round.completed", resource=pipeline_resource(name),
                        payload={"round": round_index, "teacher_steps": t_steps, "student_steps": s_steps,

@@ -6,7 +6,7 @@ trigger (deployments/) starts the distillation pipeline from it.
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, tags
+from prefect import flow, get_run_logger
 from prefect.events import emit_event
 from prefect.settings import get_current_settings
 
@@ -30,8 +30,8 @@ def train_teacher_flow(preset: str = "smoke", overrides: list[str] | None = None
     tracker = tracker_for(cfg)
     parent = tracker.start_run(run_name=f"{cfg.pipeline.name}-teacher", params=flatten(cfg),
                                tags={"pd.pipeline": cfg.pipeline.name, "pd.kind": "teacher-pipeline"})
-    with tags(*gpu_task_tags(task_tags, api_url=get_current_settings().api.url)):
-        teacher = ensure_teacher_task(cfg, parent_run_id=parent)
+    gpu_tags = gpu_task_tags(task_tags, api_url=get_current_settings().api.url)
+    teacher = ensure_teacher_task.with_options(tags=gpu_tags)(cfg, parent_run_id=parent)
     tracker.end_run(parent)
     tracker.flush()
     emit_event(event="pd.teacher.completed", resource=pipeline_resource(cfg.pipeline.name),
