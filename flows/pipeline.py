@@ -37,8 +37,7 @@ def pipeline_resource(name: str) -> dict[str, str]:
 class LeaseGuard:
     """What the flow asks between tasks: is the pipeline's lease still ours?"""
 
-    def __init__(self, lease: Lease) -> None:
-        self.lease = lease
+    def __init__(self) -> None:
         self.lost: LeaseLostError | None = None  # set by the renewer thread
 
     def check(self) -> None:
@@ -52,7 +51,7 @@ class LeaseGuard:
 def _kept_alive(lease: Lease, *, logger) -> Iterator[LeaseGuard]:
     """Renew ``lease`` from a daemon thread every third of its TTL while the body runs (rounds outlast a TTL)."""
     stop = threading.Event()
-    guard = LeaseGuard(lease)
+    guard = LeaseGuard()
 
     def renew_until_stopped() -> None:
         while not stop.wait(lease.ttl_s / 3):

@@ -44,6 +44,27 @@ def eval_hash(cfg: Any) -> str:
     return config_hash(cfg, sections=("data", "eval"))[:12]
 
 
+def classifier_key(cfg: Any) -> str:
+    """Store key of the feature classifier for ``cfg``'s data and eval settings (features=classifier)."""
+    return f"classifiers/{cfg.data.name}-{cfg.data.image_size}-s{cfg.eval.seed}-e{cfg.eval.classifier_epochs}"
+
+
+def floor_key(cfg: Any, *, extractor_id: str) -> str:
+    """Store key of the real-vs-real floor at ``eval.num_samples`` for one feature network."""
+    return (f"references/floor-{cfg.data.name}-{cfg.data.image_size}-n{cfg.eval.num_samples}-{extractor_id[:12]}-"
+            f"{eval_hash(cfg)}.json")
+
+
+def records_prefix(sha256: str) -> str:
+    """Where the evaluation records of the weights with this sha256 are cached."""
+    return f"evals/{sha256[:16]}"
+
+
+def grid_key(key: str, *, sampler: str, steps: int) -> str:
+    """Store key of the sample grid of the checkpoint at ``key``."""
+    return f"{key}.eval/grid-{sampler}-{steps:04d}.png"
+
+
 def feature_context(cfg: Any, store: CheckpointStore, *, device: torch.device | str = "cpu") -> FeatureContext:
     """Load or train the feature network, and load or compute the reference (test split) features; both cached."""
     data_cfg, ev = cfg.data, cfg.eval
@@ -59,7 +80,7 @@ def feature_context(cfg: Any, store: CheckpointStore, *, device: torch.device | 
                                  f"use eval.features=inception for unlabelled data")
             return train.images, train.labels, test.images, test.labels
 
-        key = f"classifiers/{data_cfg.name}-{data_cfg.image_size}-s{ev.seed}-e{ev.classifier_epochs}"
+        key = classifier_key(cfg)
         extractor = load_or_train_classifier(store, key, load_data=labelled, dataset=data_cfg.name, seed=ev.seed,
                                              epochs=ev.classifier_epochs, device=device)
         if extractor.manifest.get("test_accuracy") is not None:
@@ -81,7 +102,7 @@ def _cached(store: CheckpointStore, key: str, compute: Callable[[], dict]) -> di
 def floor_record(cfg: Any, store: CheckpointStore, ctx: FeatureContext) -> dict:
     """Real-vs-real floor at the evaluation's N: N training images scored like N samples would be."""
     n = cfg.eval.num_samples
-    key = f"references/floor-{cfg.data.name}-{cfg.data.image_size}-n{n}-{ctx.extractor_id[:12]}-{eval_hash(cfg)}.json"
+    key = floor_key(cfg, extractor_id=ctx.extractor_id)
 
     def compute() -> dict:
         train = load_split(cfg.data, split="train")
@@ -126,7 +147,7 @@ def evaluate_checkpoint(cfg: Any, store: CheckpointStore, ctx: FeatureContext, *
         raise FileNotFoundError(f"no complete checkpoint at {store.uri(key)} to evaluate")
     # Keyed by the weights' sha256, not by the checkpoint's key: a teacher imported into another
     # pipeline (pd run --teacher-uri) reuses the measurements made on the same weights.
-    cache = f"evals/{manifest['sha256'][:16]}/{sampler}-{steps:04d}{g}-{eval_hash(cfg)}.json"
+    cache = f"{records_prefix(manifest['sha256'])}/{sampler}-{steps:04d}{g}-{eval_hash(cfg)}.json"
     device = torch.device(device)
 
     def compute() -> dict:
@@ -151,7 +172,7 @@ def write_grid(cfg: Any, store: CheckpointStore, *, key: str, sampler: str, step
                device: torch.device | str = "cpu") -> str:
     """A grid_size x grid_size PNG of the first samples (the evaluation's noise) next to the checkpoint."""
     n = cfg.eval.grid_size ** 2
-    out_key = f"{key}.eval/grid-{sampler}-{steps:04d}.png"
+    out_key = grid_key(key, sampler=sampler, steps=steps)
     if not store.exists(out_key):
         device = torch.device(device)
         model = load_model(store, key, device=device)

@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -37,7 +36,8 @@ from pathlib import Path
 import pandas as pd
 
 from pd_core.config import load_config
-from pd_core.evaluation import eval_hash, teacher_step_counts
+from pd_core import jobs
+from pd_core.evaluation import classifier_key, floor_key, grid_key, records_prefix, teacher_step_counts, write_grid
 from pd_core.metrics import quality_long
 from pd_core.store import CheckpointStore
 
@@ -60,7 +60,7 @@ def pipeline_commands(*, preset: str, work: Path) -> dict[str, list[str]]:
     """The two ``pd run`` command lines (main and fast ablation), with the work folder made absolute."""
     work = work.resolve()
     common = ["--storage", str(work / "store"), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]
-    teacher = f"file://{work / 'store'}/pipelines/{preset}/teacher"
+    teacher = f"file://{work / 'store'}/{jobs.teacher_key(preset)}"
     return {
         "distilled": ["pd", "run", "--preset", preset, *common],
         "distilled_fast": ["pd", "run", "--preset", preset, "--name", f"{preset}-fast", "--set", "distill.fast=true",
@@ -96,34 +96,30 @@ def run_pipelines(commands: Mapping[str, list[str]], *, log_dir: Path) -> None:
 # Collecting records from the store
 
 
-def checkpoint_keys(store: CheckpointStore, *, pipeline: str) -> list[str]:
-    """The teacher's key, then each round's (``pipelines/<name>/rounds/03-0004``) in round order."""
-    rounds = [k for k in store.list(f"pipelines/{pipeline}/rounds") if re.fullmatch(r"\d{2}-\d{4}", k.rsplit("/", 1)[-1])]
-    return [f"pipelines/{pipeline}/teacher"] + sorted(rounds)
+def checkpoint_keys(cfg, *, pipeline: str) -> dict[int, str]:
+    """Step count -> checkpoint key of a pipeline: the teacher at ``distill.start_steps``, then each round's student."""
+    return {cfg.distill.start_steps: jobs.teacher_key(pipeline),
+            **{s: jobs.round_key(pipeline, round_index=i, student_steps=s)
+               for i, (_, s) in enumerate(cfg.distill.rounds(), start=1)}}
 
 
 def classifier_manifest(store: CheckpointStore, cfg) -> dict:
     """The manifest of the feature classifier the pipelines used (cached in the store by the first one)."""
-    key = f"classifiers/{cfg.data.name}-{cfg.data.image_size}-s{cfg.eval.seed}-e{cfg.eval.classifier_epochs}"
+    key = classifier_key(cfg)
     manifest = store.read_manifest(key)
     if manifest is None:
         raise SystemExit(f"error: no feature classifier at {store.uri(key)}; run the pipelines first")
     return manifest
 
 
-def extractor_tag(store: CheckpointStore, cfg) -> str:
-    """The feature network's id as floor keys carry it (sha256[:12] of the classifier)."""
-    return classifier_manifest(store, cfg)["sha256"][:12]
-
-
-def records_of(store: CheckpointStore, *, pipeline: str) -> list[dict]:
+def records_of(store: CheckpointStore, cfg, *, pipeline: str) -> list[dict]:
     """Every evaluation record of a finished pipeline's checkpoints (from the sha256-keyed caches)."""
     out = []
-    for key in checkpoint_keys(store, pipeline=pipeline):
+    for key in checkpoint_keys(cfg, pipeline=pipeline).values():
         manifest = store.read_manifest(key)
         if manifest is None:
             raise SystemExit(f"error: {store.uri(key)} is not a complete checkpoint; run without --report-only first")
-        out += [json.loads(store.get_bytes(k)) for k in store.list(f"evals/{manifest['sha256'][:16]}")
+        out += [json.loads(store.get_bytes(k)) for k in store.list(records_prefix(manifest["sha256"]))
                 if k.endswith(".json")]
     return out
 
@@ -307,21 +303,21 @@ def pipeline_durations(tracking_uri: str, *, pipelines: Sequence[str]) -> dict[s
 
 def build_report(*, preset: str, work: Path, out: Path, readme: Path | None) -> dict:
     from benchmarks.speed.common import machine
-    from pd_core.evaluation import write_grid
 
     work = work.resolve()
     commands = pipeline_commands(preset=preset, work=work)
     store = CheckpointStore(str(work / "store"))
     cfg = load_config(preset=preset)
     fast_name = f"{preset}-fast"
-    main, fast = records_of(store, pipeline=preset), records_of(store, pipeline=fast_name)
+    main, fast = records_of(store, cfg, pipeline=preset), records_of(store, cfg, pipeline=fast_name)
     df = results_frame(preset=preset, main=main, fast=fast)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "results.csv", index=False)
     metric = fd_metric(df)
     n_samples = int(df["n_samples"].max())
-    floors = [json.loads(store.get_bytes(k)) for k in store.list("references")  # this evaluation's floor only
-              if k.endswith(f"-n{n_samples}-{extractor_tag(store, cfg)}-{eval_hash(cfg)}.json")]
+    classifier = classifier_manifest(store, cfg)
+    floor_at = floor_key(cfg, extractor_id=classifier["sha256"])  # this evaluation's floor
+    floors = [json.loads(store.get_bytes(floor_at))] if store.exists(floor_at) else []
     floor = floors[0][metric] if floors else None
     gammas = {int(r.steps): float(r.value) for r in df[(df.sampler == "teacher_stochastic") & (df.metric == "gamma")].itertuples()}
     w = wide(df, metric=metric)
@@ -330,21 +326,22 @@ def build_report(*, preset: str, work: Path, out: Path, readme: Path | None) -> 
     plot_quality(df, metric=metric, floor=floor, path=out / "quality_vs_steps.png",
                  title=f"{preset}: {n_samples} samples, lower is better")
     grids = {}
+    keys = checkpoint_keys(cfg, pipeline=preset)
+    teacher = keys[cfg.distill.start_steps]
     for n in GRID_STEPS:  # the teacher's N-step grids are cheap (64 images): made here if missing
-        write_grid(cfg, store, key=f"pipelines/{preset}/teacher", sampler="ddim", steps=n)
-        grids[("teacher_ddim", n)] = store.get_bytes(f"pipelines/{preset}/teacher.eval/grid-ddim-{n:04d}.png")
-        for key in checkpoint_keys(store, pipeline=preset)[1:]:
-            if key.endswith(f"-{n:04d}"):
-                grids[("distilled", n)] = store.get_bytes(f"{key}.eval/grid-ddim-{n:04d}.png")
+        write_grid(cfg, store, key=teacher, sampler="ddim", steps=n)
+        grids[("teacher_ddim", n)] = store.get_bytes(grid_key(teacher, sampler="ddim", steps=n))
+        if n in keys and keys[n] != teacher:
+            grids[("distilled", n)] = store.get_bytes(grid_key(keys[n], sampler="ddim", steps=n))
     plot_grids(grids, steps=GRID_STEPS, path=out / "samples.png",
                title=f"{preset}: the same noise for every panel (eval seed {cfg.eval.seed})")
-    teacher_grid = store.get_bytes(f"pipelines/{preset}/teacher.eval/grid-ddim-{cfg.distill.start_steps:04d}.png")
+    teacher_grid = store.get_bytes(grid_key(teacher, sampler="ddim", steps=cfg.distill.start_steps))
     (out / f"teacher_{cfg.distill.start_steps}_steps.png").write_bytes(teacher_grid)
 
     timings = {}
     for name in (preset, fast_name):
-        keys = checkpoint_keys(store, pipeline=name)
-        timings[name] = {k.rsplit("/", 1)[-1]: store.read_manifest(k).get("train_seconds") for k in keys}
+        timings[name] = {k.rsplit("/", 1)[-1]: store.read_manifest(k).get("train_seconds")
+                         for k in checkpoint_keys(cfg, pipeline=name).values()}
     durations = pipeline_durations(f"sqlite:///{work / 'mlflow.db'}", pipelines=(preset, fast_name))
     # sampling + features of the measurements in the table (the stochastic sampler's other gammas not included)
     eval_seconds = {s: round(float((g.drop_duplicates("steps")["seconds_per_image"] * n_samples).sum()), 1)
@@ -355,7 +352,7 @@ def build_report(*, preset: str, work: Path, out: Path, readme: Path | None) -> 
                "report_command": f"python -m benchmarks.quality.reproduce --preset {preset}",
                "metric": metric, "n_samples": n_samples, "start_steps": cfg.distill.start_steps,
                "teacher_ddim_at_start": float(w.at[cfg.distill.start_steps, "teacher_ddim"]), "floor_value": floor,
-               "classifier_test_accuracy": classifier_manifest(store, cfg).get("test_accuracy"), "eval_seed": cfg.eval.seed, "pipeline_seed": cfg.pipeline.seed,
+               "classifier_test_accuracy": classifier.get("test_accuracy"), "eval_seed": cfg.eval.seed, "pipeline_seed": cfg.pipeline.seed,
                "floor": floors, "stochastic_gammas": list(cfg.eval.stochastic_gammas),
                "best_gamma": gammas, "targets": checks, "train_seconds": timings,
                "pipeline_wall_seconds": durations, "eval_seconds_of_table_measurements": eval_seconds,
