@@ -62,6 +62,17 @@ class MotoS3:
         return {"client_kwargs": {"endpoint_url": self.endpoint_url}}
 
 
+def set_fake_aws_env(mp: pytest.MonkeyPatch, tmp_dir: Path, *, key_id: str, secret: str) -> None:
+    """Fake credentials only, and no ~/.aws files that could bring real ones into the tests."""
+    mp.setenv("AWS_ACCESS_KEY_ID", key_id)
+    mp.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    mp.setenv("AWS_CONFIG_FILE", str(tmp_dir / "no-aws-config"))
+    mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_dir / "no-aws-credentials"))
+    mp.delenv("AWS_PROFILE", raising=False)
+    mp.delenv("AWS_SESSION_TOKEN", raising=False)
+
+
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[MotoS3]:
     """moto's S3 on 127.0.0.1:<free port> for the whole session, with fake AWS credentials set."""

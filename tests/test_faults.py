@@ -50,6 +50,7 @@ from hypothesis import strategies as st  # noqa: E402
 from pd_core import jobs  # noqa: E402
 from pd_core.config import Config, ConfigError, flatten, load_config  # noqa: E402
 from pd_core.store import CheckpointStore, StorageIOError, StoreError  # noqa: E402
+from tests.conftest import set_fake_aws_env  # noqa: E402
 from pd_core.train import NonFiniteLossError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,14 +130,7 @@ def _boto(endpoint: str) -> Any:
 
 
 def _fake_aws_env(mp: pytest.MonkeyPatch, tmp: Path) -> None:
-    """Fake credentials only; no ~/.aws files that could bring real ones in."""
-    mp.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
-    mp.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
-    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    mp.setenv("AWS_CONFIG_FILE", str(tmp / "no-aws-config"))
-    mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp / "no-aws-credentials"))
-    mp.delenv("AWS_PROFILE", raising=False)
-    mp.delenv("AWS_SESSION_TOKEN", raising=False)
+    set_fake_aws_env(mp, tmp, key_id=FAKE_KEY_ID, secret=FAKE_SECRET)
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ from torch import nn
 import pd_core.store as store_mod
 from pd_core.store import (CheckpointStore, LeaseHeldError, LeaseLostError, StorageIOError, StoreError,
                            is_transient_error, optimizer_state_to_tensors, retry, tensors_to_optimizer_state)
+from tests.conftest import set_fake_aws_env
 
 TEST_KEY_ID = "AKIAPDSTORETESTKEY01"
 TEST_SECRET = "pd-store-test-secret-never-logged"
@@ -49,14 +50,7 @@ def _free_port() -> int:
 
 
 def _set_test_credentials(mp: pytest.MonkeyPatch, tmp_dir: Path) -> None:
-    """Fake credentials only, and no ~/.aws files that could leak real ones into the tests."""
-    mp.setenv("AWS_ACCESS_KEY_ID", TEST_KEY_ID)
-    mp.setenv("AWS_SECRET_ACCESS_KEY", TEST_SECRET)
-    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    mp.setenv("AWS_CONFIG_FILE", str(tmp_dir / "no-aws-config"))
-    mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_dir / "no-aws-credentials"))
-    mp.delenv("AWS_PROFILE", raising=False)
-    mp.delenv("AWS_SESSION_TOKEN", raising=False)
+    set_fake_aws_env(mp, tmp_dir, key_id=TEST_KEY_ID, secret=TEST_SECRET)
 
 
 def _start_moto(port: int) -> Any:
