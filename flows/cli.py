@@ -7,13 +7,18 @@ Set PD_DEBUG=1 to see tracebacks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from tasks.env import prepare_environment
+
+if TYPE_CHECKING:
+    from tasks.prefect_server import EmbeddedServer
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -137,20 +142,42 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def start_prefect_and_warm_up(cfg) -> EmbeddedServer | None:
+    """Start Prefect's temporary server now (unless an API is set) and use its start-up time.
+
+    The server starts on another core while this process imports Prefect, MLflow and torch and does
+    the once-per-process work the run needs anyway (:func:`tasks.common.warm_up_steps`); measured on
+    the smoke pipeline in benchmarks/speed/RESULTS.md. Returns the attached server, or None when
+    Prefect uses a standing server or starts its own.
+    """
+    from tasks.common import warm_up_steps
+    from tasks.prefect_server import spawn, warm_up_while_starting
+
+    server = spawn()  # before Prefect is imported: it reads PREFECT_API_URL once
+    import flows.pipeline  # noqa: F401  (Prefect, MLflow: while the server starts)
+
+    warm_up_while_starting(server, warm_up_steps(cfg))
+    if server is not None and not server.attach():
+        return None
+    return server
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from tasks.common import resolve_config
 
     # Validate before Prefect starts, so a bad config costs no server start and exits 2.
     cfg = resolve_config(preset=args.preset, config_path=args.config_path, overrides=args.overrides, name=args.name,
                          storage=args.storage, tracking_uri=args.tracking_uri, teacher_uri=args.teacher_uri)
+    t0 = time.perf_counter()
+    server = start_prefect_and_warm_up(cfg)  # stops at exit, after Prefect has shipped its last logs
     from flows.pipeline import distillation_pipeline
 
     if not os.environ.get("PD_DEBUG"):
         _console_without_tracebacks()
-    t0 = time.perf_counter()
-    result = distillation_pipeline(preset=args.preset, overrides=args.overrides, name=args.name,
-                                   teacher_uri=args.teacher_uri, storage=args.storage,
-                                   tracking_uri=args.tracking_uri, config_path=args.config_path)
+    with server.flow_settings() if server else contextlib.nullcontext():
+        result = distillation_pipeline(preset=args.preset, overrides=args.overrides, name=args.name,
+                                       teacher_uri=args.teacher_uri, storage=args.storage,
+                                       tracking_uri=args.tracking_uri, config_path=args.config_path)
     print()
     print(f"pipeline {cfg.pipeline.name} finished in {time.perf_counter() - t0:.1f}s")
     print(f"  teacher     {result['teacher']['uri']}")

@@ -7,6 +7,7 @@ call these; nothing here imports Prefect or MLflow.
 
 from __future__ import annotations
 
+import functools
 import logging
 import posixpath
 from collections.abc import Callable
@@ -91,10 +92,16 @@ def split_uri(uri: str) -> tuple[str, str]:
     return root, key
 
 
+@functools.lru_cache(maxsize=16)
+def _state_shapes(spec: UNetSpec) -> dict[str, tuple[int, ...]]:
+    """Parameter and buffer shapes of UNet(spec) (cached: an evaluation checks every checkpoint it loads)."""
+    with torch.device("meta"):  # shapes only: nothing allocated, nothing drawn from the RNG
+        return {k: tuple(v.shape) for k, v in UNet(spec).state_dict().items()}
+
+
 def check_weights_fit(tensors: dict, spec: UNetSpec, *, source: str) -> None:
     """StoreError (one line, naming the first misfit) unless ``tensors`` are exactly the state dict of UNet(spec)."""
-    with torch.device("meta"):  # shapes only: nothing allocated, nothing drawn from the RNG
-        want = {k: tuple(v.shape) for k, v in UNet(spec).state_dict().items()}
+    want = _state_shapes(spec)
     have = {k: tuple(v.shape) for k, v in tensors.items()}
     wrong = [k for k in want if k in have and have[k] != want[k]]
     missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
