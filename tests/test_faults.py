@@ -868,7 +868,10 @@ def mlflow_down_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
     tmp = tmp_path_factory.mktemp("mlflow-down")
     root = tmp / "store"
     args = ["run", "--preset", "smoke", "--name", "down", "--storage", str(root),
-            "--tracking-uri", f"http://127.0.0.1:{_free_port()}", *_set_args(PIPELINE_FAST)]
+            "--tracking-uri", f"http://127.0.0.1:{_free_port()}",
+            # a longer teacher than PIPELINE_FAST's: the run must outlast several lease TTLs (it took 3.5 s
+            # once the once-per-process work moved into the server's start-up window)
+            *_set_args([*PIPELINE_FAST, "teacher.updates=100"])]
     started = time.monotonic()
     proc = _pd(tmp / "home", args, _pd_env(tmp / "home"),
                prelude=f"import flows.pipeline\nflows.pipeline.LEASE_TTL_S = {LEASE_TTL_S}\n")

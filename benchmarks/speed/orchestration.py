@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from tasks.prefect_server import EARLY_START_ENV
@@ -48,7 +49,8 @@ COMPUTE = ("training", "evaluation", "sampling")
 class Ledger:
     """Exclusive wall time per bucket: entering a wrapped call pauses the enclosing one (per thread)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.first: dict[str, float] = {}
@@ -69,7 +71,7 @@ class Ledger:
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            stack, now = ledger._stack(), time.perf_counter()
+            stack, now = ledger._stack(), ledger.clock()
             with ledger._lock:
                 ledger.first.setdefault(bucket, now)
                 ledger.calls[bucket] += 1
@@ -83,7 +85,7 @@ class Ledger:
             try:
                 return fn(*args, **kwargs)
             finally:
-                end = time.perf_counter()
+                end = ledger.clock()
                 name, since, exclusive = stack.pop()
                 with ledger._lock:
                     ledger.seconds[name] += end - since
