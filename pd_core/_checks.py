@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import Tensor
 
-
-def check_kind(name: str, value: str, allowed: Iterable[str]) -> None:
-    """Raise ValueError unless ``value`` is one of ``allowed``."""
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+from pd_core.kinds import check_kind  # noqa: F401  (re-exported: the checks live together)
 
 
 def check_batch_vector(name: str, value: Tensor, *, batch: int) -> None:

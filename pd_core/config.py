@@ -27,7 +27,7 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pd_core.weighting import check_combination
+from pd_core.kinds import check_combination
 
 # Substrings of storage option names that carry credentials; such values belong in the
 # environment (AWS_ACCESS_KEY_ID, ...) or in fsspec's own config, never in a logged config.

@@ -14,9 +14,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from pd_core._checks import broadcast_to, check_batch_vector, check_image_batch, check_kind
+from pd_core.kinds import PARAMETERIZATIONS
 from pd_core.schedule import alpha_sigma
 
-KINDS = ("eps", "x", "v", "both")
+KINDS = PARAMETERIZATIONS
 
 
 def output_channels(*, kind: str, channels: int) -> int:

@@ -13,18 +13,9 @@ import torch
 from torch import Tensor
 
 from pd_core._checks import check_batch_vector, check_image_batch, check_kind
-from pd_core.parameterization import KINDS as PARAMETERIZATIONS
+from pd_core.kinds import WEIGHTINGS, check_combination  # noqa: F401  (check_combination: public here too)
 
-KINDS = ("constant", "snr", "snr_trunc", "snr_plus_one")
-
-
-def check_combination(*, parameterization: str, weighting: str) -> None:
-    """Refuse combinations the paper reports as diverging (Table 1: eps + truncated SNR)."""
-    check_kind("parameterization", parameterization, PARAMETERIZATIONS)
-    check_kind("weighting", weighting, KINDS)
-    if parameterization == "eps" and weighting == "snr_trunc":
-        raise ValueError("parameterization 'eps' with weighting 'snr_trunc' diverges (paper Table 1); "
-                         "use parameterization 'x', 'v' or 'both' with 'snr_trunc', or 'eps' with 'snr'")
+KINDS = WEIGHTINGS
 
 
 def weight(logsnr: Tensor, *, kind: str) -> Tensor:

@@ -7,13 +7,14 @@ import importlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pd_core import jobs
 from pd_core.config import Config, load_config
-from pd_core.store import CheckpointStore
 from tasks.env import prepare_environment
 from tasks.prefect_server import is_embedded
+
+if TYPE_CHECKING:
+    from pd_core.store import CheckpointStore
 
 
 def resolve_config(*, preset: str | None = None, config_path: str | None = None, overrides: Sequence[str] = (),
@@ -85,6 +86,8 @@ def warm_up_steps(cfg: Config) -> list[Callable[[], object]]:
 
 def open_store(cfg: Config) -> CheckpointStore:
     """The checkpoint store named by ``storage.root`` (credentials come from the environment)."""
+    from pd_core import jobs  # torch: not needed to resolve a config
+
     return jobs.open_store(cfg)
 
 

@@ -194,3 +194,15 @@ def test_pd_run_starts_the_server_first_and_leaves_nothing_running(tmp_path: Pat
     assert "View at" not in out and "Error logging to API" not in out
     assert not _port_open(port)
     assert "pipeline early finished" in out
+
+
+def test_config_resolves_without_torch_so_the_server_starts_first(tmp_path: Path) -> None:
+    """`pd run` spawns the server right after resolving the config: that step must not pay torch's import."""
+    result = _python("""
+        import json, sys
+        from tasks.common import resolve_config
+        cfg = resolve_config(preset="smoke", name="x", overrides=["runtime.threads=1"])
+        print(json.dumps({"torch": "torch" in sys.modules, "prefect": "prefect" in sys.modules,
+                          "name": cfg.pipeline.name}))
+    """, tmp_path=tmp_path, env=_env(tmp_path))
+    assert result == {"torch": False, "prefect": False, "name": "x"}
