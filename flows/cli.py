@@ -146,20 +146,22 @@ def start_prefect_and_warm_up(cfg) -> EmbeddedServer | None:
     """Start Prefect's temporary server now (unless an API is set) and use its start-up time.
 
     The server starts on another core while this process imports Prefect, MLflow and torch and does
-    the once-per-process work the run needs anyway (:func:`tasks.common.warm_up_steps`); measured on
+    the once-per-process work a training run needs anyway (:func:`tasks.common.warm_up_steps`; a
+    rerun with every round complete needs ``torch._dynamo`` only for nothing: 1.3 s); measured on
     the smoke pipeline in benchmarks/speed/RESULTS.md. Returns the attached server, or None when
-    Prefect uses a standing server or starts its own.
+    Prefect uses a standing server or starts its own (then nothing is warmed: no start to overlap).
     """
     from tasks.common import warm_up_steps
-    from tasks.prefect_server import spawn, warm_up_while_starting
+    from tasks.prefect_server import spawn
 
     server = spawn()  # before Prefect is imported: it reads PREFECT_API_URL once
     import flows.pipeline  # noqa: F401  (Prefect, MLflow: while the server starts)
 
-    warm_up_while_starting(server, warm_up_steps(cfg))
-    if server is not None and not server.attach():
+    if server is None:
         return None
-    return server
+    for step in warm_up_steps(cfg):
+        step()
+    return server if server.attach() else None
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -67,7 +67,7 @@ def gpu_task_tags(task_tags: Sequence[str] | None, *, api_url: str | None) -> li
 
 
 def warm_up_steps(cfg: Config) -> list[Callable[[], object]]:
-    """Once-per-process work a run of ``cfg`` does anyway, most likely first (for the server's start-up window).
+    """Once-per-process work a training run of ``cfg`` does anyway (done while Prefect's server starts).
 
     Measured on the smoke pipeline's first use (2-core VM): MLflow's sqlite store 1.8 s when it has to
     create the database, MLflow's map of installed packages 0.5 s (the first model logged builds it),

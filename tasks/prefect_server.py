@@ -29,7 +29,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 EMBEDDED_URL_ENV = "PD_EMBEDDED_PREFECT_API_URL"
 EARLY_START_ENV = "PD_PREFECT_EARLY_START"  # "0": leave the start to Prefect (the benchmark's baseline)
@@ -209,18 +209,3 @@ def spawn(*, environ: Mapping[str, str] | None = None) -> EmbeddedServer | None:
     server = EmbeddedServer(process=launch(port), port=port, started=time.perf_counter(), launch=launch)
     atexit.register(server.stop)
     return server
-
-
-def warm_up_while_starting(server: EmbeddedServer | None, steps: Iterable[Callable[[], object]]) -> int:
-    """Run ``steps`` (once-per-process work the run needs anyway) while ``server`` is still starting.
-
-    Stops at the first step after the server answers, so a warm start is not delayed by work that
-    would have run later anyway; returns how many steps ran.
-    """
-    done = 0
-    for step in steps:
-        if server is None or server.process.poll() is not None or server.healthy(timeout_s=0.2):
-            break
-        step()
-        done += 1
-    return done
