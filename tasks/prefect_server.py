@@ -130,8 +130,9 @@ class EmbeddedServer:
         if settings.api.url or refresh is None:
             self.stop()
             return False
-        if timeout_s is None:
-            timeout_s = max(60.0, float(settings.server.ephemeral.startup_timeout_seconds))
+        if timeout_s is None:  # Prefect's own limit for its temporary server (a setting of recent versions)
+            ephemeral = getattr(getattr(settings, "server", None), "ephemeral", None)
+            timeout_s = max(60.0, float(getattr(ephemeral, "startup_timeout_seconds", 0) or 0))
         if not self.wait(timeout_s=timeout_s):
             log.warning("the early-started Prefect server did not answer (exit status %s): Prefect starts its own",
                         self.process.poll())
@@ -159,8 +160,11 @@ class EmbeddedServer:
         tell nobody anything, and stopping their thread costs each flow up to 1 s at exit (it sleeps
         in 1 s steps).
         """
-        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
+        try:
+            from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+        except ImportError:  # a Prefect without flow-run heartbeats
+            yield
+            return
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             yield
 
