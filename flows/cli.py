@@ -160,7 +160,10 @@ def start_prefect_and_warm_up(cfg) -> EmbeddedServer | None:
     if server is None:
         return None
     for step in warm_up_steps(cfg):
-        step()
+        try:
+            step()
+        except Exception:  # noqa: BLE001 - the flow does this work again and reports a failure its own way
+            logging.getLogger("pd_core.prefect_server").debug("warm-up step failed", exc_info=True)
     return server if server.attach() else None
 
 

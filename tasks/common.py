@@ -57,9 +57,10 @@ GPU_TAG = "gpu"  # the tag deployments/deploy.py puts a concurrency limit on
 def gpu_task_tags(task_tags: Sequence[str] | None, *, api_url: str | None) -> list[str]:
     """Tags for the GPU tasks: ``task_tags`` when given; by default ``gpu`` on a standing Prefect server only.
 
-    The embedded temporary server of a plain ``pd run`` belongs to one process, so no limit there can
+    The embedded temporary server of a plain ``pd run`` (Prefect's own, or the one ``pd run`` starts
+    and marks: ``tasks.prefect_server.is_embedded``) belongs to one process, so no limit there can
     coordinate anything, and every tagged task would still pay the concurrency-slot calls (about 2 s
-    per task here: the largest part of the per-round orchestration overhead).
+    on some task runs here: the largest part of the per-round orchestration overhead).
     """
     if task_tags is not None:
         return list(task_tags)
