@@ -20,13 +20,11 @@ Nothing here imports Prefect or MLflow; the torchrun child reports progress to t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +35,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from pd_core.net import free_port  # noqa: F401  (part of this module's API: MASTER_PORT)
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +117,6 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     out = value.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / info.world_size
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (for MASTER_PORT in tests and benchmarks)."""
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------

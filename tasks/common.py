@@ -74,11 +74,7 @@ def warm_up_steps(cfg: Config) -> list[Callable[[], object]]:
     create the database, MLflow's map of installed packages 0.5 s (the first model logged builds it),
     ``torch._dynamo`` 1.6 s (the first optimizer imports it), scikit-learn 1.3 s.
     """
-    steps: list[Callable[[], object]] = []
-    if cfg.tracking.enabled:
-        if cfg.tracking.tracking_uri.startswith("sqlite:"):  # a local file: no network wait
-            steps.append(lambda: tracker_for(cfg)._experiment_id())
-        steps.append(lambda: importlib.import_module("tasks.tracking").warm_up_model_logging())
+    steps: list[Callable[[], object]] = [lambda: tracker_for(cfg).warm_up()]
     steps.append(lambda: importlib.import_module("torch._dynamo"))
     if cfg.data.name == "digits":
         steps.append(lambda: importlib.import_module("sklearn.datasets"))

@@ -31,6 +31,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 
+from pd_core.net import free_port
+
 EMBEDDED_URL_ENV = "PD_EMBEDDED_PREFECT_API_URL"
 EARLY_START_ENV = "PD_PREFECT_EARLY_START"  # "0": leave the start to Prefect (the benchmark's baseline)
 # Prefect's own temporary server uses these (prefect.server.api.server.SubprocessASGIServer): no UI,
@@ -45,12 +47,6 @@ def is_embedded(api_url: str | None, *, environ: Mapping[str, str] | None = None
     """True when ``api_url`` is the server this process started (a standing server is never embedded)."""
     environ = os.environ if environ is None else environ
     return bool(api_url) and api_url == environ.get(EMBEDDED_URL_ENV)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -103,7 +99,7 @@ class EmbeddedServer:
         while time.monotonic() < deadline:
             status = self.process.poll()
             if status == EXIT_PORT_IN_USE and not retried:  # another process took the port meanwhile
-                self.port, retried = _free_port(), True
+                self.port, retried = free_port(), True
                 self.process = self._launch(self.port)
                 continue
             if status is not None:
@@ -209,7 +205,7 @@ def spawn(*, environ: Mapping[str, str] | None = None) -> EmbeddedServer | None:
         return subprocess.Popen(_uvicorn_command(port), env=env, stdin=subprocess.DEVNULL,
                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
-    port = _free_port()
+    port = free_port()
     server = EmbeddedServer(process=launch(port), port=port, started=time.perf_counter(), launch=launch)
     atexit.register(server.stop)
     return server

@@ -81,19 +81,6 @@ _TEXT_SUFFIXES = frozenset({".txt", ".md", ".json", ".yaml", ".yml", ".csv", ".l
 _PIP_REQUIREMENTS = ("torch", "safetensors", "numpy")
 
 
-def warm_up_model_logging() -> None:
-    """Build MLflow's map of installed distributions now, once per process (0.5 s on the 2-core VM).
-
-    Every model logged checks its pip requirements against that map; MLflow builds it on the first
-    log. A private helper, so only used when present: without it the first log pays, as before.
-    """
-    from mlflow.utils import requirements_utils
-
-    build = getattr(requirements_utils, "_init_modules_to_packages_map", None)
-    if build is not None:
-        build()
-
-
 class TrackingError(RuntimeError):
     """A model could not be loaded from MLflow (one-line message naming the URI)."""
 
@@ -571,6 +558,26 @@ class Tracker:
         if not self.enabled:
             return
         self._submit("set_alias", {"registered_model": registered_model, "alias": alias, "version": str(version)})
+
+    def warm_up(self) -> None:
+        """Do MLflow's once-per-process work now (``pd run`` does it while Prefect's server starts).
+
+        A local store gets its schema and the experiment (1.8 s when the sqlite database is new); a
+        remote one is left alone (no network wait here). MLflow's map of installed distributions,
+        which every logged model's pip requirements are checked against, is built (0.5 s on the
+        2-core VM; a private MLflow helper, used only when present). Never raises: the real calls
+        handle a failure their own way.
+        """
+        if not self.enabled:
+            return
+        if _local_store_path(self.tracking_uri) is not None:
+            self._experiment_id_quiet()
+        from mlflow.utils import requirements_utils
+
+        build = getattr(requirements_utils, "_init_modules_to_packages_map", None)
+        if build is not None:
+            with contextlib.suppress(Exception):
+                build()
 
     def resolve_run_id(self, run_id: str | None) -> str | None:
         """The real id for a ``pending-...`` placeholder once replayed (None while still journaled)."""
