@@ -185,15 +185,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                                        tracking_uri=args.tracking_uri, config_path=args.config_path)
     print()
     print(f"pipeline {cfg.pipeline.name} finished in {time.perf_counter() - t0:.1f}s")
-    print(f"  teacher     {result['teacher']['uri']}")
-    for student in result["rounds"]:
-        print(f"  {student['steps']:>4d} steps  {student['uri']}")
-    print(f"  MLflow      {result.get('mlflow_link', '')}")
-    if result.get("report_uri"):
-        print(f"  report      {result['report_uri']}")
-    if result.get("table"):
+    print(f"  teacher     {result.teacher.uri}")
+    for student in result.rounds:
+        print(f"  {student.steps:>4d} steps  {student.uri}")
+    print(f"  MLflow      {result.report.mlflow_link}")
+    if result.report.report_uri:
+        print(f"  report      {result.report.report_uri}")
+    if result.report.table:
         print()
-        print(result["table"])
+        print(result.report.table)
     return 0
 
 

@@ -19,12 +19,14 @@ from prefect.context import get_run_context
 from prefect.events import emit_event
 from prefect.settings import get_current_settings
 
+from pd_core.config import flatten
+from pd_core.jobs import pipeline_prefix
+from pd_core.store import Lease, LeaseLostError, StoreError
 from tasks.common import gpu_task_tags, open_store, resolve_config, tracker_for
 from tasks.evaluate import evaluate_round_task, evaluate_teacher_task
 from tasks.report import publish_report_task
+from tasks.results import PipelineResult, RoundResult
 from tasks.training import distill_round_task, ensure_teacher_task, round_run_name
-from pd_core.config import flatten
-from pd_core.store import Lease, LeaseLostError, StoreError
 
 LEASE_TTL_S = 15 * 60  # renewed every third of it while the flow runs; a crashed owner's lease expires after this
 
@@ -84,7 +86,7 @@ def _flow_run_id() -> str:
 def distillation_pipeline(preset: str = "smoke", overrides: list[str] | None = None, name: str | None = None,
                           teacher_uri: str | None = None, storage: str | None = None,
                           tracking_uri: str | None = None, config_path: str | None = None,
-                          task_tags: list[str] | None = None) -> dict:
+                          task_tags: list[str] | None = None) -> PipelineResult:
     """Distill a teacher round by round down to ``distill.final_steps``; evaluate, track and report each round.
 
     ``task_tags`` go on the training and evaluation tasks (a tag concurrency limit holds them to the
@@ -97,7 +99,7 @@ def distillation_pipeline(preset: str = "smoke", overrides: list[str] | None = N
     store = open_store(cfg)
     owner = f"{socket.gethostname()}:{os.getpid()}:flow-run-{_flow_run_id()}"
     gpu_tags = gpu_task_tags(task_tags, api_url=get_current_settings().api.url)
-    with store.acquire_lease(f"pipelines/{name}/lease", owner=owner, ttl_s=LEASE_TTL_S) as lease, \
+    with store.acquire_lease(f"{pipeline_prefix(name)}/lease", owner=owner, ttl_s=LEASE_TTL_S) as lease, \
             _kept_alive(lease, logger=logger) as guard:
         tracker = tracker_for(cfg)
         parent = tracker.start_run(run_name=name, params=flatten(cfg),
@@ -106,7 +108,7 @@ def distillation_pipeline(preset: str = "smoke", overrides: list[str] | None = N
         logger.info("pipeline %s: store %s, MLflow %s", name, cfg.storage.root, tracker.run_link(parent))
         teacher = ensure_teacher_task.with_options(tags=gpu_tags)(cfg, parent_run_id=parent)
         guard.check()
-        baselines = evaluate_teacher_task.with_options(tags=gpu_tags)(cfg, teacher=teacher, parent_run_id=parent)
+        baselines = evaluate_teacher_task.with_options(tags=gpu_tags)(cfg, teacher=teacher)
         rounds, current = [], teacher
         for round_index, (t_steps, s_steps) in enumerate(cfg.distill.rounds(), start=1):
             run_name = round_run_name(round_index=round_index, teacher_steps=t_steps, student_steps=s_steps)
@@ -116,11 +118,11 @@ def distillation_pipeline(preset: str = "smoke", overrides: list[str] | None = N
             guard.check()
             metrics = evaluate_round_task.with_options(task_run_name=f"eval-{run_name}", tags=gpu_tags)(
                 cfg, student=student)
-            rounds.append({"student": student, "metrics": metrics})
+            rounds.append(RoundResult(student=student, metrics=metrics))
             emit_event(event="pd.round.completed", resource=pipeline_resource(name),
                        payload={"round": round_index, "teacher_steps": t_steps, "student_steps": s_steps,
-                                "checkpoint_uri": student["uri"], "checkpoint_sha256": student["sha256"],
-                                "metrics": metrics, "trained": student["trained"]})
+                                "checkpoint_uri": student.uri, "checkpoint_sha256": student.sha256,
+                                "metrics": metrics, "trained": student.trained})
             current = student
         guard.check()
         report = publish_report_task(cfg, teacher=teacher, baselines=baselines, rounds=rounds, parent_run_id=parent)
@@ -128,4 +130,4 @@ def distillation_pipeline(preset: str = "smoke", overrides: list[str] | None = N
         pending = tracker.flush()
         if pending:
             logger.warning("MLflow: %d tracking calls still pending in the journal; they replay on the next run", pending)
-    return {"pipeline": name, "teacher": teacher, "rounds": [r["student"] for r in rounds], **report}
+    return PipelineResult(pipeline=name, teacher=teacher, rounds=[r.student for r in rounds], report=report)

@@ -10,16 +10,12 @@ import time
 import torch
 
 from pd_core import images, jobs, samplers
+from pd_core.models import LoadedModel, load_model_uri, model_from_files, split_uri
 from pd_core.store import CheckpointStore
+from pd_core.train import resolve_device, resolve_runtime
 from tasks.env import prepare_environment
 
 log = logging.getLogger("pd_core.sampling")
-
-
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def default_tracking_uri() -> str:
@@ -27,17 +23,17 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{prepare_environment() / 'mlflow.db'}"
 
 
-def load_any_model(model: str, *, device: torch.device, tracking_uri: str | None = None) -> jobs.LoadedModel:
+def load_any_model(model: str, *, device: torch.device, tracking_uri: str | None = None) -> LoadedModel:
     """A checkpoint folder URI (file://, s3://, a path) or an MLflow model URI (models:/..., runs:/...)."""
     if model.startswith(("models:/", "runs:/")):
         from tasks.tracking import load_sampler_from_mlflow
 
         weights_path, manifest = load_sampler_from_mlflow(model, tracking_uri=tracking_uri or default_tracking_uri())
-        return jobs.model_from_files(weights_path=weights_path, manifest=manifest, device=device)
-    return jobs.load_model_uri(model, device=device)
+        return model_from_files(weights_path=weights_path, manifest=manifest, device=device)
+    return load_model_uri(model, device=device)
 
 
-def sample_images(loaded: jobs.LoadedModel, *, steps: int, num: int, sampler: str, gamma: float, seed: int,
+def sample_images(loaded: LoadedModel, *, steps: int, num: int, sampler: str, gamma: float, seed: int,
                   batch_size: int, device: torch.device) -> torch.Tensor:
     """Draw ``num`` images in batches from noise seeded by ``seed``; returns (num, C, H, W) in [-1, 1] on CPU."""
     spec = loaded.denoiser.net.spec
@@ -71,7 +67,10 @@ def sample_to_grid(*, model: str, steps: int | None, num: int, out: str, sampler
         raise ValueError(f"--num must be >= 1; got {num}")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be >= 1; got {steps}")
-    dev = _device(device)
+    try:
+        dev = resolve_device(device)
+    except ValueError:
+        raise ValueError("--device cuda: no CUDA device is available; use --device cpu") from None
     loaded = load_any_model(model, device=dev, tracking_uri=tracking_uri)
     steps = steps or loaded.steps
     t0 = time.perf_counter()
@@ -118,8 +117,6 @@ def show_pipeline(name: str, *, storage: str | None) -> str:
 def evaluate_model_cli(cfg, *, model: str, steps: int | None, sampler: str, gamma: float) -> str:
     """``pd eval``: one checkpoint's metrics with the config's evaluation settings (features cached in the store)."""
     from pd_core import evaluation
-    from pd_core.jobs import split_uri
-    from pd_core.train import resolve_runtime
 
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be >= 1; got {steps}")

@@ -12,6 +12,7 @@ from prefect.settings import get_current_settings
 
 from flows.pipeline import pipeline_resource
 from pd_core.config import flatten
+from pd_core.jobs import CheckpointInfo
 from tasks.common import gpu_task_tags, resolve_config, tracker_for
 from tasks.training import ensure_teacher_task
 
@@ -19,7 +20,7 @@ from tasks.training import ensure_teacher_task
 @flow(name="train-teacher")
 def train_teacher_flow(preset: str = "smoke", overrides: list[str] | None = None, name: str | None = None,
                        storage: str | None = None, tracking_uri: str | None = None,
-                       config_path: str | None = None, task_tags: list[str] | None = None) -> dict:
+                       config_path: str | None = None, task_tags: list[str] | None = None) -> CheckpointInfo:
     """Train the teacher of pipeline ``name`` and emit ``pd.teacher.completed`` with its URI.
 
     ``task_tags``: as for the pipeline flow (default ``gpu`` on a standing Prefect server only).
@@ -35,9 +36,9 @@ def train_teacher_flow(preset: str = "smoke", overrides: list[str] | None = None
     tracker.end_run(parent)
     tracker.flush()
     emit_event(event="pd.teacher.completed", resource=pipeline_resource(cfg.pipeline.name),
-               payload={"teacher_uri": teacher["uri"], "teacher_sha256": teacher["sha256"], "preset": preset,
+               payload={"teacher_uri": teacher.uri, "teacher_sha256": teacher.sha256, "preset": preset,
                         "overrides": list(overrides or []), "name": cfg.pipeline.name,
                         # resolved values, so the distillation run reads the very store the teacher is in
                         "storage": cfg.storage.root, "tracking_uri": cfg.tracking.tracking_uri})
-    logger.info("teacher of %s ready at %s", cfg.pipeline.name, teacher["uri"])
+    logger.info("teacher of %s ready at %s", cfg.pipeline.name, teacher.uri)
     return teacher

@@ -1,4 +1,4 @@
-"""One process of a data-parallel job; started by torchrun (see :func:`pd_core.distributed.launch_job`).
+"""One process of a data-parallel job; started by torchrun (see :func:`pd_core.launch.launch_job`).
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m pd_core.distributed_job \\
         --config cfg.json --job round --round-index 1 --teacher teacher.json --out result.json
@@ -11,6 +11,7 @@ writes ``{"ok": true, "info": CheckpointInfo}`` or ``{"ok": false, "error_type",
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -19,8 +20,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from pd_core import distributed, jobs
+from pd_core import dist, jobs
 from pd_core.config import validate_config
+from pd_core.launch import progress_line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,15 +47,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # CPU (oneDNN) returns some 1x1-conv weight gradients with equivalent but differently written strides; DDP
     # then copies them into its bucket (a few KB) and warns once per process in every job's log: benign.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    info = distributed.init()
+    info = dist.init()
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format=f"[rank {info.rank}] %(message)s" if info.world_size > 1 else "%(message)s")
     try:
         cfg = validate_config(json.loads(Path(args.config).read_text()))
-        store = distributed.RankZeroStore(jobs.open_store(cfg), info)
+        store = jobs.open_store(cfg)  # every rank reads; jobs write on rank 0 only
 
         def progress(event) -> None:
-            print(distributed.progress_line(event), flush=True)
+            print(progress_line(event), flush=True)
 
         on_progress = progress if info.is_main else None
         if args.job == "teacher":
@@ -65,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = jobs.run_round(cfg, store, round_index=args.round_index, teacher=teacher,
                                     on_progress=on_progress, fault_at_step=args.fault_at_step)
         if info.is_main:
-            _write(args.out, {"ok": True, "info": result.as_dict()})
+            _write(args.out, {"ok": True, "info": dataclasses.asdict(result)})
         return 0
     except Exception as err:
         if info.is_main:
@@ -73,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(__name__).error("rank %d: %s: %s", info.rank, type(err).__name__, err)
         return 1
     finally:
-        distributed.teardown()
+        dist.teardown()
 
 
 if __name__ == "__main__":

@@ -12,16 +12,15 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from pd_core import images, samplers
-from pd_core.config import config_hash
+from pd_core.config import Config, config_hash
 from pd_core.data import load_split
-from pd_core.jobs import LoadedModel, load_model
-from pd_core.metrics import (ReferenceFeatures, evaluate_sampler, extract_features, load_inception,
+from pd_core.models import LoadedModel, load_model
+from pd_core.metrics import (FeatureExtractor, ReferenceFeatures, evaluate_sampler, extract_features, load_inception,
                              load_or_compute_reference, load_or_train_classifier, real_floor, sample_noise)
 from pd_core.store import CheckpointStore
 
@@ -34,22 +33,22 @@ Progress = Callable[[int, int], None]
 class FeatureContext:
     """The feature network and the reference split's features every record is measured against."""
 
-    extractor: Any  # FeatureExtractor: uint8 (N, C, H, W) -> (N, D), with fd_name / kid_name
+    extractor: FeatureExtractor  # uint8 (N, C, H, W) -> (N, D), with fd_name / kid_name
     reference: ReferenceFeatures
     extractor_id: str  # sha256 of the feature network's weights
 
 
-def eval_hash(cfg: Any) -> str:
+def eval_hash(cfg: Config) -> str:
     """Hash of what decides an evaluation's numbers (data and eval settings), independent of training."""
     return config_hash(cfg, sections=("data", "eval"))[:12]
 
 
-def classifier_key(cfg: Any) -> str:
+def classifier_key(cfg: Config) -> str:
     """Store key of the feature classifier for ``cfg``'s data and eval settings (features=classifier)."""
     return f"classifiers/{cfg.data.name}-{cfg.data.image_size}-s{cfg.eval.seed}-e{cfg.eval.classifier_epochs}"
 
 
-def floor_key(cfg: Any, *, extractor_id: str) -> str:
+def floor_key(cfg: Config, *, extractor_id: str) -> str:
     """Store key of the real-vs-real floor at ``eval.num_samples`` for one feature network."""
     return (f"references/floor-{cfg.data.name}-{cfg.data.image_size}-n{cfg.eval.num_samples}-{extractor_id[:12]}-"
             f"{eval_hash(cfg)}.json")
@@ -65,7 +64,7 @@ def grid_key(key: str, *, sampler: str, steps: int) -> str:
     return f"{key}.eval/grid-{sampler}-{steps:04d}.png"
 
 
-def feature_context(cfg: Any, store: CheckpointStore, *, device: torch.device | str = "cpu") -> FeatureContext:
+def feature_context(cfg: Config, store: CheckpointStore, *, device: torch.device | str = "cpu") -> FeatureContext:
     """Load or train the feature network, and load or compute the reference (test split) features; both cached."""
     data_cfg, ev = cfg.data, cfg.eval
     test_images = lambda: load_split(data_cfg, split="test").images  # noqa: E731  loaded on a cache miss only
@@ -99,7 +98,7 @@ def _cached(store: CheckpointStore, key: str, compute: Callable[[], dict]) -> di
     return record
 
 
-def floor_record(cfg: Any, store: CheckpointStore, ctx: FeatureContext) -> dict:
+def floor_record(cfg: Config, store: CheckpointStore, ctx: FeatureContext) -> dict:
     """Real-vs-real floor at the evaluation's N: N training images scored like N samples would be."""
     n = cfg.eval.num_samples
     key = floor_key(cfg, extractor_id=ctx.extractor_id)
@@ -137,7 +136,7 @@ def make_sample_fn(model: LoadedModel, *, sampler: str, steps: int, gamma: float
     return sample
 
 
-def evaluate_checkpoint(cfg: Any, store: CheckpointStore, ctx: FeatureContext, *, key: str, label: str, sampler: str,
+def evaluate_checkpoint(cfg: Config, store: CheckpointStore, ctx: FeatureContext, *, key: str, label: str, sampler: str,
                         steps: int, gamma: float | None = None, device: torch.device | str = "cpu",
                         progress: Progress | None = None) -> dict:
     """One record: the checkpoint at ``key`` sampled with ``sampler`` in ``steps`` steps; cached in the store."""
@@ -168,7 +167,7 @@ def evaluate_checkpoint(cfg: Any, store: CheckpointStore, ctx: FeatureContext, *
     return {**_cached(store, cache, compute), "model_uri": store.uri(key)}
 
 
-def write_grid(cfg: Any, store: CheckpointStore, *, key: str, sampler: str, steps: int,
+def write_grid(cfg: Config, store: CheckpointStore, *, key: str, sampler: str, steps: int,
                device: torch.device | str = "cpu") -> str:
     """A grid_size x grid_size PNG of the first samples (the evaluation's noise) next to the checkpoint."""
     n = cfg.eval.grid_size ** 2
@@ -183,7 +182,7 @@ def write_grid(cfg: Any, store: CheckpointStore, *, key: str, sampler: str, step
     return store.uri(out_key)
 
 
-def teacher_step_counts(cfg: Any) -> list[int]:
+def teacher_step_counts(cfg: Config) -> list[int]:
     """Step counts at which the teacher is measured: every N of the chain plus eval.teacher_extra_steps."""
     chain = [cfg.distill.start_steps] + [s for _, s in cfg.distill.rounds()]
     return sorted(set(chain) | set(cfg.eval.teacher_extra_steps), reverse=True)

@@ -1,30 +1,29 @@
-"""The units of work of a pipeline, over the checkpoint store: teacher, distillation round, model loading.
+"""The units of work of a pipeline, over the checkpoint store: ensure the teacher, run one round.
 
 Each job is idempotent and resumable: a complete, verified checkpoint at its key means "done"
-(skipped); an in-round state next to it means "continue from there". Prefect tasks and the CLI
-call these; nothing here imports Prefect or MLflow.
+(skipped); an in-round state next to it means "continue from there". In a data-parallel job every
+rank calls the same job; rank 0 alone writes, at the call sites marked ``dist.run_on_main`` and
+``runtime.is_main``. Prefect tasks, the torchrun child and the CLI call these; nothing here imports
+Prefect or MLflow.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import logging
-import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch import nn
 
-from pd_core import config as config_mod
+from pd_core import dist
+from pd_core.config import Config, config_hash
 from pd_core.data import BatchSampler, ImageData, load_split
-from pd_core.denoiser import Denoiser
+from pd_core.models import check_weights_fit, split_uri
 from pd_core.store import CheckpointStore, StoreError
-from pd_core.train import (ProgressCallback, TrainState, copy_weights, distill_round, frozen_teacher,
-                           new_student_state, new_teacher_state, resolve_runtime, spec_from_dict, spec_to_dict,
-                           train_teacher, unet_spec)
-from pd_core.unet import UNet, UNetSpec
+from pd_core.train import (ProgressCallback, TrainResult, TrainState, copy_weights, distill_round, frozen_teacher,
+                           new_student_state, new_teacher_state, resolve_runtime, train_teacher)
+from pd_core.unet import UNetSpec, spec_from_dict, spec_to_dict, unet_spec
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +46,25 @@ class CheckpointInfo:
     trained: bool  # False when the checkpoint already existed (skipped)
     train_seconds: float  # wall time of training in this call (0 when skipped)
     resumed_from: int  # update the training resumed at (0 for a fresh start)
+    mlflow_run_id: str | None = None  # the MLflow run that tracks it (set by the orchestration layer)
 
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    def tracked(self, run_id: str | None) -> CheckpointInfo:
+        """The same info with its MLflow run id."""
+        return dataclasses.replace(self, mlflow_run_id=run_id)
 
 
-def training_hash(cfg: Any) -> str:
+def training_hash(cfg: Config) -> str:
     """Hash of the settings that decide the weights (not evaluation/storage/tracking)."""
-    return config_mod.config_hash(cfg, sections=TRAINING_SECTIONS)
+    return config_hash(cfg, sections=TRAINING_SECTIONS)
 
 
 def pipeline_prefix(name: str) -> str:
+    """Where a pipeline's checkpoints, report and lease live in the store."""
     return f"pipelines/{name}"
 
 
 def teacher_key(name: str) -> str:
+    """``pipelines/<name>/teacher``."""
     return f"{pipeline_prefix(name)}/teacher"
 
 
@@ -76,53 +79,20 @@ def state_key(key: str) -> str:
 
 
 def round_phase(*, round_index: int, teacher_steps: int, student_steps: int) -> str:
+    """``round 3 (64->32)``: the label of a round in logs and errors."""
     return f"round {round_index} ({teacher_steps}->{student_steps})"
 
 
-def open_store(cfg: Any) -> CheckpointStore:
+def open_store(cfg: Config) -> CheckpointStore:
+    """The checkpoint store named by ``storage.root`` (credentials come from the environment)."""
     return CheckpointStore(cfg.storage.root, storage_options=dict(cfg.storage.storage_options))
 
 
-def split_uri(uri: str) -> tuple[str, str]:
-    """``s3://b/p/pipelines/x/teacher`` -> (``s3://b/p/pipelines/x``, ``teacher``)."""
-    uri = uri.rstrip("/")
-    root, key = posixpath.split(uri)
-    if not key or not root:
-        raise ValueError(f"checkpoint URI {uri!r} must name a checkpoint folder, e.g. file:///runs/store/pipelines/x/teacher")
-    return root, key
+def _model_spec(cfg: Config, data: ImageData) -> UNetSpec:
+    return unet_spec(cfg, in_channels=data.images.shape[1], num_classes=data.num_classes)
 
 
-@functools.lru_cache(maxsize=16)
-def _state_shapes(spec: UNetSpec) -> dict[str, tuple[int, ...]]:
-    """Parameter and buffer shapes of UNet(spec) (cached: an evaluation checks every checkpoint it loads)."""
-    with torch.device("meta"):  # shapes only: nothing allocated, nothing drawn from the RNG
-        return {k: tuple(v.shape) for k, v in UNet(spec).state_dict().items()}
-
-
-def check_weights_fit(tensors: dict, spec: UNetSpec, *, source: str) -> None:
-    """StoreError (one line, naming the first misfit) unless ``tensors`` are exactly the state dict of UNet(spec)."""
-    want = _state_shapes(spec)
-    have = {k: tuple(v.shape) for k, v in tensors.items()}
-    wrong = [k for k in want if k in have and have[k] != want[k]]
-    missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
-    if not (wrong or missing or extra):
-        return
-    if wrong:
-        first = f"{wrong[0]} has shape {list(have[wrong[0]])}, the architecture needs {list(want[wrong[0]])}"
-    else:
-        first = f"{missing[0]} is missing" if missing else f"{extra[0]} is not part of the architecture"
-    raise StoreError(f"{source}: weights do not fit the architecture in its manifest ({first}; "
-                     f"{len(wrong) + len(missing) + len(extra)} tensor(s) differ); the checkpoint or its manifest was "
-                     f"altered - re-export it or point at the right checkpoint")
-
-
-def _model_spec(cfg: Any, data: ImageData) -> UNetSpec:
-    return unet_spec(cfg.model, in_channels=data.images.shape[1], image_size=data.images.shape[-1],
-                     parameterization=cfg.diffusion.parameterization, num_classes=data.num_classes,
-                     dropout=cfg.model.dropout)
-
-
-def _manifest(cfg: Any, *, kind: str, spec: UNetSpec, steps: int, round_index: int, parent_sha256: str | None,
+def _manifest(cfg: Config, *, kind: str, spec: UNetSpec, steps: int, round_index: int, parent_sha256: str | None,
               extra: dict | None = None) -> dict:
     return {
         "kind": kind,
@@ -139,12 +109,12 @@ def _manifest(cfg: Any, *, kind: str, spec: UNetSpec, steps: int, round_index: i
     }
 
 
-def _timing(result: Any) -> dict[str, Any]:
-    """Training wall time for the manifest (the finishing invocation's; resumed_from > 0 says earlier work is not in it)."""
+def _timing(result: TrainResult) -> dict[str, float | int]:
+    """Training wall time for the manifest (the finishing call's; resumed_from > 0 says earlier work is not in it)."""
     return {"train_seconds": round(float(result.seconds), 1), "resumed_from": int(result.resumed_from)}
 
 
-def _check_same_training(cfg: Any, manifest: dict, *, uri: str) -> None:
+def _check_same_training(cfg: Config, manifest: dict, *, uri: str) -> None:
     have, want = manifest.get("config_hash"), training_hash(cfg)
     if have != want:
         raise PipelineMismatchError(
@@ -152,7 +122,7 @@ def _check_same_training(cfg: Any, manifest: dict, *, uri: str) -> None:
             f"use another pipeline name (--name) or a fresh storage root")
 
 
-def _existing(store: CheckpointStore, cfg: Any, key: str, *, steps: int, round_index: int) -> CheckpointInfo | None:
+def _existing(store: CheckpointStore, cfg: Config, key: str, *, steps: int, round_index: int) -> CheckpointInfo | None:
     if not store.is_complete(key):
         return None
     manifest = store.read_manifest(key)
@@ -171,21 +141,36 @@ def _resume(store: CheckpointStore, key: str, state: TrainState) -> None:
 
 
 def _state_saver(store: CheckpointStore, key: str) -> Callable[[TrainState], None]:
+    """The in-round checkpoint hook (the training loop calls it on rank 0 only)."""
     def save(state: TrainState) -> None:
         tensors, meta = state.to_tensors()
         store.save_state(state_key(key), tensors=tensors, meta=meta)
     return save
 
 
-def load_train_data(cfg: Any) -> ImageData:
+def _publish(store: CheckpointStore, key: str, *, weights: dict[str, torch.Tensor], manifest: dict,
+             is_main: bool) -> CheckpointInfo:
+    """Save the finished checkpoint and drop its in-round state: rank 0 writes, every rank gets the reference."""
+    ref = dist.run_on_main(lambda: store.save_checkpoint(key, tensors=copy_weights(weights), manifest=manifest))
+    if is_main:
+        store.clear_state(state_key(key))
+    return CheckpointInfo(key=key, uri=ref.uri, sha256=ref.sha256, steps=int(manifest["steps"]),
+                          round=int(manifest["round"]), trained=True,
+                          train_seconds=float(manifest.get("train_seconds", 0.0)),
+                          resumed_from=int(manifest.get("resumed_from", 0)))
+
+
+def load_train_data(cfg: Config) -> ImageData:
+    """The training split of ``cfg.data``."""
     return load_split(cfg.data, split="train")
 
 
-def sampler_for(cfg: Any, data: ImageData, *, seed: int) -> BatchSampler:
+def sampler_for(cfg: Config, data: ImageData, *, seed: int) -> BatchSampler:
+    """A round's batch sampler (distill.batch_size per process)."""
     return BatchSampler(data, batch_size=cfg.distill.batch_size, seed=seed, random_flip=cfg.data.random_flip)
 
 
-def ensure_teacher(cfg: Any, store: CheckpointStore, *, data: ImageData | None = None,
+def ensure_teacher(cfg: Config, store: CheckpointStore, *, data: ImageData | None = None,
                    on_progress: ProgressCallback | None = None, fault_at_step: int | None = None) -> CheckpointInfo:
     """The pipeline's teacher checkpoint: existing (skip), imported (pipeline.teacher_uri), or trained."""
     key = teacher_key(cfg.pipeline.name)
@@ -205,17 +190,14 @@ def ensure_teacher(cfg: Any, store: CheckpointStore, *, data: ImageData | None =
     result = train_teacher(state=state, teacher_cfg=cfg.teacher, diffusion_cfg=cfg.diffusion, runtime=runtime,
                            sample_batch=batches.batch, on_checkpoint=_state_saver(store, key), on_progress=on_progress,
                            fault_at_step=fault_at_step)
-    ref = store.save_checkpoint(key, tensors=copy_weights(result.weights),
-                                manifest=_manifest(cfg, kind="teacher", spec=spec, steps=start, round_index=0,
-                                                   parent_sha256=None,
-                                                   extra={"updates": result.steps, **_timing(result)}))
-    store.clear_state(state_key(key))
-    log.info("teacher saved to %s (sha256 %s)", ref.uri, ref.sha256[:12])
-    return CheckpointInfo(key=key, uri=ref.uri, sha256=ref.sha256, steps=start, round=0, trained=True,
-                          train_seconds=result.seconds, resumed_from=result.resumed_from)
+    manifest = _manifest(cfg, kind="teacher", spec=spec, steps=start, round_index=0, parent_sha256=None,
+                         extra={"updates": result.steps, **_timing(result)})
+    info = _publish(store, key, weights=result.weights, manifest=manifest, is_main=runtime.is_main)
+    log.info("teacher saved to %s (sha256 %s)", info.uri, info.sha256[:12])
+    return dataclasses.replace(info, train_seconds=result.seconds)
 
 
-def import_teacher(cfg: Any, store: CheckpointStore, *, uri: str) -> CheckpointInfo:
+def import_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -> CheckpointInfo:
     """Copy a verified teacher checkpoint from any store URI into this pipeline (its sha256 becomes the parent)."""
     src_root, src_key = split_uri(uri)
     src = CheckpointStore(src_root, storage_options=dict(cfg.storage.storage_options))
@@ -227,16 +209,15 @@ def import_teacher(cfg: Any, store: CheckpointStore, *, uri: str) -> CheckpointI
                                     f"{cfg.diffusion.parameterization!r}; set diffusion.parameterization to match")
     key = teacher_key(cfg.pipeline.name)
     start = cfg.distill.start_steps
-    ref = store.save_checkpoint(key, tensors=tensors,
-                                manifest=_manifest(cfg, kind="teacher", spec=spec, steps=start, round_index=0,
-                                                   parent_sha256=manifest.get("sha256"),
-                                                   extra={"imported_from": uri}))
+    new_manifest = _manifest(cfg, kind="teacher", spec=spec, steps=start, round_index=0,
+                             parent_sha256=manifest.get("sha256"), extra={"imported_from": uri})
+    ref = dist.run_on_main(lambda: store.save_checkpoint(key, tensors=tensors, manifest=new_manifest))
     log.info("teacher imported from %s to %s", uri, ref.uri)
     return CheckpointInfo(key=key, uri=ref.uri, sha256=ref.sha256, steps=start, round=0, trained=False,
                           train_seconds=0.0, resumed_from=0)
 
 
-def run_round(cfg: Any, store: CheckpointStore, *, round_index: int, teacher: CheckpointInfo,
+def run_round(cfg: Config, store: CheckpointStore, *, round_index: int, teacher: CheckpointInfo,
               data: ImageData | None = None, on_progress: ProgressCallback | None = None,
               fault_at_step: int | None = None) -> CheckpointInfo:
     """Round ``round_index``: distill the teacher (2N steps) into a student (N steps); resumable."""
@@ -261,8 +242,7 @@ def run_round(cfg: Any, store: CheckpointStore, *, round_index: int, teacher: Ch
     state = new_student_state(teacher_weights=teacher_weights, spec=spec, distill_cfg=cfg.distill, runtime=runtime,
                               seed=seed)
     # Build every network BEFORE resuming: a network's init draws from the global RNG, which _resume restores.
-    teacher_net = frozen_teacher(weights=teacher_weights, spec=spec, parameterization=cfg.diffusion.parameterization,
-                                 runtime=runtime)
+    teacher_net = frozen_teacher(weights=teacher_weights, spec=spec, runtime=runtime)
     _resume(store, key, state)
     updates = cfg.distill.updates_for(student_steps)
     phase = round_phase(round_index=round_index, teacher_steps=teacher_steps, student_steps=student_steps)
@@ -271,63 +251,13 @@ def run_round(cfg: Any, store: CheckpointStore, *, round_index: int, teacher: Ch
                            sample_batch=sampler_for(cfg, data, seed=seed).batch,
                            on_checkpoint=_state_saver(store, key), on_progress=on_progress,
                            fault_at_step=fault_at_step)
-    student_spec = UNetSpec(**{**spec_to_dict(spec), "dropout": 0.0})
-    ref = store.save_checkpoint(key, tensors=copy_weights(result.weights),
-                                manifest=_manifest(cfg, kind="student", spec=student_spec, steps=student_steps,
-                                                   round_index=round_index, parent_sha256=teacher.sha256,
-                                                   extra={"updates": updates, "teacher_steps": teacher_steps,
-                                                          **_timing(result)}))
-    store.clear_state(state_key(key))
-    log.info("%s saved to %s (sha256 %s)", phase, ref.uri, ref.sha256[:12])
-    return CheckpointInfo(key=key, uri=ref.uri, sha256=ref.sha256, steps=student_steps, round=round_index,
-                          trained=True, train_seconds=result.seconds, resumed_from=result.resumed_from)
+    manifest = _manifest(cfg, kind="student", spec=dataclasses.replace(spec, dropout=0.0), steps=student_steps,
+                         round_index=round_index, parent_sha256=teacher.sha256,
+                         extra={"updates": updates, "teacher_steps": teacher_steps, **_timing(result)})
+    info = _publish(store, key, weights=result.weights, manifest=manifest, is_main=runtime.is_main)
+    log.info("%s saved to %s (sha256 %s)", phase, info.uri, info.sha256[:12])
+    return dataclasses.replace(info, train_seconds=result.seconds)
 
 
-@dataclass(frozen=True)
-class LoadedModel:
-    """A checkpoint made ready to sample: the denoiser plus what the manifest says about it."""
-
-    denoiser: Denoiser
-    manifest: dict
-    steps: int
-    logsnr_min: float
-    logsnr_max: float
-
-
-def model_from_tensors(tensors: dict, manifest: dict, *, source: str, device: torch.device | str = "cpu") -> LoadedModel:
-    """An eval-mode U-Net built from the manifest's architecture, loaded with ``tensors`` (strict)."""
-    spec = UNetSpec(**{**spec_to_dict(spec_from_dict(manifest["unet"])), "dropout": 0.0})
-    check_weights_fit(tensors, spec, source=source)
-    net: nn.Module = UNet(spec)
-    try:
-        net.load_state_dict(tensors)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise StoreError(f"{source}: weights do not fit the architecture in its manifest ({first})") from err
-    net = net.to(device).eval().requires_grad_(False)
-    return LoadedModel(denoiser=Denoiser(net, parameterization=manifest["parameterization"]), manifest=manifest,
-                       steps=int(manifest["steps"]), logsnr_min=float(manifest.get("logsnr_min", -20.0)),
-                       logsnr_max=float(manifest.get("logsnr_max", 20.0)))
-
-
-def load_model(store: CheckpointStore, key: str, *, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load a verified checkpoint into an eval-mode network wrapped as a Denoiser."""
-    tensors, manifest = store.load_checkpoint(key)
-    return model_from_tensors(tensors, manifest, source=store.uri(key), device=device)
-
-
-def model_from_files(*, weights_path: str, manifest: dict, device: torch.device | str = "cpu") -> LoadedModel:
-    """A model from a local safetensors file and its manifest (e.g. downloaded from MLflow); never unpickles."""
-    from safetensors.torch import load_file
-
-    return model_from_tensors(load_file(weights_path), manifest, source=weights_path, device=device)
-
-
-def load_model_uri(uri: str, *, storage_options: dict | None = None, device: torch.device | str = "cpu") -> LoadedModel:
-    """:func:`load_model` from a checkpoint folder URI such as ``file:///.../rounds/03-0032``."""
-    root, key = split_uri(uri)
-    return load_model(CheckpointStore(root, storage_options=storage_options), key, device=device)
-
-
-__all__ = ["CheckpointInfo", "LoadedModel", "PipelineMismatchError", "ensure_teacher", "import_teacher",
-           "load_model", "load_model_uri", "open_store", "round_key", "run_round", "teacher_key", "training_hash"]
+__all__ = ["CheckpointInfo", "PipelineMismatchError", "ensure_teacher", "import_teacher", "open_store",
+           "round_key", "run_round", "state_key", "teacher_key", "training_hash"]

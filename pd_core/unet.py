@@ -8,6 +8,7 @@ branch, of every attention block and of the output is zero-initialised.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pd_core.config import Config
+from pd_core.parameterization import output_channels
 from pd_core.schedule import network_time_input
 
 
@@ -50,6 +53,41 @@ class UNetSpec:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
+
+
+def unet_spec(cfg: Config, *, in_channels: int, num_classes: int = 0, dropout: float | None = None) -> UNetSpec:
+    """The UNetSpec of ``cfg`` for data with ``in_channels`` channels and ``num_classes`` classes.
+
+    Output channels follow the parameterization (2C for ``both``); ``dropout`` defaults to the
+    teacher's (model.dropout); a class embedding only when model.class_conditional.
+    """
+    m = cfg.model
+    return UNetSpec(
+        in_channels=in_channels,
+        out_channels=output_channels(kind=cfg.diffusion.parameterization, channels=in_channels),
+        image_size=cfg.data.image_size,
+        ch=m.ch,
+        emb_ch=m.resolved_emb_ch,
+        ch_mult=tuple(m.ch_mult),
+        num_res_blocks=m.num_res_blocks,
+        attn_resolutions=tuple(m.attn_resolutions),
+        num_heads=m.num_heads,
+        head_dim=m.head_dim,
+        dropout=m.dropout if dropout is None else dropout,
+        resblock_resample=m.resblock_resample,
+        num_classes=num_classes if m.class_conditional else 0,
+        norm_groups=m.norm_groups,
+    )
+
+
+def spec_to_dict(spec: UNetSpec) -> dict:
+    """JSON-able UNetSpec (stored in every checkpoint manifest so a checkpoint describes its net)."""
+    return dataclasses.asdict(spec)
+
+
+def spec_from_dict(d: dict) -> UNetSpec:
+    """Inverse of :func:`spec_to_dict`; lists become tuples."""
+    return UNetSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def timestep_embedding(phi: Tensor, dim: int, *, max_time: float = 1.0) -> Tensor:

@@ -6,10 +6,14 @@ to the matching MLflow child run under the same names for every round.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from prefect import get_run_logger, task
 
 from pd_core import evaluation
 from pd_core.config import Config
+from pd_core.jobs import CheckpointInfo
 from pd_core.train import resolve_runtime
 from tasks.common import open_store, tracker_for
 from tasks.training import GPU_TASK
@@ -24,7 +28,7 @@ def numeric_metrics(record: dict) -> dict[str, float]:
 
 
 @task(name="evaluate-teacher", task_run_name="eval-teacher", **GPU_TASK)
-def evaluate_teacher_task(cfg: Config, *, teacher: dict, parent_run_id: str | None = None) -> list[dict]:
+def evaluate_teacher_task(cfg: Config, *, teacher: CheckpointInfo) -> list[dict]:
     """Teacher DDIM and stochastic (every gamma) at each step count of the chain, plus the real-vs-real floor."""
     if not cfg.eval.enabled:
         return []
@@ -36,13 +40,13 @@ def evaluate_teacher_task(cfg: Config, *, teacher: dict, parent_run_id: str | No
         logger.info("feature classifier test accuracy %.4f (%s)", accuracy, ctx.extractor.fd_name)
     records = [evaluation.floor_record(cfg, store, ctx)]
     tracker = tracker_for(cfg)
-    run_id = teacher.get("mlflow_run_id")
+    run_id = teacher.mlflow_run_id
     for steps in evaluation.teacher_step_counts(cfg):
-        ddim = evaluation.evaluate_checkpoint(cfg, store, ctx, key=teacher["key"], label="teacher_ddim",
+        ddim = evaluation.evaluate_checkpoint(cfg, store, ctx, key=teacher.key, label="teacher_ddim",
                                               sampler="ddim", steps=steps, device=device)
         records.append(ddim)
         tracker.log_metrics(run_id, {f"ddim_{k}": v for k, v in numeric_metrics(ddim).items()}, step=steps)
-        stochastic = [evaluation.evaluate_checkpoint(cfg, store, ctx, key=teacher["key"], label="teacher_stochastic",
+        stochastic = [evaluation.evaluate_checkpoint(cfg, store, ctx, key=teacher.key, label="teacher_stochastic",
                                                      sampler="stochastic", steps=steps, gamma=g, device=device)
                       for g in cfg.eval.stochastic_gammas]
         records += stochastic
@@ -50,7 +54,7 @@ def evaluate_teacher_task(cfg: Config, *, teacher: dict, parent_run_id: str | No
         best = min(stochastic, key=lambda r: r[fd], default=None)
         if best is not None:
             tracker.log_metrics(run_id, {f"stochastic_{k}": v for k, v in numeric_metrics(best).items()}, step=steps)
-    grid = evaluation.write_grid(cfg, store, key=teacher["key"], sampler="ddim", steps=cfg.distill.start_steps,
+    grid = evaluation.write_grid(cfg, store, key=teacher.key, sampler="ddim", steps=cfg.distill.start_steps,
                                  device=device)
     tracker.set_tags(run_id, {"sample_grid": grid})
     tracker.flush()
@@ -58,18 +62,17 @@ def evaluate_teacher_task(cfg: Config, *, teacher: dict, parent_run_id: str | No
 
 
 @task(name="evaluate-round", **GPU_TASK)
-def evaluate_round_task(cfg: Config, *, student: dict) -> dict | None:
+def evaluate_round_task(cfg: Config, *, student: CheckpointInfo) -> dict | None:
     """The distilled student with its own N-step DDIM sampler; metrics and sample grid to its MLflow run."""
     if not cfg.eval.enabled:
         return None
     store, device = open_store(cfg), resolve_runtime(cfg.runtime).device
     ctx = evaluation.feature_context(cfg, store, device=device)
-    record = evaluation.evaluate_checkpoint(cfg, store, ctx, key=student["key"], label="distilled", sampler="ddim",
-                                            steps=student["steps"], device=device)
-    grid = evaluation.write_grid(cfg, store, key=student["key"], sampler="ddim", steps=student["steps"],
-                                 device=device)
+    record = evaluation.evaluate_checkpoint(cfg, store, ctx, key=student.key, label="distilled", sampler="ddim",
+                                            steps=student.steps, device=device)
+    grid = evaluation.write_grid(cfg, store, key=student.key, sampler="ddim", steps=student.steps, device=device)
     tracker = tracker_for(cfg)
-    run_id = student.get("mlflow_run_id")
+    run_id = student.mlflow_run_id
     tracker.log_metrics(run_id, numeric_metrics(record))
     tracker.set_tags(run_id, {"sample_grid": grid})
     _log_grid(tracker, run_id, store, grid_uri=grid)
@@ -79,9 +82,6 @@ def evaluate_round_task(cfg: Config, *, student: dict) -> dict | None:
 
 def _log_grid(tracker, run_id: str | None, store, *, grid_uri: str) -> None:
     """Copy the grid PNG into the MLflow run's artifacts (MLflow wants a local file)."""
-    import tempfile
-    from pathlib import Path
-
     key = grid_uri[len(store.uri("")):].lstrip("/") if grid_uri.startswith(store.uri("")) else None
     if key is None or run_id is None:
         return

@@ -57,8 +57,7 @@ class SamplerModel(PythonModel):
         from safetensors.torch import load_file
 
         from pd_core.denoiser import Denoiser
-        from pd_core.train import spec_from_dict
-        from pd_core.unet import UNet
+        from pd_core.unet import UNet, spec_from_dict
 
         with open(context.artifacts["manifest"], encoding="utf-8") as f:
             self.manifest = json.load(f)

@@ -1,22 +1,24 @@
 """Prefect tasks at the compute boundaries: ensure the teacher, distill one round.
 
-They take the resolved config and small dicts (URIs, sha256s), never tensors or models, and
-return :class:`pd_core.jobs.CheckpointInfo` as a dict. The flows tag them (see
+They take the resolved config and :class:`pd_core.jobs.CheckpointInfo` values (URIs, sha256s),
+never tensors or models, and return the CheckpointInfo with its MLflow run id. The flows tag them (see
 ``tasks.common.gpu_task_tags``) where a tag concurrency limit can hold them to the GPUs a worker has.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.tasks import exponential_backoff
 
-from pd_core import distributed, jobs
+from pd_core import jobs, launch
 from pd_core.config import Config, flatten
-from pd_core.store import StorageIOError
+from pd_core.jobs import CheckpointInfo
+from pd_core.store import CheckpointStore, StorageIOError
 from tasks.common import open_store, tracker_for
 from tasks.progress import ProgressReporter
 
@@ -52,12 +54,15 @@ GPU_TASK = dict(cache_policy=NONE, retries=2, retry_delay_seconds=exponential_ba
                 retry_condition_fn=storage_error_only)
 
 
+Work = Callable[[CheckpointStore, ProgressReporter], CheckpointInfo]
+
+
 def _run_with_tracking(cfg: Config, *, run_name: str, parent_run_id: str | None, params: dict, kind: str,
-                       progress_key: str, description: str, work) -> dict:
+                       progress_key: str, description: str, work: Work) -> CheckpointInfo:
     """Shared body: open a child MLflow run, train with progress, tag the checkpoint, close the run."""
     logger = get_run_logger()
     tracker = tracker_for(cfg)
-    run_id = tracker.find_run(tags={"pd.pipeline_run": parent_run_id or "", "pd.run": run_name}) if parent_run_id else None
+    run_id = tracker.find_run(tags={"pd.pipeline_run": parent_run_id, "pd.run": run_name}) if parent_run_id else None
     if run_id is None:
         run_id = tracker.start_run(run_name=run_name, parent_run_id=parent_run_id, params=params,
                                    tags={"pd.pipeline": cfg.pipeline.name, "pd.kind": kind, "pd.run": run_name,
@@ -66,7 +71,7 @@ def _run_with_tracking(cfg: Config, *, run_name: str, parent_run_id: str | None,
                                 log_metrics=lambda m, step: tracker.log_metrics(run_id, m, step=step))
     store = open_store(cfg)
     try:
-        info: jobs.CheckpointInfo = work(store, reporter)
+        info = work(store, reporter)
     except BaseException:
         tracker.end_run(run_id, status="FAILED")
         raise
@@ -76,17 +81,17 @@ def _run_with_tracking(cfg: Config, *, run_name: str, parent_run_id: str | None,
         tracker.log_metrics(run_id, {"train_seconds": info.train_seconds, "resumed_from": float(info.resumed_from)})
     tracker.end_run(run_id)  # evaluation metrics are added to the finished run later
     tracker.flush()
-    return {**info.as_dict(), "mlflow_run_id": run_id}
+    return info.tracked(run_id)
 
 
 @task(name="ensure-teacher", task_run_name="teacher", **GPU_TASK)
-def ensure_teacher_task(cfg: Config, *, parent_run_id: str | None = None) -> dict:
+def ensure_teacher_task(cfg: Config, *, parent_run_id: str | None = None) -> CheckpointInfo:
     """Train the teacher (or import pipeline.teacher_uri, or skip a complete one); returns its checkpoint info."""
     start = cfg.distill.start_steps
 
-    def work(store, reporter):
-        if cfg.runtime.nproc > 1:  # data-parallel: torchrun runs the job in nproc processes (pd_core.distributed)
-            return distributed.launch_job(cfg, job="teacher", on_progress=reporter, fault_at_step=_fault_step())
+    def work(store: CheckpointStore, reporter: ProgressReporter) -> CheckpointInfo:
+        if cfg.runtime.nproc > 1:  # data-parallel: torchrun runs the job in nproc processes
+            return launch.launch_job(cfg, job="teacher", on_progress=reporter, fault_at_step=_fault_step())
         return jobs.ensure_teacher(cfg, store, on_progress=reporter, fault_at_step=_fault_step())
 
     return _run_with_tracking(cfg, run_name="teacher", parent_run_id=parent_run_id, kind="teacher",
@@ -100,17 +105,17 @@ def round_run_name(*, round_index: int, teacher_steps: int, student_steps: int) 
 
 
 @task(name="distill-round", **GPU_TASK)
-def distill_round_task(cfg: Config, *, teacher: dict, round_index: int, parent_run_id: str | None = None) -> dict:
+def distill_round_task(cfg: Config, *, teacher: CheckpointInfo, round_index: int,
+                       parent_run_id: str | None = None) -> CheckpointInfo:
     """Load the teacher from the store, distill its 2-step DDIM into a 1-step student, save the student."""
-    teacher_info = jobs.CheckpointInfo(**{k: v for k, v in teacher.items() if k != "mlflow_run_id"})
-    t_steps, s_steps = teacher_info.steps, teacher_info.steps // 2
+    t_steps, s_steps = teacher.steps, teacher.steps // 2
     name = round_run_name(round_index=round_index, teacher_steps=t_steps, student_steps=s_steps)
 
-    def work(store, reporter):
-        if cfg.runtime.nproc > 1:  # data-parallel: torchrun runs the round in nproc processes (pd_core.distributed)
-            return distributed.launch_job(cfg, job="round", round_index=round_index, teacher=teacher_info,
-                                          on_progress=reporter, fault_at_step=_fault_step())
-        return jobs.run_round(cfg, store, round_index=round_index, teacher=teacher_info, on_progress=reporter,
+    def work(store: CheckpointStore, reporter: ProgressReporter) -> CheckpointInfo:
+        if cfg.runtime.nproc > 1:  # data-parallel: torchrun runs the round in nproc processes
+            return launch.launch_job(cfg, job="round", round_index=round_index, teacher=teacher,
+                                     on_progress=reporter, fault_at_step=_fault_step())
+        return jobs.run_round(cfg, store, round_index=round_index, teacher=teacher, on_progress=reporter,
                               fault_at_step=_fault_step())
 
     return _run_with_tracking(cfg, run_name=name, parent_run_id=parent_run_id, kind="student",

@@ -1,10 +1,10 @@
-"""Data-parallel training (issue 8): 2 gloo processes on CPU against 1 process with the doubled batch.
+"""Data-parallel training: 2 gloo processes on CPU against 1 process with the doubled batch.
 
 The exactness test builds the 2-process run so that it computes the same thing as one process
 with batch 2B: rank r takes rows [rB, (r+1)B) of the single-process batch (``rank_batches`` over
 the same BatchSampler stream) and the same noise rows, so the DDP-averaged gradient equals the
 single-process gradient and the loss curves agree to float rounding. The launcher test runs the
-production path (torchrun -> pd_core.distributed_job -> jobs.run_round with rank-0 storage),
+production path (torchrun -> pd_core.distributed_job -> jobs.run_round, rank 0 writing),
 including a NaN fault, a resume from rank 0's in-round checkpoint with every rank's RNG state,
 and the same final weights as an uninterrupted 2-process run.
 """
@@ -19,12 +19,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pd_core import distributed, jobs
+from pd_core import dist as pd_dist
+from pd_core import jobs, launch
 from pd_core.config import load_config
 from pd_core.data import BatchSampler, ImageData
 from pd_core.denoiser import Denoiser
 from pd_core.distill import distillation_target
 from pd_core.schedule import alpha_sigma, logsnr
+from pd_core.net import free_port
 from pd_core.store import CheckpointStore
 from pd_core.train import (DeviceBatches, LoopSpec, NonFiniteLossError, Runtime, TrainState, data_parallel,
                            rank_batches, run_loop)
@@ -126,7 +128,7 @@ def test_device_batches_equal_the_sampler(flip):
 
 
 def test_two_gloo_processes_match_one_process_with_double_batch(tmp_path):
-    mp.spawn(_worker, args=(WORLD, distributed.free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     ref_losses, ref_weights = _train(rank=0, world=1)
     assert len(ranks[0]["losses"]) == STEPS and ranks[1]["losses"] == []  # progress is reported by rank 0 only
@@ -137,24 +139,42 @@ def test_two_gloo_processes_match_one_process_with_double_batch(tmp_path):
         torch.testing.assert_close(ranks[0]["weights"][name], ref, rtol=1e-4, atol=1e-6)
 
 
-def test_rank_zero_store_reads_everywhere_and_writes_on_rank_zero_only(tmp_path):
-    store = CheckpointStore(str(tmp_path / "store"))
-    store.put_bytes("a/shared.txt", b"from rank 0")
-    rank1 = distributed.RankZeroStore(store, distributed.DistInfo(rank=1, world_size=2))
-    assert rank1.get_bytes("a/shared.txt") == b"from rank 0" and rank1.exists("a/shared.txt")
-    assert rank1.put_bytes("a/other.txt", b"x") is None and not store.exists("a/other.txt")
-    rank1.save_state("a/state", tensors={"w": torch.zeros(2)}, meta={"step": 1})
-    assert store.load_state("a/state") is None
-    rank1.clear_state("a/missing")  # a no-op, not an error
-    single = distributed.RankZeroStore(store, distributed.DistInfo())
-    ref = single.save_checkpoint("a/ckpt", tensors={"w": torch.ones(2)}, manifest={"kind": "test"})
-    assert store.is_complete("a/ckpt") and ref.sha256 == store.read_manifest("a/ckpt")["sha256"]
+def _run_on_main_worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        calls = Path(out) / "calls"
+
+        def write() -> str:
+            with calls.open("a") as f:
+                f.write(f"{rank}\n")
+            return f"written by rank {rank}"
+
+        got = pd_dist.run_on_main(write)
+        try:
+            pd_dist.run_on_main(lambda: (_ for _ in ()).throw(OSError("disk full")))
+            error = None
+        except Exception as err:  # noqa: BLE001 - the test records what each rank raised
+            error = f"{type(err).__name__}: {err}"
+        (Path(out) / f"rank{rank}.txt").write_text(f"{got}|{error}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_run_on_main_runs_once_on_rank_zero_and_shares_its_result_or_error(tmp_path):
+    mp.spawn(_run_on_main_worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    assert (tmp_path / "calls").read_text() == "0\n"  # one write, by rank 0
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text().split("|") for r in range(WORLD))
+    assert rank0[0] == rank1[0] == "written by rank 0"
+    assert rank0[1] == "OSError: disk full"  # rank 0 raises its own error
+    assert rank1[1] == "DistributedJobError: rank 0 failed: OSError: disk full"  # the others do not hang
+    assert pd_dist.run_on_main(lambda: 42) == 42  # no process group: just the call
 
 
 def test_child_errors_come_back_as_their_own_type():
-    assert isinstance(distributed._rebuild_error("NonFiniteLossError", "nan"), NonFiniteLossError)
-    err = distributed._rebuild_error("KeyError", "boom")
-    assert isinstance(err, distributed.DistributedJobError) and "KeyError: boom" in str(err)
+    assert isinstance(launch._rebuild_error("NonFiniteLossError", "nan"), NonFiniteLossError)  # noqa: SLF001
+    err = launch._rebuild_error("KeyError", "boom")  # noqa: SLF001
+    assert isinstance(err, pd_dist.DistributedJobError) and "KeyError: boom" in str(err)
 
 
 def _smoke(tmp_path: Path, name: str, **distill) -> object:
@@ -171,7 +191,7 @@ def test_torchrun_round_reports_progress_and_checkpoints_on_rank_zero(tmp_path):
     store = CheckpointStore(cfg.storage.root)
     teacher = jobs.ensure_teacher(cfg, store)  # single process
     events, lines = [], []
-    info = distributed.launch_job(cfg, job="round", round_index=1, teacher=teacher, on_progress=events.append,
+    info = launch.launch_job(cfg, job="round", round_index=1, teacher=teacher, on_progress=events.append,
                                   log_line=lines.append)
     assert info.trained and info.steps == cfg.distill.start_steps // 2 and info.round == 1
     assert [e.step for e in events] == [2, 4, 6] and all(e.loss > 0 for e in events)
@@ -189,11 +209,11 @@ def test_torchrun_round_resumes_every_rank_exactly(tmp_path):
     store = CheckpointStore(straight_cfg.storage.root)
     teachers = [jobs.ensure_teacher(c, store) for c in (straight_cfg, faulty_cfg)]
     assert teachers[0].sha256 == teachers[1].sha256
-    straight = distributed.launch_job(straight_cfg, job="round", round_index=1, teacher=teachers[0])
+    straight = launch.launch_job(straight_cfg, job="round", round_index=1, teacher=teachers[0])
     with pytest.raises(NonFiniteLossError):
-        distributed.launch_job(faulty_cfg, job="round", round_index=1, teacher=teachers[1], fault_at_step=4)
+        launch.launch_job(faulty_cfg, job="round", round_index=1, teacher=teachers[1], fault_at_step=4)
     key = jobs.round_key("ddp-resumed", round_index=1, student_steps=straight.steps)
     assert store.load_state(jobs.state_key(key))[1]["world_size"] == 2
-    resumed = distributed.launch_job(faulty_cfg, job="round", round_index=1, teacher=teachers[1])
+    resumed = launch.launch_job(faulty_cfg, job="round", round_index=1, teacher=teachers[1])
     assert resumed.resumed_from == 3
     assert resumed.sha256 == straight.sha256

@@ -9,7 +9,7 @@ import torch
 from pd_core import evaluation, jobs
 from pd_core.config import load_config
 from pd_core.store import CheckpointStore
-from pd_core.unet import UNet
+from pd_core.unet import UNet, unet_spec
 from tasks.common import GPU_TAG, gpu_task_tags
 
 
@@ -19,8 +19,7 @@ def tiny(tmp_path_factory):
     cfg = load_config(preset="smoke", overrides=["eval.num_samples=40", "eval.kid_subset_size=20",
                                                  "eval.kid_subsets=2", "eval.classifier_epochs=1"])
     store = CheckpointStore(str(tmp_path_factory.mktemp("store")))
-    spec = jobs.unet_spec(cfg.model, in_channels=1, image_size=8, parameterization=cfg.diffusion.parameterization,
-                          num_classes=0, dropout=0.0)
+    spec = unet_spec(cfg, in_channels=1, dropout=0.0)
     torch.manual_seed(0)
     # Perturbed: the output layer starts at zero, which would make every sample the same image.
     tensors = {k: v.detach() + 0.05 * torch.randn_like(v) for k, v in UNet(spec).state_dict().items()}

@@ -469,7 +469,8 @@ def test_nan_is_never_retried_but_storage_io_is() -> None:
 def test_checkpoint_with_wrong_shapes_is_refused_clearly(template: Path, tmp_path: Path) -> None:
     import dataclasses
 
-    from pd_core.train import copy_weights, spec_from_dict
+    from pd_core.train import copy_weights
+    from pd_core.unet import spec_from_dict
     from pd_core.unet import UNet
 
     cfg = _cfg("faults")

@@ -25,7 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.speed.models import workload
-from pd_core import distributed
+from pd_core import dist
+from pd_core.net import free_port
 from pd_core.train import Runtime, TrainState, data_parallel, distill_loss_fn, train_step
 from pd_core.unet import UNet
 
@@ -42,7 +43,7 @@ def _worker(rank: int, world: int, port: int, preset: str, global_batch: int, st
         student = UNet(w.spec)
         teacher = copy.deepcopy(student).eval().requires_grad_(False)
         state = TrainState(model=student, optimizer=torch.optim.AdamW(student.parameters(), lr=1e-5), ema=None,
-                           step=0, noise_generator=torch.Generator().manual_seed(distributed.rank_seed(0, rank)))
+                           step=0, noise_generator=torch.Generator().manual_seed(dist.rank_seed(0, rank)))
         net = data_parallel(student, runtime)
         loss_fn = distill_loss_fn(net=net, teacher_net=teacher, student_steps=4, diffusion_cfg=w.cfg.diffusion,
                                   generator=state.noise_generator)
@@ -73,7 +74,7 @@ def _worker(rank: int, world: int, port: int, preset: str, global_batch: int, st
 def images_per_s(world: int, *, preset: str, global_batch: int, steps: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "rate")
-        mp.spawn(_worker, args=(world, distributed.free_port(), preset, global_batch, steps, out), nprocs=world,
+        mp.spawn(_worker, args=(world, free_port(), preset, global_batch, steps, out), nprocs=world,
                  join=True)
         return float(Path(out).read_text())
 

@@ -33,7 +33,7 @@ import torch
 
 from pd_core import samplers
 from pd_core.denoiser import Denoiser
-from pd_core.train import (TrainState, _make_optimizer, _prepare, distill_loss_fn, resolve_runtime,
+from pd_core.train import (TrainState, make_optimizer, prepare_module, distill_loss_fn, resolve_runtime,
                            teacher_loss_fn, train_step)
 from pd_core.unet import UNet, UNetSpec, paper_cifar10_spec
 
@@ -96,11 +96,11 @@ def bench_updates(spec: UNetSpec, *, config: str, device: str, batch: int, steps
     """images/s of teacher and distillation updates, alternated in ``blocks`` blocks of ``steps`` updates."""
     runtime = runtime_for(config, device=device)
     torch.manual_seed(0)
-    student = _prepare(UNet(spec), runtime)
+    student = prepare_module(UNet(spec), runtime)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     teacher_net = torch.compile(teacher) if runtime.compile else teacher
     net = torch.compile(student) if runtime.compile else student
-    state = TrainState(model=student, optimizer=_make_optimizer(student, lr=1e-5, weight_decay=0.0, runtime=runtime),
+    state = TrainState(model=student, optimizer=make_optimizer(student, lr=1e-5, weight_decay=0.0, runtime=runtime),
                        ema=None, step=0, noise_generator=torch.Generator(device=runtime.device).manual_seed(0))
     params = list(student.parameters())
     x = torch.rand(batch, spec.in_channels, spec.image_size, spec.image_size, device=runtime.device) * 2 - 1

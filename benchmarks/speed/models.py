@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pd_core.config import Config, load_config, model_spec
-from pd_core.unet import UNet, UNetSpec
+from pd_core.config import Config, load_config
+from pd_core.unet import UNet, UNetSpec, unet_spec
 
 CHANNELS = {"cifar10": 3, "fashion_mnist": 1, "mnist": 1, "digits": 1}
 
@@ -36,5 +36,5 @@ class Workload:
 
 def workload(preset: str, *, batch: int | None = None, dropout: float = 0.0) -> Workload:
     cfg = load_config(preset=preset)
-    spec = model_spec(cfg, in_channels=CHANNELS.get(cfg.data.name, 3), dropout=dropout)
+    spec = unet_spec(cfg, in_channels=CHANNELS.get(cfg.data.name, 3), dropout=dropout)
     return Workload(preset=preset, cfg=cfg, spec=spec, batch=batch or cfg.distill.batch_size)

@@ -1,0 +1,101 @@
+"""Checkpoints made ready to sample: an eval-mode network from a manifest's architecture, as a Denoiser.
+
+A checkpoint describes its network (``unet`` in the manifest) and its parameterization, so loading
+needs no config. Weights are checked against the architecture tensor by tensor before loading,
+so a mismatch is one line naming the first misfit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import posixpath
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from pd_core.denoiser import Denoiser
+from pd_core.store import CheckpointStore, StoreError
+from pd_core.unet import UNet, UNetSpec, spec_from_dict
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``s3://b/p/pipelines/x/teacher`` -> (``s3://b/p/pipelines/x``, ``teacher``)."""
+    uri = uri.rstrip("/")
+    root, key = posixpath.split(uri)
+    if not key or not root:
+        raise ValueError(f"checkpoint URI {uri!r} must name a checkpoint folder, "
+                         f"e.g. file:///runs/store/pipelines/x/teacher")
+    return root, key
+
+
+@functools.lru_cache(maxsize=16)
+def _state_shapes(spec: UNetSpec) -> dict[str, tuple[int, ...]]:
+    """Parameter and buffer shapes of UNet(spec) (cached: an evaluation checks every checkpoint it loads)."""
+    with torch.device("meta"):  # shapes only: nothing allocated, nothing drawn from the RNG
+        return {k: tuple(v.shape) for k, v in UNet(spec).state_dict().items()}
+
+
+def check_weights_fit(tensors: dict, spec: UNetSpec, *, source: str) -> None:
+    """StoreError (one line, naming the first misfit) unless ``tensors`` are exactly the state dict of UNet(spec)."""
+    want = _state_shapes(spec)
+    have = {k: tuple(v.shape) for k, v in tensors.items()}
+    wrong = [k for k in want if k in have and have[k] != want[k]]
+    missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    if not (wrong or missing or extra):
+        return
+    if wrong:
+        first = f"{wrong[0]} has shape {list(have[wrong[0]])}, the architecture needs {list(want[wrong[0]])}"
+    else:
+        first = f"{missing[0]} is missing" if missing else f"{extra[0]} is not part of the architecture"
+    raise StoreError(f"{source}: weights do not fit the architecture in its manifest ({first}; "
+                     f"{len(wrong) + len(missing) + len(extra)} tensor(s) differ); the checkpoint or its manifest was "
+                     f"altered - re-export it or point at the right checkpoint")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A checkpoint made ready to sample: the denoiser plus what the manifest says about it."""
+
+    denoiser: Denoiser
+    manifest: dict
+    steps: int
+    logsnr_min: float
+    logsnr_max: float
+
+
+def model_from_tensors(tensors: dict, manifest: dict, *, source: str,
+                       device: torch.device | str = "cpu") -> LoadedModel:
+    """An eval-mode U-Net built from the manifest's architecture, loaded with ``tensors`` (strict)."""
+    spec = dataclasses.replace(spec_from_dict(manifest["unet"]), dropout=0.0)
+    check_weights_fit(tensors, spec, source=source)
+    net: nn.Module = UNet(spec)
+    try:
+        net.load_state_dict(tensors)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise StoreError(f"{source}: weights do not fit the architecture in its manifest ({first})") from err
+    net = net.to(device).eval().requires_grad_(False)
+    return LoadedModel(denoiser=Denoiser(net, parameterization=manifest["parameterization"]), manifest=manifest,
+                       steps=int(manifest["steps"]), logsnr_min=float(manifest.get("logsnr_min", -20.0)),
+                       logsnr_max=float(manifest.get("logsnr_max", 20.0)))
+
+
+def load_model(store: CheckpointStore, key: str, *, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a verified checkpoint into an eval-mode network wrapped as a Denoiser."""
+    tensors, manifest = store.load_checkpoint(key)
+    return model_from_tensors(tensors, manifest, source=store.uri(key), device=device)
+
+
+def model_from_files(*, weights_path: str, manifest: dict, device: torch.device | str = "cpu") -> LoadedModel:
+    """A model from a local safetensors file and its manifest (e.g. downloaded from MLflow); never unpickles."""
+    return model_from_tensors(load_file(weights_path), manifest, source=weights_path, device=device)
+
+
+def load_model_uri(uri: str, *, storage_options: dict | None = None,
+                   device: torch.device | str = "cpu") -> LoadedModel:
+    """:func:`load_model` from a checkpoint folder URI such as ``file:///.../rounds/03-0032``."""
+    root, key = split_uri(uri)
+    return load_model(CheckpointStore(root, storage_options=storage_options), key, device=device)

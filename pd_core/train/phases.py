@@ -1,0 +1,156 @@
+"""Teacher training and one distillation round (Algorithm 2), each a loop over the shared update step."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pd_core import dist
+from pd_core.config import DiffusionConfig, DistillConfig, TeacherConfig
+from pd_core.denoiser import Denoiser
+from pd_core.distill import DistillationLoss
+from pd_core.losses import TeacherLoss
+from pd_core.train.batches import device_batches, rank_batches
+from pd_core.train.loop import BatchFn, LoopSpec, LossFn, data_parallel, run_loop
+from pd_core.train.progress import ProgressCallback
+from pd_core.train.runtime import Runtime, make_optimizer, maybe_compile, prepare_module
+from pd_core.train.schedules import linear_anneal_lr, warmup_lr
+from pd_core.train.state import CheckpointHook, TrainState
+from pd_core.unet import UNet, UNetSpec
+
+log = logging.getLogger("pd_core.train")
+
+
+def _log_batch(phase: str, *, per_rank: int, runtime: Runtime) -> None:
+    """One line: per-process batch x processes = effective batch (what the optimizer averages over)."""
+    if runtime.is_main:
+        log.info("%s: effective batch %d = %d per process x %d process(es)%s", phase, per_rank * runtime.world_size,
+                 per_rank, runtime.world_size, " (DistributedDataParallel)" if runtime.world_size > 1 else "")
+
+
+def teacher_loss_fn(*, net: nn.Module, diffusion_cfg: DiffusionConfig, generator: torch.Generator) -> LossFn:
+    """(x, y) -> per-example diffusion loss of ``net`` (t ~ U[0, 1), noise from ``generator``)."""
+    loss = TeacherLoss(weighting=diffusion_cfg.weighting, logsnr_min=diffusion_cfg.logsnr_min,
+                       logsnr_max=diffusion_cfg.logsnr_max)
+
+    def loss_fn(x: Tensor, y: Tensor | None) -> Tensor:
+        return loss(Denoiser(net, parameterization=diffusion_cfg.parameterization, y=y), x, generator=generator)
+    return loss_fn
+
+
+def distill_loss_fn(*, net: nn.Module, teacher_net: nn.Module, student_steps: int, diffusion_cfg: DiffusionConfig,
+                    generator: torch.Generator) -> LossFn:
+    """(x, y) -> per-example distillation loss of the student ``net`` against ``teacher_net``'s 2-step DDIM."""
+    param = diffusion_cfg.parameterization
+    sched = dict(logsnr_min=diffusion_cfg.logsnr_min, logsnr_max=diffusion_cfg.logsnr_max)
+
+    def loss_fn(x: Tensor, y: Tensor | None) -> Tensor:
+        teacher = Denoiser(teacher_net, parameterization=param, y=y)
+        loss = DistillationLoss(teacher, num_steps=student_steps, weighting=diffusion_cfg.weighting, **sched)
+        return loss(Denoiser(net, parameterization=param, y=y), x, generator=generator)
+    return loss_fn
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a phase hands on: weights (EMA for the teacher), steps, wall time and where it resumed."""
+
+    weights: dict[str, Tensor]
+    steps: int
+    seconds: float
+    resumed_from: int  # step the run started at (0 unless resumed)
+
+
+def _seed_rank_rng(seed: int, runtime: Runtime) -> None:
+    """Data-parallel ranks > 0 draw their own dropout masks (rank 0 keeps the single-process stream)."""
+    if runtime.rank > 0:
+        torch.manual_seed(dist.rank_seed(seed, runtime.rank))
+
+
+def _train(*, state: TrainState, spec: LoopSpec, loss_fn: LossFn, batch_size: int, runtime: Runtime,
+           sample_batch: BatchFn, on_checkpoint: CheckpointHook | None, on_progress: ProgressCallback | None,
+           fault_at_step: int | None) -> TrainResult:
+    """Run the loop from ``state.step`` to ``spec.total_steps``; the weights handed on are the EMA's, if any."""
+    start, t0 = state.step, time.perf_counter()
+    _log_batch(spec.phase, per_rank=batch_size, runtime=runtime)
+    run_loop(state=state, spec=spec, loss_fn=loss_fn,
+             sample_batch=rank_batches(device_batches(sample_batch, runtime), runtime),
+             runtime=runtime, on_checkpoint=on_checkpoint, on_progress=on_progress, fault_at_step=fault_at_step)
+    return TrainResult(weights=state.ema_state_dict(), steps=state.step, seconds=time.perf_counter() - t0,
+                       resumed_from=start)
+
+
+def new_teacher_state(*, spec: UNetSpec, teacher_cfg: TeacherConfig, runtime: Runtime, seed: int) -> TrainState:
+    """Fresh teacher: seeded init, AdamW, EMA copy of the weights, seeded noise generator (per rank)."""
+    torch.manual_seed(seed)  # the same initial weights on every rank
+    model = prepare_module(UNet(spec), runtime)
+    _seed_rank_rng(seed, runtime)
+    opt = make_optimizer(model, lr=teacher_cfg.lr, weight_decay=teacher_cfg.weight_decay, runtime=runtime)
+    ema = [p.detach().clone() for p in model.parameters()] if teacher_cfg.ema_decay else None
+    gen = torch.Generator(device=runtime.device).manual_seed(dist.rank_seed(seed + 1, runtime.rank))
+    return TrainState(model=model, optimizer=opt, ema=ema, step=0, noise_generator=gen)
+
+
+def train_teacher(*, state: TrainState, teacher_cfg: TeacherConfig, diffusion_cfg: DiffusionConfig,
+                  runtime: Runtime, sample_batch: BatchFn, on_checkpoint: CheckpointHook | None = None,
+                  on_progress: ProgressCallback | None = None, fault_at_step: int | None = None) -> TrainResult:
+    """Train the teacher (continuous t, warmup, grad clip, EMA); returns the EMA weights."""
+    net = maybe_compile(data_parallel(state.model, runtime), runtime)
+    loss_fn = teacher_loss_fn(net=net, diffusion_cfg=diffusion_cfg, generator=state.noise_generator)
+    spec = LoopSpec(phase="teacher", total_steps=teacher_cfg.updates,
+                    lr_fn=lambda s: warmup_lr(s, base_lr=teacher_cfg.lr, warmup_steps=teacher_cfg.warmup_steps),
+                    grad_clip=teacher_cfg.grad_clip, ema_decay=teacher_cfg.ema_decay,
+                    log_every=teacher_cfg.log_every, checkpoint_every=teacher_cfg.checkpoint_every)
+    return _train(state=state, spec=spec, loss_fn=loss_fn, batch_size=teacher_cfg.batch_size, runtime=runtime,
+                  sample_batch=sample_batch, on_checkpoint=on_checkpoint, on_progress=on_progress,
+                  fault_at_step=fault_at_step)
+
+
+def new_student_state(*, teacher_weights: dict[str, Tensor], spec: UNetSpec, distill_cfg: DistillConfig,
+                      runtime: Runtime, seed: int) -> TrainState:
+    """Student = copy of the teacher's weights (dropout per distill config), fresh AdamW, no EMA (paper)."""
+    model = UNet(dataclasses.replace(spec, dropout=distill_cfg.dropout))
+    model.load_state_dict(teacher_weights)
+    model = prepare_module(model, runtime)
+    _seed_rank_rng(seed, runtime)
+    opt = make_optimizer(model, lr=distill_cfg.lr, weight_decay=0.0, runtime=runtime)
+    gen = torch.Generator(device=runtime.device).manual_seed(dist.rank_seed(seed, runtime.rank))
+    return TrainState(model=model, optimizer=opt, ema=None, step=0, noise_generator=gen)
+
+
+def frozen_teacher(*, weights: dict[str, Tensor], spec: UNetSpec, runtime: Runtime) -> nn.Module:
+    """The teacher network for target computation: eval mode (no dropout), no gradients."""
+    net = UNet(dataclasses.replace(spec, dropout=0.0))
+    net.load_state_dict(weights)
+    net = prepare_module(net, runtime).eval().requires_grad_(False)
+    return maybe_compile(net, runtime)
+
+
+def distill_round(*, state: TrainState, teacher_net: nn.Module, student_steps: int, updates: int, phase: str,
+                  distill_cfg: DistillConfig, diffusion_cfg: DiffusionConfig, runtime: Runtime,
+                  sample_batch: BatchFn, on_checkpoint: CheckpointHook | None = None,
+                  on_progress: ProgressCallback | None = None, fault_at_step: int | None = None) -> TrainResult:
+    """One round of Algorithm 2: the student (N = student_steps) learns the teacher's 2-step DDIM target.
+
+    lr is annealed linearly from distill.lr to 0 over the round's ``updates``.
+    """
+    net = maybe_compile(data_parallel(state.model, runtime), runtime)
+    loss_fn = distill_loss_fn(net=net, teacher_net=teacher_net, student_steps=student_steps,
+                              diffusion_cfg=diffusion_cfg, generator=state.noise_generator)
+    spec = LoopSpec(phase=phase, total_steps=updates,
+                    lr_fn=lambda s: linear_anneal_lr(s, base_lr=distill_cfg.lr, total_steps=updates),
+                    grad_clip=distill_cfg.grad_clip, ema_decay=None,
+                    log_every=distill_cfg.log_every, checkpoint_every=distill_cfg.checkpoint_every)
+    return _train(state=state, spec=spec, loss_fn=loss_fn, batch_size=distill_cfg.batch_size, runtime=runtime,
+                  sample_batch=sample_batch, on_checkpoint=on_checkpoint, on_progress=on_progress,
+                  fault_at_step=fault_at_step)
+
+
+def copy_weights(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CPU copies of a state dict (what gets saved)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}

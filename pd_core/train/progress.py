@@ -1,0 +1,40 @@
+"""Training progress: one event per ``log_every`` updates (loss, lr, rate, ETA), as a log line."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One progress report: what a bar, a log line or a Prefect artifact shows."""
+
+    phase: str  # e.g. "teacher" or "round 3 (64->32)"
+    step: int  # updates done
+    total: int  # updates in this phase
+    loss: float  # mean loss since the previous event
+    lr: float
+    it_per_s: float
+    eta_s: float
+
+    def line(self) -> str:
+        """One log line: `round 3 (64->32) step 200/1000 loss 0.0123 lr 4.0e-05 8.1 it/s eta 1m39s`."""
+        return (f"{self.phase} step {self.step}/{self.total} loss {self.loss:.4g} lr {self.lr:.2e} "
+                f"{self.it_per_s:.2f} it/s eta {format_seconds(self.eta_s)}")
+
+
+def format_seconds(seconds: float) -> str:
+    """Human duration: 59s, 3m07s, 2h05m."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+
+ProgressCallback = Callable[[ProgressEvent], None]

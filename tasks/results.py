@@ -1,0 +1,35 @@
+"""Typed values the tasks and flows hand each other (checkpoint infos come from ``pd_core.jobs``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pd_core.jobs import CheckpointInfo
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One round: its student's checkpoint and the student's evaluation record (None when evaluation is off)."""
+
+    student: CheckpointInfo
+    metrics: dict | None  # a flat record (pd_core.metrics.table) plus ``sample_grid``
+
+
+@dataclass(frozen=True)
+class Report:
+    """What the report task published: where to look, and the concise quality table."""
+
+    mlflow_link: str
+    table: str = ""  # the CLI's quality table; empty without evaluation records
+    report_uri: str | None = None  # quality.csv in the store
+    registered: dict[str, str] = field(default_factory=dict)  # registered model name and versions
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """What the pipeline flow returns: the teacher, every round's student and the report."""
+
+    pipeline: str
+    teacher: CheckpointInfo
+    rounds: list[CheckpointInfo]
+    report: Report
