@@ -339,7 +339,7 @@ def test_outage_is_journaled_and_replayed_in_order(tmp_path: Path, db_uri: str,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     tracker = Tracker(tracking_uri=db_uri, experiment="pd-outage", retry_interval_s=3600)
     flaky = _Flaky(_client(tracker.tracking_uri))
-    tracker._client_obj = flaky  # test seam: the client the tracker talks through
+    tracker._ops.client = flaky  # noqa: SLF001 - test seam: the client every MLflow call goes through
     parent = tracker.start_run(run_name="pipeline", params={"a": 1})
     tracker.log_metrics(parent, {"loss": 1.0}, step=0)
 
@@ -398,7 +398,7 @@ def test_outage_is_journaled_and_replayed_in_order(tmp_path: Path, db_uri: str,
 def test_journal_replays_automatically_and_across_trackers(db_uri: str) -> None:
     first = Tracker(tracking_uri=db_uri, experiment="pd-outage2", retry_interval_s=0)
     flaky = _Flaky(_client(first.tracking_uri))
-    first._client_obj = flaky
+    first._ops.client = flaky  # noqa: SLF001 - test seam, as above
     flaky.down = True
     run = first.start_run(run_name="offline", params={"x": 1})
     first.log_metrics(run, {"m": 2.0}, step=7)
