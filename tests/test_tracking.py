@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-# Offline hygiene before mlflow is imported (design section 4); no conftest on purpose.
+# Offline hygiene before mlflow is imported.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
@@ -27,8 +27,7 @@ import torch  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from tasks.tracking import (MODEL_NAME, Tracker, TrackingError, flatten_params,  # noqa: E402
-                            load_sampler_from_mlflow, redact)
+from tasks.tracking import Tracker, flatten_params, load_sampler_from_mlflow, redact  # noqa: E402
 
 FAKE_KEY_ID = "AKIAFAKEKEYID0123456"
 FAKE_SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYFAKESECRET"
@@ -39,7 +38,7 @@ _HTTP_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FAC
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tracker sets HTTP retry defaults in os.environ; monkeypatch puts the environment back after each test."""
     for name in (*_HTTP_ENV, "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         monkeypatch.delenv(name, raising=False)
@@ -49,7 +48,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty MLflow sqlite DB with its schema migrated once (migrations take ~10 s; copies are instant)."""
+    """An empty MLflow sqlite DB with its schema migrated once per module (tests get copies)."""
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
     MlflowClient(f"sqlite:///{path}").search_experiments()
     return path
@@ -119,7 +118,8 @@ def test_parent_and_child_runs_line_up(tmp_path: Path, db_uri: str, monkeypatch:
         for step in range(3):
             tracker.log_metrics(child, {"train/loss": 1.0 / (step + 1)}, step=step)
         tracker.log_metrics(child, {"eval/fid": 10.0 * index, "sec_per_image": 0.01}, step=student_steps)
-        tracker.set_tags(child, {"pd.checkpoint_uri": f"file:///store/rounds/{index:02d}", "pd.checkpoint_sha256": "ab" * 32})
+        tracker.set_tags(child, {"pd.checkpoint_uri": f"file:///store/rounds/{index:02d}",
+                                 "pd.checkpoint_sha256": "ab" * 32})
         children.append(child)
     grid = tmp_path / "grid.png"
     grid.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
@@ -239,79 +239,6 @@ def _write(path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# The sampler model
-
-
-def test_sampler_model_round_trip_without_pickle(tmp_path: Path, db_uri: str) -> None:
-    tracker = Tracker(tracking_uri=db_uri, experiment="pd-models")
-    run = tracker.start_run(run_name="round-03")
-    tensors = _tiny_weights(tmp_path / "student.safetensors")
-    manifest = {"kind": "student", "round": 3, "steps": 1, "sha256": "cd" * 32}
-    uri, version = tracker.log_sampler_model(run, weights_path=str(tmp_path / "student.safetensors"),
-                                             manifest=manifest, registered_model="pd-sampler", alias="best",
-                                             tags={"pd.round": "3"})
-    assert uri.startswith("models:/m-") and version == "1"
-    for index, model_uri in enumerate((uri, "models:/pd-sampler@best", "models:/pd-sampler/1", f"runs:/{run}/{MODEL_NAME}")):
-        weights, got = load_sampler_from_mlflow(model_uri, tracking_uri=db_uri, dst_dir=str(tmp_path / "dl" / str(index)))
-        assert got == manifest
-        loaded = load_file(weights)
-        assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
-    model_dir = Path(weights).parent.parent
-    mlmodel = (model_dir / "MLmodel").read_text()
-    assert "mlflow.pyfunc.loaders.code_model" in mlmodel and "python_model.pkl" not in mlmodel
-    assert not [p for p in model_dir.rglob("*") if p.suffix in (".pkl", ".pickle", ".pt", ".pth")]
-
-    # a later, better student: version 2, alias moved
-    _tiny_weights(tmp_path / "student2.safetensors", seed=1)
-    _, version2 = tracker.log_sampler_model(run, weights_path=str(tmp_path / "student2.safetensors"),
-                                            manifest={**manifest, "round": 4}, registered_model="pd-sampler")
-    assert version2 == "2"
-    tracker.set_alias(registered_model="pd-sampler", alias="best", version=version2)
-    assert str(_client(db_uri).get_model_version_by_alias("pd-sampler", "best").version) == "2"
-    assert load_sampler_from_mlflow("models:/pd-sampler@best", tracking_uri=db_uri)[1]["round"] == 4
-
-    with pytest.raises(TrackingError, match="models:/pd-sampler@nope"):
-        load_sampler_from_mlflow("models:/pd-sampler@nope", tracking_uri=db_uri)
-    # tampered weights in the artifact store are refused
-    stored = next((tmp_path / "mlflow" / "mlartifacts").rglob("model.safetensors"))
-    stored.write_bytes(stored.read_bytes()[:-1] + b"\x00")
-    with pytest.raises(TrackingError, match="sha256"):
-        for model_uri in ("models:/pd-sampler/1", "models:/pd-sampler/2"):
-            load_sampler_from_mlflow(model_uri, tracking_uri=db_uri)
-
-
-def test_unet_student_logged_and_sampled_from_mlflow(tmp_path: Path, db_uri: str,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    unet = pytest.importorskip("pd_core.unet")
-    train = pytest.importorskip("pd_core.train")
-    import mlflow
-
-    spec = unet.UNetSpec(in_channels=1, out_channels=1, image_size=8, ch=8, emb_ch=16, ch_mult=(1, 2),
-                         num_res_blocks=1, attn_resolutions=(), norm_groups=4, dropout=0.0)
-    net = unet.UNet(spec)
-    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
-    manifest = {"kind": "student", "steps": 2, "unet": train.spec_to_dict(spec), "parameterization": "x",
-                "logsnr_min": -20.0, "logsnr_max": 20.0}
-    tracker = Tracker(tracking_uri=db_uri, experiment="pd-models")
-    run = tracker.start_run(run_name="round-02")
-    _, version = tracker.log_sampler_model(run, weights_path=str(tmp_path / "w.safetensors"), manifest=manifest,
-                                           registered_model="pd-unet", alias="best")
-
-    weights, got = load_sampler_from_mlflow("models:/pd-unet@best", tracking_uri=db_uri)
-    rebuilt = unet.UNet(train.spec_from_dict(got["unet"]))
-    rebuilt.load_state_dict(load_file(weights))
-    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), net.state_dict().values()))
-
-    # the pyfunc (models from code) samples: uint8 (N, H, W, C), deterministic in the seed
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", db_uri)
-    model = mlflow.pyfunc.load_model(f"models:/pd-unet/{version}")
-    images = model.predict({"num_images": 2, "steps": 2, "seed": 3})
-    assert images.shape == (2, 8, 8, 1) and str(images.dtype) == "uint8"
-    again = model.predict(pd.DataFrame([{"num_images": 2, "steps": 2, "seed": 3}]))
-    assert (images == again).all()
-
-
-# ----------------------------------------------------------------------------------------------
 # Outages: journal and replay
 
 
@@ -339,7 +266,7 @@ def test_outage_is_journaled_and_replayed_in_order(tmp_path: Path, db_uri: str,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     tracker = Tracker(tracking_uri=db_uri, experiment="pd-outage", retry_interval_s=3600)
     flaky = _Flaky(_client(tracker.tracking_uri))
-    tracker._client_obj = flaky  # test seam: the client the tracker talks through
+    tracker._ops.client = flaky  # noqa: SLF001 - test seam: the client every MLflow call goes through
     parent = tracker.start_run(run_name="pipeline", params={"a": 1})
     tracker.log_metrics(parent, {"loss": 1.0}, step=0)
 
@@ -398,7 +325,7 @@ def test_outage_is_journaled_and_replayed_in_order(tmp_path: Path, db_uri: str,
 def test_journal_replays_automatically_and_across_trackers(db_uri: str) -> None:
     first = Tracker(tracking_uri=db_uri, experiment="pd-outage2", retry_interval_s=0)
     flaky = _Flaky(_client(first.tracking_uri))
-    first._client_obj = flaky
+    first._ops.client = flaky  # noqa: SLF001 - test seam, as above
     flaky.down = True
     run = first.start_run(run_name="offline", params={"x": 1})
     first.log_metrics(run, {"m": 2.0}, step=7)
@@ -415,7 +342,7 @@ def test_journal_replays_automatically_and_across_trackers(db_uri: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# A real MLflow server that goes away and comes back (issue 9)
+# A real MLflow server that goes away and comes back
 
 
 def _free_port() -> int:
@@ -477,7 +404,8 @@ def test_mlflow_server_down_then_back(tmp_path: Path, migrated_db: Path, caplog:
         caplog.set_level(logging.WARNING, logger="tasks.tracking")
         started = time.monotonic()
         tracker.log_metrics(parent, {"loss": 0.5}, step=1)
-        child = tracker.start_run(run_name="round-01", parent_run_id=parent, params={**flatten_params(CONFIG), "round": 1})
+        child = tracker.start_run(run_name="round-01", parent_run_id=parent,
+                                  params={**flatten_params(CONFIG), "round": 1})
         for step in range(3):
             tracker.log_metrics(child, {"loss": 0.1 * step}, step=step)
         tracker.log_text(child, "written while MLflow was down", artifact_file="report.md")

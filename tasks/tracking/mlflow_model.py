@@ -3,8 +3,9 @@
 MLflow copies THIS FILE into the logged model (``python_model=<path of this file>``) and executes it
 on load; nothing is cloudpickled. The weights travel as a safetensors artifact (``weights``) and the
 checkpoint manifest as JSON (``manifest``), so loading the model never unpickles anything.
-``tasks.tracking`` only refers to this file by path: importing it calls :func:`mlflow.models.set_model`,
-which is what MLflow needs when it executes the file, but a side effect nobody else wants.
+``tasks.tracking.sampler_model`` only refers to this file by path: importing it calls
+:func:`mlflow.models.set_model`, which is what MLflow needs when it executes the file, but a side effect
+nobody else wants.
 
 predict() input (dict or one-row DataFrame): ``num_images`` (default 16), ``steps`` (default: the
 step count the student was distilled for), ``seed`` (default 0), optional ``labels`` (class-conditional
@@ -25,7 +26,8 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 def _first_row(model_input: Any) -> dict[str, Any]:
     """A dict of request fields from a dict, a one-row DataFrame or a list of one dict."""
     if isinstance(model_input, dict):
-        return {k: (v[0] if isinstance(v, list) and k != "labels" and len(v) == 1 else v) for k, v in model_input.items()}
+        return {k: (v[0] if isinstance(v, list) and k != "labels" and len(v) == 1 else v)
+                for k, v in model_input.items()}
     if isinstance(model_input, list) and model_input and isinstance(model_input[0], dict):
         return dict(model_input[0])
     if hasattr(model_input, "to_dict") and hasattr(model_input, "columns"):  # pandas.DataFrame
@@ -71,7 +73,8 @@ class SamplerModel(PythonModel):
 
     # The pd.DataFrame hint is one MLflow does not validate against (a dict works just as well); without
     # a hint MLflow warns on every save.
-    def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
+    def predict(self, context: PythonModelContext,  # noqa: ARG002 - PythonModel.predict's signature
+                model_input: pd.DataFrame, params: dict[str, Any] | None = None):
         """Sample ``num_images`` images with ``steps`` DDIM steps from ``seed``; uint8 (N, H, W, C)."""
         import torch
 
