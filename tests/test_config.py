@@ -257,17 +257,21 @@ def test_flatten_gives_dotted_scalars() -> None:
     assert all(isinstance(v, (str, int, float, bool)) for v in flat.values())
 
 
-def test_model_spec_builds_the_unet() -> None:
+def test_unet_spec_from_the_config_builds_the_unet() -> None:
     import torch
 
+    from pd_core.train import unet_spec
     from pd_core.unet import UNet
 
     cfg = smoke()
-    spec = C.model_spec(cfg, in_channels=1)
+    spec = unet_spec(cfg.model, in_channels=1, image_size=cfg.data.image_size,
+                     parameterization=cfg.diffusion.parameterization, num_classes=0, dropout=cfg.model.dropout)
     assert (spec.in_channels, spec.out_channels, spec.image_size, spec.emb_ch) == (1, 1, 8, 64)
     out = UNet(spec)(torch.zeros(2, 1, 8, 8), torch.zeros(2))
     assert out.shape == (2, 1, 8, 8)
-    both = C.model_spec(smoke("diffusion.parameterization=both"), in_channels=3, dropout=0.0)
+    cfg = smoke("diffusion.parameterization=both")
+    both = unet_spec(cfg.model, in_channels=3, image_size=cfg.data.image_size,
+                     parameterization=cfg.diffusion.parameterization, num_classes=0, dropout=0.0)
     assert both.out_channels == 6 and both.dropout == 0.0
 
 

@@ -17,7 +17,7 @@ import torch
 
 from pd_core import data as D
 from pd_core.config import DataConfig
-from pd_core.data import BatchSampler, DatasetError, ImageData, load_split
+from pd_core.data import BatchSampler, DatasetError, ImageData, load_split, locate
 
 RNG = np.random.default_rng(0)
 
@@ -160,7 +160,7 @@ def test_wrong_size_images_are_refused(tmp_path: Path) -> None:
 
 
 def test_missing_default_location_says_how_to_get_the_files(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(D, "FASHION_MNIST_DEFAULT_DIR", str(tmp_path / "absent"))
+    monkeypatch.setattr(locate, "FASHION_MNIST_DEFAULT_DIR", str(tmp_path / "absent"))  # where it is read
     cfg = DataConfig(name="fashion_mnist", image_size=28, download_dir=str(tmp_path / "dl"))
     with pytest.raises(DatasetError) as info:
         load_split(cfg, split="train")

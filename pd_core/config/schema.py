@@ -1,0 +1,52 @@
+"""The whole configuration: one field per section, and the checks that span sections.
+
+Cross-section rules: ``data.image_size`` is divisible by 2^(len(model.ch_mult) - 1);
+``model.attn_resolutions`` are resolutions of the U-Net (image_size / 2^level); at every attended
+level (and the middle block) the channels ``model.ch * mult`` split into whole heads.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from pd_core.config.base import _FieldProblem, _Section
+from pd_core.config.services import PipelineConfig, RuntimeConfig, StorageConfig, TrackingConfig
+from pd_core.config.training import DataConfig, DiffusionConfig, DistillConfig, EvalConfig, ModelConfig, TeacherConfig
+
+
+class Config(_Section):
+    """A whole pipeline's configuration; ``to_yaml`` of it is logged once per run."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The U-Net.")
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig, description="Parameterization and loss.")
+    data: DataConfig = Field(description="The dataset.")
+    teacher: TeacherConfig = Field(description="Teacher training.")
+    distill: DistillConfig = Field(description="Distillation rounds.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Checkpoint store.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Device and precision.")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Run identity.")
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> Config:
+        m, size = self.model, self.data.image_size
+        factor = 2 ** (len(m.ch_mult) - 1)
+        if size % factor:
+            raise _FieldProblem("data.image_size", f"must be divisible by 2^(len(model.ch_mult)-1) = {factor} for "
+                                                   f"model.ch_mult={list(m.ch_mult)}, got {size}")
+        resolutions = [size // 2 ** level for level in range(len(m.ch_mult))]
+        missing = [r for r in m.attn_resolutions if r not in resolutions]
+        if missing:
+            raise _FieldProblem("model.attn_resolutions", f"must be resolutions of this U-Net {resolutions} "
+                                                          f"(image_size {size}), got {missing[0]}")
+        for level, mult in enumerate(m.ch_mult):
+            attended = resolutions[level] in m.attn_resolutions or level == len(m.ch_mult) - 1  # last: middle block
+            channels = m.ch * mult
+            heads = channels // m.head_dim if m.head_dim else m.num_heads
+            if attended and (heads < 1 or channels % heads):
+                name, value = ("model.head_dim", m.head_dim) if m.head_dim else ("model.num_heads", m.num_heads)
+                raise _FieldProblem(name, f"must split the {channels} attention channels (model.ch * ch_mult at "
+                                          f"an attended level) into whole heads, got {value}")
+        return self
+

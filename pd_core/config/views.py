@@ -1,0 +1,77 @@
+"""Views of a validated config: its hash, flat MLflow params, YAML text, and field descriptions.
+
+``config_hash`` is sha256 of the canonical JSON (sorted keys, no NaN) of the whole config or of the
+named sections; ``flatten`` gives dotted keys -> scalars (lists as JSON, None as 'null').
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from pd_core.config.errors import ConfigError
+from pd_core.config.schema import Config
+
+
+def config_hash(cfg: Config, *, sections: Iterable[str] | None = None) -> str:
+    """sha256 hex of the canonical JSON (sorted keys) of ``cfg``, or of only the named sections.
+
+    ``sections`` lets a caller hash what determines a result (e.g. model, diffusion, data, distill)
+    without tracking/runtime settings that may differ between an original run and its resume.
+    """
+    dump = cfg.model_dump(mode="json")
+    if sections is not None:
+        names = list(sections)
+        unknown = [n for n in names if n not in dump]
+        if unknown:
+            raise ConfigError(f"config_hash sections must be among {', '.join(dump)}, got {unknown[0]!r}")
+        dump = {n: dump[n] for n in names}
+    canonical = json.dumps(dump, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _flat_value(value: Any) -> str | int | float | bool:
+    if value is None:
+        return "null"
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return json.dumps(value, sort_keys=True)  # lists (and empty dicts): one readable param
+
+
+def flatten(cfg: Config) -> dict[str, str | int | float | bool]:
+    """Dotted keys -> scalar values (for MLflow params); lists as JSON, None as 'null'."""
+    out: dict[str, str | int | float | bool] = {}
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, Mapping) and value:
+                walk(value, f"{name}.")
+            else:
+                out[name] = _flat_value(value)
+
+    walk(cfg.model_dump(mode="json"), "")
+    return out
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (``load_config(path=...)`` of it gives back an equal Config)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=None, width=100)
+
+
+def field_descriptions(model: type[BaseModel] = Config, prefix: str = "") -> dict[str, str]:
+    """Dotted field name -> description, for help output (``pd config --explain``)."""
+    out: dict[str, str] = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out.update(field_descriptions(annotation, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = field.description or ""
+    return out
+
