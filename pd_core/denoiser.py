@@ -29,7 +29,7 @@ class Denoiser:
         self.parameterization = parameterization
         self.y = y
 
-    def with_labels(self, y: Tensor | None) -> "Denoiser":
+    def with_labels(self, y: Tensor | None) -> Denoiser:
         """The same denoiser with class labels bound."""
         return Denoiser(self.net, parameterization=self.parameterization, y=y)
 

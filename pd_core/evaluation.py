@@ -19,9 +19,18 @@ from torch import Tensor
 from pd_core import images, samplers
 from pd_core.config import Config, config_hash
 from pd_core.data import load_split
+from pd_core.metrics import (
+    FeatureExtractor,
+    ReferenceFeatures,
+    evaluate_sampler,
+    extract_features,
+    load_inception,
+    load_or_compute_reference,
+    load_or_train_classifier,
+    real_floor,
+    sample_noise,
+)
 from pd_core.models import LoadedModel, load_model
-from pd_core.metrics import (FeatureExtractor, ReferenceFeatures, evaluate_sampler, extract_features, load_inception,
-                             load_or_compute_reference, load_or_train_classifier, real_floor, sample_noise)
 from pd_core.store import CheckpointStore
 
 log = logging.getLogger(__name__)

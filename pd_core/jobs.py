@@ -21,8 +21,18 @@ from pd_core.config import Config, config_hash
 from pd_core.data import BatchSampler, ImageData, load_split
 from pd_core.models import check_weights_fit, split_uri
 from pd_core.store import CheckpointStore, StoreError
-from pd_core.train import (ProgressCallback, TrainResult, TrainState, copy_weights, distill_round, frozen_teacher,
-                           new_student_state, new_teacher_state, resolve_runtime, train_teacher)
+from pd_core.train import (
+    ProgressCallback,
+    TrainResult,
+    TrainState,
+    copy_weights,
+    distill_round,
+    frozen_teacher,
+    new_student_state,
+    new_teacher_state,
+    resolve_runtime,
+    train_teacher,
+)
 from pd_core.unet import UNetSpec, spec_from_dict, spec_to_dict, unet_spec
 
 log = logging.getLogger(__name__)

@@ -282,7 +282,7 @@ class Postgres:
 
     @classmethod
     def start(cls, *, bin_dir: Path, roles: tuple[str, ...] = ("prefect", "mlflow"), timeout_s: float = 60,
-              on_created: Callable[["Postgres"], None] | None = None) -> "Postgres":
+              on_created: Callable[[Postgres], None] | None = None) -> Postgres:
         """initdb + pg_ctl start + one role and one database per name in ``roles``.
 
         ``on_created`` is called with the cluster before anything runs (the reaper registers it).
@@ -401,7 +401,7 @@ class Reaper:
         self.state["services"].append(pid)  # type: ignore[union-attr]
         self._write()
 
-    def set_postgres(self, pg: "Postgres") -> None:
+    def set_postgres(self, pg: Postgres) -> None:
         self.state["postgres"] = pg.reaper_entry()
         self._write()
 
@@ -496,7 +496,7 @@ class FullStack(contextlib.AbstractContextManager):
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    def __enter__(self) -> "FullStack":
+    def __enter__(self) -> FullStack:
         self._stack.__enter__()
         try:
             self._reaper.start()

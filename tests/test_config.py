@@ -260,18 +260,15 @@ def test_flatten_gives_dotted_scalars() -> None:
 def test_unet_spec_from_the_config_builds_the_unet() -> None:
     import torch
 
-    from pd_core.train import unet_spec
-    from pd_core.unet import UNet
+    from pd_core.unet import UNet, unet_spec
 
     cfg = smoke()
-    spec = unet_spec(cfg.model, in_channels=1, image_size=cfg.data.image_size,
-                     parameterization=cfg.diffusion.parameterization, num_classes=0, dropout=cfg.model.dropout)
+    spec = unet_spec(cfg, in_channels=1)
     assert (spec.in_channels, spec.out_channels, spec.image_size, spec.emb_ch) == (1, 1, 8, 64)
     out = UNet(spec)(torch.zeros(2, 1, 8, 8), torch.zeros(2))
     assert out.shape == (2, 1, 8, 8)
     cfg = smoke("diffusion.parameterization=both")
-    both = unet_spec(cfg.model, in_channels=3, image_size=cfg.data.image_size,
-                     parameterization=cfg.diffusion.parameterization, num_classes=0, dropout=0.0)
+    both = unet_spec(cfg, in_channels=3, dropout=0.0)
     assert both.out_channels == 6 and both.dropout == 0.0
 
 

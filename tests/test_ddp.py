@@ -11,7 +11,6 @@ and the same final weights as an uninterrupted 2-process run.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -25,11 +24,19 @@ from pd_core.config import load_config
 from pd_core.data import BatchSampler, ImageData
 from pd_core.denoiser import Denoiser
 from pd_core.distill import distillation_target
-from pd_core.schedule import alpha_sigma, logsnr
 from pd_core.net import free_port
+from pd_core.schedule import alpha_sigma, logsnr
 from pd_core.store import CheckpointStore
-from pd_core.train import (DeviceBatches, LoopSpec, NonFiniteLossError, Runtime, TrainState, data_parallel,
-                           rank_batches, run_loop)
+from pd_core.train import (
+    DeviceBatches,
+    LoopSpec,
+    NonFiniteLossError,
+    Runtime,
+    TrainState,
+    data_parallel,
+    rank_batches,
+    run_loop,
+)
 from pd_core.unet import UNet, UNetSpec
 from pd_core.weighting import per_example_loss
 

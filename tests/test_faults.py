@@ -50,8 +50,8 @@ from hypothesis import strategies as st  # noqa: E402
 from pd_core import jobs  # noqa: E402
 from pd_core.config import Config, ConfigError, flatten, load_config  # noqa: E402
 from pd_core.store import CheckpointStore, StorageIOError, StoreError  # noqa: E402
-from tests.conftest import set_fake_aws_env  # noqa: E402
 from pd_core.train import NonFiniteLossError  # noqa: E402
+from tests.conftest import set_fake_aws_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_KEY_ID = "AKIAPDFAULTSCANKEY42"  # distinctive, so a scan for them means something
@@ -470,8 +470,7 @@ def test_checkpoint_with_wrong_shapes_is_refused_clearly(template: Path, tmp_pat
     import dataclasses
 
     from pd_core.train import copy_weights
-    from pd_core.unet import spec_from_dict
-    from pd_core.unet import UNet
+    from pd_core.unet import UNet, spec_from_dict
 
     cfg = _cfg("faults")
     store, student = _copy_of(template, tmp_path, cfg)

@@ -66,14 +66,13 @@ def test_sampler_model_round_trip_without_pickle(tmp_path: Path, db_uri: str) ->
 def test_unet_student_logged_and_sampled_from_mlflow(tmp_path: Path, db_uri: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     unet = pytest.importorskip("pd_core.unet")
-    train = pytest.importorskip("pd_core.train")
     import mlflow
 
     spec = unet.UNetSpec(in_channels=1, out_channels=1, image_size=8, ch=8, emb_ch=16, ch_mult=(1, 2),
                          num_res_blocks=1, attn_resolutions=(), norm_groups=4, dropout=0.0)
     net = unet.UNet(spec)
     save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
-    manifest = {"kind": "student", "steps": 2, "unet": train.spec_to_dict(spec), "parameterization": "x",
+    manifest = {"kind": "student", "steps": 2, "unet": unet.spec_to_dict(spec), "parameterization": "x",
                 "logsnr_min": -20.0, "logsnr_max": 20.0}
     tracker = Tracker(tracking_uri=db_uri, experiment="pd-models")
     run = tracker.start_run(run_name="round-02")
@@ -81,7 +80,7 @@ def test_unet_student_logged_and_sampled_from_mlflow(tmp_path: Path, db_uri: str
                                            registered_model="pd-unet", alias="best")
 
     weights, got = load_sampler_from_mlflow("models:/pd-unet@best", tracking_uri=db_uri)
-    rebuilt = unet.UNet(train.spec_from_dict(got["unet"]))
+    rebuilt = unet.UNet(unet.spec_from_dict(got["unet"]))
     rebuilt.load_state_dict(load_file(weights))
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), net.state_dict().values(), strict=True))
 

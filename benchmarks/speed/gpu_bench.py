@@ -33,8 +33,15 @@ import torch
 
 from pd_core import samplers
 from pd_core.denoiser import Denoiser
-from pd_core.train import (TrainState, make_optimizer, prepare_module, distill_loss_fn, resolve_runtime,
-                           teacher_loss_fn, train_step)
+from pd_core.train import (
+    TrainState,
+    distill_loss_fn,
+    make_optimizer,
+    prepare_module,
+    resolve_runtime,
+    teacher_loss_fn,
+    train_step,
+)
 from pd_core.unet import UNet, UNetSpec, paper_cifar10_spec
 
 DIFFUSION = SimpleNamespace(parameterization="x", weighting="snr_trunc", logsnr_min=-20.0, logsnr_max=20.0)

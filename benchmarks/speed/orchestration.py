@@ -134,10 +134,10 @@ def instrument(ledger: Ledger) -> None:
     progress.ProgressReporter.__call__ = ledger.wrap("progress reporting", progress.ProgressReporter.__call__)
     # Prefect's engine calls task.fn / flow.fn: time inside them that no finer bucket claims is our own task and
     # flow code; what is left outside is Prefect's engine (task runs, states, the API server, logs, events)
+    import prefect.tasks
+
     from flows import pipeline
     from tasks import evaluate, report, training
-
-    import prefect.tasks
 
     call = prefect.tasks.Task.__call__
     prefect.tasks.Task.__call__ = ledger.wrap("prefect task engine", call, label=lambda task, *a: task.name)

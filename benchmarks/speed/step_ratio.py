@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.speed.common import device_name, interleaved, machine, median, row, write_rows
 from benchmarks.speed.models import workload
-from pd_core.train import (Runtime, TrainState, distill_loss_fn, resolve_runtime, teacher_loss_fn, train_step)
+from pd_core.train import Runtime, TrainState, distill_loss_fn, resolve_runtime, teacher_loss_fn, train_step
 from pd_core.unet import UNet
 
 

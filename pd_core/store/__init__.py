@@ -5,8 +5,7 @@ safetensors payloads); ``objects`` (guarded atomic file I/O under a root URL); `
 ``checkpoints`` (:class:`CheckpointStore`: checkpoints and in-round state).
 """
 
-from pd_core.store.checkpoints import (CHECKPOINT_FORMAT, MANIFEST_NAME, STATE_NAME, CheckpointRef,
-                                       CheckpointStore)
+from pd_core.store.checkpoints import CHECKPOINT_FORMAT, MANIFEST_NAME, STATE_NAME, CheckpointRef, CheckpointStore
 from pd_core.store.errors import LeaseHeldError, LeaseLostError, StorageIOError, StoreError
 from pd_core.store.formats import sha256_bytes
 from pd_core.store.leases import LEASE_NAME, Lease

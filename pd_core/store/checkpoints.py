@@ -30,8 +30,16 @@ from safetensors.torch import save as _safetensors_save
 from torch import Tensor
 
 from pd_core.store.errors import StorageIOError, StoreError
-from pd_core.store.formats import (check_key, deserialize, dumps_json, looks_like_safetensors, member_name,
-                                   prepare_tensors, sha256_bytes, utc_iso)
+from pd_core.store.formats import (
+    check_key,
+    deserialize,
+    dumps_json,
+    looks_like_safetensors,
+    member_name,
+    prepare_tensors,
+    sha256_bytes,
+    utc_iso,
+)
 from pd_core.store.leases import LeasingStore
 from pd_core.store.objects import TMP_PREFIX
 from pd_core.store.retry import one_line, storage_error_types

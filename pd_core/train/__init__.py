@@ -11,11 +11,26 @@ are described in docs/design.md.
 from pd_core.train.batches import DeviceBatches, device_batches, rank_batches
 from pd_core.train.loop import BatchFn, LoopSpec, LossFn, NonFiniteLossError, data_parallel, run_loop, train_step
 from pd_core.train.optim_state import optimizer_state_to_tensors, tensors_to_optimizer_state
-from pd_core.train.phases import (TrainResult, copy_weights, distill_loss_fn, distill_round, frozen_teacher,
-                                  new_student_state, new_teacher_state, teacher_loss_fn, train_teacher)
+from pd_core.train.phases import (
+                                  TrainResult,
+                                  copy_weights,
+                                  distill_loss_fn,
+                                  distill_round,
+                                  frozen_teacher,
+                                  new_student_state,
+                                  new_teacher_state,
+                                  teacher_loss_fn,
+                                  train_teacher,
+)
 from pd_core.train.progress import ProgressCallback, ProgressEvent, format_seconds
-from pd_core.train.runtime import (Runtime, make_optimizer, maybe_compile, prepare_module, resolve_device,
-                                   resolve_runtime)
+from pd_core.train.runtime import (
+                                  Runtime,
+                                  make_optimizer,
+                                  maybe_compile,
+                                  prepare_module,
+                                  resolve_device,
+                                  resolve_runtime,
+)
 from pd_core.train.schedules import ema_update, linear_anneal_lr, warmup_lr
 from pd_core.train.state import CheckpointHook, TrainState
 

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+
 @dataclass(frozen=True)
 class ProgressEvent:
     """One progress report: what a bar, a log line or a Prefect artifact shows."""
