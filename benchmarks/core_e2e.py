@@ -121,7 +121,7 @@ def train_teacher(cfg: E2EConfig, *, generator: torch.Generator) -> Denoiser:
         opt.step()
         sched.step()
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
+            for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
                 pe.lerp_(p, 1 - 0.995)
     return Denoiser(ema.eval(), parameterization=cfg.parameterization)
 
@@ -191,7 +191,8 @@ QUICK = E2EConfig(teacher_updates=1200, teacher_steps=8, updates_per_round=250, 
 def table(res: dict) -> str:
     cfg = res["config"]
     heun = cfg["heun_baseline"]
-    head = "| N | distilled, DDIM (N evals) | teacher, DDIM (N evals) |" + (" teacher, Heun (2N-1 evals) |" if heun else "")
+    head = "| N | distilled, DDIM (N evals) | teacher, DDIM (N evals) |"
+    head += " teacher, Heun (2N-1 evals) |" if heun else ""
     sep = "|---:|---:|---:|" + ("---:|" if heun else "")
     lines = [head, sep]
     for r in res["rows"]:
@@ -211,7 +212,8 @@ def machine() -> str:
         pass
     import os
     return (f"{cpu}, {os.cpu_count()} logical CPUs (torch threads: {torch.get_num_threads()}), "
-            f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, {platform.system()}")
+            f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
+            f"{platform.system()}")
 
 
 def write_markdown(res: dict, path: Path, *, command: str, quick: dict | None = None) -> None:

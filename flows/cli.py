@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--teacher-uri", help="import this teacher checkpoint instead of training one")
 
     sample = sub.add_parser("sample", help="draw samples from a checkpoint or an MLflow model into a PNG grid")
-    sample.add_argument("--model", required=True, help="checkpoint folder URI (as `pd run` prints) or models:/NAME@ALIAS")
+    sample.add_argument("--model", required=True,
+                        help="checkpoint folder URI (as `pd run` prints) or models:/NAME@ALIAS")
     sample.add_argument("--steps", type=int, help="sampling steps (default: the steps the model was distilled for)")
     sample.add_argument("--num", type=int, default=64, help="number of images")
     sample.add_argument("--out", default="samples.png", help="output PNG (path or fsspec URL)")

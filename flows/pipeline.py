@@ -78,7 +78,7 @@ def _kept_alive(lease: Lease, *, logger) -> Iterator[LeaseGuard]:
 def _flow_run_id() -> str:
     try:
         return str(get_run_context().flow_run.id)
-    except Exception:
+    except Exception:  # noqa: BLE001 - called outside a flow run (tests, notebooks)
         return "local"
 
 
@@ -129,5 +129,6 @@ def distillation_pipeline(preset: str = "smoke", overrides: list[str] | None = N
         tracker.end_run(parent)
         pending = tracker.flush()
         if pending:
-            logger.warning("MLflow: %d tracking calls still pending in the journal; they replay on the next run", pending)
+            logger.warning("MLflow: %d tracking calls still pending in the journal; they replay on the next run",
+                           pending)
     return PipelineResult(pipeline=name, teacher=teacher, rounds=[r.student for r in rounds], report=report)

@@ -19,7 +19,7 @@ log = logging.getLogger("pd_core.sampling")
 
 
 def default_tracking_uri() -> str:
-    """Where `pd run` tracks by default: $MLFLOW_TRACKING_URI, else the project's sqlite file (not MLflow's ./mlflow.db)."""
+    """Where `pd run` tracks by default: $MLFLOW_TRACKING_URI, else the project's sqlite file."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{prepare_environment() / 'mlflow.db'}"
 
 
@@ -47,8 +47,8 @@ def sample_images(loaded: LoadedModel, *, steps: int, num: int, sampler: str, ga
             if sampler == "ddim":
                 x = samplers.ddim(loaded.denoiser, z, num_steps=steps, **sched)
             elif sampler == "stochastic":
-                x = samplers.ancestral(loaded.denoiser, z, num_steps=steps, gamma=gamma, generator=gen_for(device, seed + start),
-                                       **sched)
+                x = samplers.ancestral(loaded.denoiser, z, num_steps=steps, gamma=gamma,
+                                       generator=gen_for(device, seed + start), **sched)
             else:
                 x = samplers.heun(loaded.denoiser, z, num_steps=steps, **sched)
             out.append(x.float().cpu())
@@ -98,7 +98,8 @@ def show_pipeline(name: str, *, storage: str | None) -> str:
         raise FileNotFoundError(f"no pipeline named {name!r} in {cfg.storage.root} (no complete teacher at "
                                 f"{store.uri(teacher)}); check --storage and the name `pd run` printed")
     lines.append(f"  teacher      {store.uri(teacher)}")
-    for key in sorted(k for k in store.list(f"pipelines/{name}/rounds") if k.count("/") == 3 and "." not in k.rsplit("/", 1)[1]):
+    rounds = [k for k in store.list(f"pipelines/{name}/rounds") if k.count("/") == 3 and "." not in k.rsplit("/", 1)[1]]
+    for key in sorted(rounds):
         if store.is_complete(key):
             manifest = store.read_manifest(key)
             lines.append(f"  {manifest['steps']:>4d} steps   {store.uri(key)}")
@@ -124,7 +125,8 @@ def evaluate_model_cli(cfg, *, model: str, steps: int | None, sampler: str, gamm
     model_store = CheckpointStore(root, storage_options=dict(cfg.storage.storage_options))
     manifest = model_store.read_manifest(key)
     if manifest is None:
-        raise FileNotFoundError(f"no checkpoint at {model} (no manifest); pass a checkpoint folder as `pd run` prints it")
+        raise FileNotFoundError(f"no checkpoint at {model} (no manifest); "
+                                f"pass a checkpoint folder as `pd run` prints it")
     device = resolve_runtime(cfg.runtime).device
     ctx = evaluation.feature_context(cfg, model_store, device=device)
     record = evaluation.evaluate_checkpoint(cfg, model_store, ctx, key=key, label=f"{sampler}", sampler=sampler,

@@ -77,7 +77,7 @@ def teardown() -> None:
 
 
 def rank_seed(seed: int, rank: int) -> int:
-    """Seed of rank ``rank``'s generators: ``seed`` itself on rank 0 (so one process is unchanged), derived elsewhere."""
+    """Seed of rank ``rank``'s generators: ``seed`` on rank 0 (one process is unchanged), derived elsewhere."""
     return seed if rank == 0 else derive_seed(seed, "rank", rank)
 
 

@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if info.is_main:
             _write(args.out, {"ok": True, "info": dataclasses.asdict(result)})
         return 0
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - every error goes to the launcher as (type, message)
         if info.is_main:
             _write(args.out, {"ok": False, "error_type": type(err).__name__, "message": str(err)})
         logging.getLogger(__name__).error("rank %d: %s: %s", info.rank, type(err).__name__, err)

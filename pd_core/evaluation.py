@@ -94,8 +94,9 @@ def feature_context(cfg: Config, store: CheckpointStore, *, device: torch.device
         if extractor.manifest.get("test_accuracy") is not None:
             log.info("feature classifier %s: test accuracy %.4f", key, extractor.manifest["test_accuracy"])
         extractor_id = extractor.sha256
-    reference = load_or_compute_reference(store, f"references/{data_cfg.name}-{data_cfg.image_size}-test-{extractor_id[:12]}",
-                                          extractor=extractor, images=test_images, extractor_id=extractor_id)
+    reference_key = f"references/{data_cfg.name}-{data_cfg.image_size}-test-{extractor_id[:12]}"
+    reference = load_or_compute_reference(store, reference_key, extractor=extractor, images=test_images,
+                                          extractor_id=extractor_id)
     return FeatureContext(extractor=extractor, reference=reference, extractor_id=extractor_id)
 
 
@@ -165,7 +166,8 @@ def evaluate_checkpoint(cfg: Config, store: CheckpointStore, ctx: FeatureContext
         spec = model.denoiser.net.spec
         metrics = evaluate_sampler(fn, num_samples=ev.num_samples, batch_size=ev.batch_size, seed=ev.seed,
                                    feature_extractor=ctx.extractor, reference_stats=ctx.reference.stats,
-                                   image_shape=(spec.in_channels, spec.image_size, spec.image_size), reference_features=ctx.reference.features,
+                                   image_shape=(spec.in_channels, spec.image_size, spec.image_size),
+                                   reference_features=ctx.reference.features,
                                    kid_subsets=ev.kid_subsets, kid_subset_size=min(ev.kid_subset_size, ev.num_samples),
                                    progress=progress)
         log.info("%s %s %d steps%s: %s", label, sampler, steps, f" gamma {gamma}" if gamma is not None else "",
@@ -185,7 +187,8 @@ def write_grid(cfg: Config, store: CheckpointStore, *, key: str, sampler: str, s
         device = torch.device(device)
         model = load_model(store, key, device=device)
         spec = model.denoiser.net.spec
-        noise = sample_noise(seed=cfg.eval.seed, start=0, count=n, shape=(spec.in_channels, spec.image_size, spec.image_size))
+        shape = (spec.in_channels, spec.image_size, spec.image_size)
+        noise = sample_noise(seed=cfg.eval.seed, start=0, count=n, shape=shape)
         x = make_sample_fn(model, sampler=sampler, steps=steps, gamma=None, seed=cfg.eval.seed, device=device)(noise)
         store.put_bytes(out_key, images.png_bytes(images.make_grid(x.float().cpu(), nrow=cfg.eval.grid_size)))
     return store.uri(out_key)

@@ -99,8 +99,7 @@ def launch_job(cfg: Config, *, job: str, nproc: int | None = None, round_index: 
                                 start_new_session=True)
         tail: list[str] = []
         try:
-            assert proc.stdout is not None
-            for raw in proc.stdout:
+            for raw in proc.stdout:  # stdout=PIPE: never None
                 line = raw.rstrip("\n")
                 if line.startswith(PROGRESS_PREFIX):
                     if on_progress is not None:

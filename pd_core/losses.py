@@ -24,7 +24,8 @@ class TeacherLoss:
         check_combination(parameterization=model.parameterization, weighting=self.weighting)
         t = torch.rand(x.shape[0], device=x.device, dtype=x.dtype, generator=generator)  # (B,)
         eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        lam = logsnr_unchecked(t, logsnr_min=self.logsnr_min, logsnr_max=self.logsnr_max)  # t in [0, 1): no check, no sync
+        # t in [0, 1) by construction: no range check (it would sync with the device)
+        lam = logsnr_unchecked(t, logsnr_min=self.logsnr_min, logsnr_max=self.logsnr_max)
         alpha, sigma = (broadcast_to(s, x) for s in alpha_sigma(lam))
         x_hat, _ = model(alpha * x + sigma * eps, lam)
         return per_example_loss(x_hat=x_hat.float(), x=x.float(), logsnr=lam.float(), kind=self.weighting)

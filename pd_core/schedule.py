@@ -71,7 +71,8 @@ def network_time_input(lam: Tensor) -> Tensor:
     return torch.atan(torch.exp(-0.5 * lam)) / (0.5 * math.pi)
 
 
-def time_grid(num_steps: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
+def time_grid(num_steps: int, *, dtype: torch.dtype = torch.float32,
+              device: torch.device | str | None = None) -> Tensor:
     """The student's time grid t_i = i / N, i = 0..N (shape (N + 1,)); step i walks t_{i+1} -> t_i."""
     check_num_steps("num_steps", num_steps)
     return torch.arange(num_steps + 1, dtype=dtype, device=device) / num_steps

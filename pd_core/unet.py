@@ -94,7 +94,8 @@ def timestep_embedding(phi: Tensor, dim: int, *, max_time: float = 1.0) -> Tenso
     """Sinusoidal embedding of phi * 1000 / max_time: [sin(phi w_k), cos(phi w_k)], w_k = 10000^(-k/(d/2-1))."""
     phi = phi.float() * (1000.0 / max_time)
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=phi.device, dtype=torch.float32) / max(half - 1, 1))
+    steps = torch.arange(half, device=phi.device, dtype=torch.float32)
+    freqs = torch.exp(-math.log(10000.0) * steps / max(half - 1, 1))
     args = phi[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # (B, 2 half)
     return F.pad(emb, (0, dim % 2))  # (B, dim)
@@ -113,7 +114,8 @@ def _zero(module: nn.Module) -> nn.Module:
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> [resample] -> conv -> GroupNorm * (1 + scale) + shift -> SiLU -> dropout -> conv(0)."""
 
-    def __init__(self, in_ch: int, out_ch: int, *, emb_ch: int, dropout: float, groups: int, resample: str | None = None):
+    def __init__(self, in_ch: int, out_ch: int, *, emb_ch: int, dropout: float, groups: int,
+                 resample: str | None = None):
         super().__init__()
         self.norm1 = _norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
@@ -182,8 +184,8 @@ class UNet(nn.Module):
         for level, mult in enumerate(s.ch_mult):
             for _ in range(s.num_res_blocks):
                 out = s.ch * mult
-                self.down.append(nn.ModuleList([ResBlock(ch, out, **block),
-                                                AttnBlock(out, **attn) if res in s.attn_resolutions else nn.Identity()]))
+                attend = AttnBlock(out, **attn) if res in s.attn_resolutions else nn.Identity()
+                self.down.append(nn.ModuleList([ResBlock(ch, out, **block), attend]))
                 ch = out
                 skip_chs.append(ch)
             if level != len(s.ch_mult) - 1:
@@ -220,11 +222,12 @@ class UNet(nn.Module):
 
     def forward(self, z: Tensor, logsnr: Tensor, y: Tensor | None = None) -> Tensor:
         s = self.spec
-        if z.ndim != 4 or z.shape[1] != s.in_channels or z.shape[2] % 2 ** (len(s.ch_mult) - 1) or z.shape[2:] != z.shape[2:][::-1]:
+        square = z.ndim == 4 and z.shape[2] == z.shape[3]
+        if not square or z.shape[1] != s.in_channels or z.shape[2] % 2 ** (len(s.ch_mult) - 1):
             raise ValueError(f"z must have shape (B, {s.in_channels}, H, H) with H divisible by "
                              f"{2 ** (len(s.ch_mult) - 1)}; got {tuple(z.shape)}")
         temb = timestep_embedding(network_time_input(logsnr), s.ch)  # (B, ch), float32
-        emb = self.time_mlp(temb.to(self.time_mlp[0].weight.dtype)).to(z.dtype)  # (B, emb_ch); works after .double()/.half()
+        emb = self.time_mlp(temb.to(self.time_mlp[0].weight.dtype)).to(z.dtype)  # (B, emb_ch), in the net's dtype
         if self.class_emb is not None:
             if y is None:
                 raise ValueError("y (class labels, shape (B,)) is required by a class-conditional U-Net")

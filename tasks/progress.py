@@ -33,7 +33,7 @@ class ProgressReporter:
             from prefect.artifacts import create_progress_artifact
 
             self.artifact_id = create_progress_artifact(progress=0.0, key=artifact_key(key), description=description)
-        except Exception as err:  # no Prefect run context (e.g. called from a notebook)
+        except Exception as err:  # noqa: BLE001 - no Prefect run context (e.g. a notebook): progress is best-effort
             logger.debug("no progress artifact: %s", err)
 
     def __call__(self, event: ProgressEvent) -> None:
@@ -49,5 +49,5 @@ class ProgressReporter:
                 from prefect.artifacts import update_progress_artifact
 
                 update_progress_artifact(self.artifact_id, progress=100.0 * event.step / max(event.total, 1))
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - progress never stops training
                 self.logger.debug("progress artifact update failed: %s", err)

@@ -26,7 +26,7 @@ from tasks.progress import ProgressReporter
 NAN_AT_ENV = "PD_TEST_NAN_AT_STEP"
 
 
-def storage_error_only(task: Any, task_run: Any, state: Any) -> bool:
+def storage_error_only(_task: Any, _task_run: Any, state: Any) -> bool:
     """Retry a task only when it failed on storage I/O.
 
     A corrupt checkpoint (StoreError), a NaN loss or a bad config never heals by retrying.
@@ -35,7 +35,7 @@ def storage_error_only(task: Any, task_run: Any, state: Any) -> bool:
         state.result()
     except (StorageIOError, ConnectionError, TimeoutError):
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - any other failure is final: no retry
         return False
     return False
 

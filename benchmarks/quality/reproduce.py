@@ -35,8 +35,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pd_core.config import load_config
 from pd_core import jobs
+from pd_core.config import load_config
 from pd_core.evaluation import classifier_key, floor_key, grid_key, records_prefix, teacher_step_counts, write_grid
 from pd_core.metrics import quality_long
 from pd_core.store import CheckpointStore
@@ -80,7 +80,8 @@ def run_pipelines(commands: Mapping[str, list[str]], *, log_dir: Path) -> None:
         # `pd` of this interpreter's environment, also when that environment is not on PATH
         exe = shutil.which(cmd[0]) or str(Path(sys.executable).with_name(cmd[0]))
         with open(log_path, "a") as log:
-            proc = subprocess.Popen([exe, *cmd[1:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            proc = subprocess.Popen([exe, *cmd[1:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    env=env)
             assert proc.stdout is not None
             for line in proc.stdout:  # the pipeline's own progress lines (rate, ETA) pass through
                 log.write(line)
@@ -249,7 +250,8 @@ def headline_markdown(df: pd.DataFrame, *, metric: str, floor: float | None, n_s
             cell = _fmt(row[c])
             if c == "teacher_stochastic" and cell and n in gammas:
                 cell += f" (gamma {gammas[n]:g})"
-            if c == "distilled" and cell and not math.isnan(row.get("teacher_ddim", math.nan)) and row[c] < row["teacher_ddim"]:
+            teacher = row.get("teacher_ddim", math.nan)
+            if c == "distilled" and cell and not math.isnan(teacher) and row[c] < teacher:
                 cell = f"**{cell}**"
             cells.append(cell)
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
@@ -319,7 +321,8 @@ def build_report(*, preset: str, work: Path, out: Path, readme: Path | None) -> 
     floor_at = floor_key(cfg, extractor_id=classifier["sha256"])  # this evaluation's floor
     floors = [json.loads(store.get_bytes(floor_at))] if store.exists(floor_at) else []
     floor = floors[0][metric] if floors else None
-    gammas = {int(r.steps): float(r.value) for r in df[(df.sampler == "teacher_stochastic") & (df.metric == "gamma")].itertuples()}
+    gamma_rows = df[(df.sampler == "teacher_stochastic") & (df.metric == "gamma")]
+    gammas = {int(r.steps): float(r.value) for r in gamma_rows.itertuples()}
     w = wide(df, metric=metric)
     checks = target_checks(w, start_steps=cfg.distill.start_steps)
 
@@ -352,7 +355,8 @@ def build_report(*, preset: str, work: Path, out: Path, readme: Path | None) -> 
                "report_command": f"python -m benchmarks.quality.reproduce --preset {preset}",
                "metric": metric, "n_samples": n_samples, "start_steps": cfg.distill.start_steps,
                "teacher_ddim_at_start": float(w.at[cfg.distill.start_steps, "teacher_ddim"]), "floor_value": floor,
-               "classifier_test_accuracy": classifier.get("test_accuracy"), "eval_seed": cfg.eval.seed, "pipeline_seed": cfg.pipeline.seed,
+               "classifier_test_accuracy": classifier.get("test_accuracy"), "eval_seed": cfg.eval.seed,
+               "pipeline_seed": cfg.pipeline.seed,
                "floor": floors, "stochastic_gammas": list(cfg.eval.stochastic_gammas),
                "best_gamma": gammas, "targets": checks, "train_seconds": timings,
                "pipeline_wall_seconds": durations, "eval_seconds_of_table_measurements": eval_seconds,
@@ -405,8 +409,8 @@ def results_markdown(summary: Mapping, *, table: str, cfg, df: pd.DataFrame) -> 
               "(chosen on the same metric; the chosen gamma is in the table).",
               f"- **Schedule:** teacher {cfg.teacher.updates} updates x {cfg.teacher.batch_size} images; "
               f"rounds {cfg.distill.start_steps} -> {cfg.distill.final_steps}, {cfg.distill.updates_per_round} updates "
-              f"each ({cfg.distill.last_rounds_updates} for the 2- and 1-step rounds) x {cfg.distill.batch_size} images;"
-              f" the fast ablation divides every round's updates by {cfg.distill.fast_factor}.", ""]
+              f"each ({cfg.distill.last_rounds_updates} for the 2- and 1-step rounds) x {cfg.distill.batch_size} "
+              f"images; the fast ablation divides every round's updates by {cfg.distill.fast_factor}.", ""]
     lines += ["## Headline", "", table, "", "![quality vs steps](quality_vs_steps.png)", "",
               "![samples](samples.png)", "",
               f"The teacher's own {cfg.distill.start_steps}-step DDIM grid: "
@@ -414,16 +418,17 @@ def results_markdown(summary: Mapping, *, table: str, cfg, df: pd.DataFrame) -> 
     lines += ["## Targets", "", "| target | distilled | teacher DDIM | ratio | met |", "|---|---:|---:|---:|---|"]
     lines += [f"| {c['target']} | {c['distilled']:.3g} | {c['teacher_ddim']:.3g} | {c['ratio']:.2f} | "
               f"{'yes' if c['met'] else '**no**'} |" for c in summary["targets"]]
-    lines += ["", "## Seconds per image (sampling, this CPU, batch of "
-              f"{cfg.eval.batch_size}, 2 threads)", "", "| steps | " + " | ".join(s for s in SAMPLERS if s in set(df.sampler))
-              + " |", "|---:|" + "---:|" * df.sampler.nunique()]
+    present = [s for s in SAMPLERS if s in set(df.sampler)]
+    lines += ["", f"## Seconds per image (sampling, this CPU, batch of {cfg.eval.batch_size}, 2 threads)", "",
+              "| steps | " + " | ".join(present) + " |", "|---:|" + "---:|" * df.sampler.nunique()]
     spi = df.drop_duplicates(["sampler", "steps"]).pivot_table(index="steps", columns="sampler",
                                                                values="seconds_per_image", aggfunc="first")
     spi = spi.reindex(columns=[s for s in SAMPLERS if s in spi.columns]).sort_index(ascending=False)
     lines += [f"| {n} | " + " | ".join(_fmt(v) for v in row.values) + " |" for n, row in spi.iterrows()]
     lines += ["", "## Wall times", "", "| pipeline | stage | training seconds |", "|---|---|---:|"]
     for name, stages in t.items():
-        lines += [f"| {name} | {stage} | {f'{sec:.0f}' if sec is not None else 'imported'} |" for stage, sec in stages.items()]
+        lines += [f"| {name} | {stage} | {f'{sec:.0f}' if sec is not None else 'imported'} |"
+                  for stage, sec in stages.items()]
     lines += [""]
     for name, d in summary["pipeline_wall_seconds"].items():
         lines.append(f"- `{name}`: the pipeline run that did the work took {d['longest_run_s']:.0f} s wall "

@@ -81,7 +81,8 @@ def median(values: list[float]) -> float:
 
 def command() -> str:
     """How this benchmark was started, e.g. ``python -m benchmarks.speed.step_ratio --repeats 15``."""
-    module = sys.modules["__main__"].__spec__.name if getattr(sys.modules["__main__"], "__spec__", None) else sys.argv[0]
+    main = sys.modules["__main__"]
+    module = main.__spec__.name if getattr(main, "__spec__", None) else sys.argv[0]
     return " ".join(["python -m", module, *sys.argv[1:]])
 
 
@@ -104,4 +105,5 @@ def write_rows(rows: list[dict], path: Path = RESULTS) -> None:
 
 
 def row(benchmark: str, value: float, unit: str, *, device: str = "cpu", digits: int = 4) -> dict:
-    return {"benchmark": benchmark, "device": device, "value": f"{value:.{digits}g}", "unit": unit, "command": command()}
+    return {"benchmark": benchmark, "device": device, "value": f"{value:.{digits}g}", "unit": unit,
+            "command": command()}

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.speed.models import workload
-from pd_core import dist
+from pd_core.dist import rank_seed
 from pd_core.net import free_port
 from pd_core.train import Runtime, TrainState, data_parallel, distill_loss_fn, train_step
 from pd_core.unet import UNet
@@ -43,7 +43,7 @@ def _worker(rank: int, world: int, port: int, preset: str, global_batch: int, st
         student = UNet(w.spec)
         teacher = copy.deepcopy(student).eval().requires_grad_(False)
         state = TrainState(model=student, optimizer=torch.optim.AdamW(student.parameters(), lr=1e-5), ema=None,
-                           step=0, noise_generator=torch.Generator().manual_seed(dist.rank_seed(0, rank)))
+                           step=0, noise_generator=torch.Generator().manual_seed(rank_seed(0, rank)))
         net = data_parallel(student, runtime)
         loss_fn = distill_loss_fn(net=net, teacher_net=teacher, student_steps=4, diffusion_cfg=w.cfg.diffusion,
                                   generator=state.noise_generator)

@@ -135,7 +135,7 @@ def bench_updates(spec: UNetSpec, *, config: str, device: str, batch: int, steps
         for kind in losses:
             times[kind].append(block(kind, steps) / steps)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    ratios = sorted(d / t for t, d in zip(times["teacher"], times["distill"]))
+    ratios = sorted(d / t for t, d in zip(times["teacher"], times["distill"], strict=True))
     return {"teacher_s": med["teacher"], "distill_s": med["distill"], "ratio": ratios[len(ratios) // 2],
             "warmup_s": warmup_s}
 
@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (dry run)"
     params = sum(p.numel() for p in UNet(spec).parameters())
     print(f"device {name}; U-Net ch {spec.ch} mult {list(spec.ch_mult)} x{spec.num_res_blocks} attn "
-          f"{list(spec.attn_resolutions)}: {params / 1e6:.1f}M params; batch {batch} of {spec.image_size}x{spec.image_size}")
+          f"{list(spec.attn_resolutions)}: {params / 1e6:.1f}M params; "
+          f"batch {batch} of {spec.image_size}x{spec.image_size}")
     peak = matmul_peak_tflops(dev, n=peak_n, iters=peak_iters)
     fwd, fwd_bwd = model_flops(spec, batch=batch, device=dev)
     print(f"bf16 matmul peak {peak:.1f} TFLOP/s; model FLOPs per batch: forward {fwd / 1e12:.3f} T, "
@@ -215,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
                 mfu_distill[config] = mfu
             print(f"{config:13s} {kind:8s} update {r[f'{kind}_s'] * 1e3:8.2f} ms  {ips:9.1f} images/s  MFU {mfu:.1%}")
         rows.append((f"distill_over_teacher_step_ratio_{tag}", r["ratio"], "ratio"))
-        print(f"{config:13s} distillation / teacher update {r['ratio']:.3f} (warm-up incl. compile {r['warmup_s']:.0f} s)")
+        print(f"{config:13s} distillation / teacher update {r['ratio']:.3f} "
+              f"(warm-up incl. compile {r['warmup_s']:.0f} s)")
     best = "bf16+compile" if "bf16+compile" in mfu_distill else "bf16"
     if best in mfu_distill:
         rows.append(("mfu", mfu_distill[best], f"fraction (distillation update, {best})"))
@@ -227,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
             ips = bench_sampling(spec, device=device, batch=b, compiled=compiled, iters=sample_iters)
             tag = f"b{b}_{'cudagraph' if compiled else 'eager'}"
             rows.append((f"sampling_1step_images_per_s_{tag}", ips, "images/s (bf16)"))
-            print(f"1-step sampling batch {b:5d} {'compiled (CUDA graph)' if compiled else 'eager':22s} {ips:10.1f} images/s")
+            mode = "compiled (CUDA graph)" if compiled else "eager"
+            print(f"1-step sampling batch {b:5d} {mode:22s} {ips:10.1f} images/s")
     print(f"total {time.perf_counter() - budget.start:.0f} s")
     if args.dry_run:
         print("dry run: nothing written")

@@ -130,7 +130,7 @@ def instrument(ledger: Ledger) -> None:
                  "log_text", "end_run", "flush", "log_sampler_model", "set_alias", "run_link"):
         if hasattr(tracking.Tracker, name):
             setattr(tracking.Tracker, name, ledger.wrap("mlflow", getattr(tracking.Tracker, name),
-                                                        label=lambda *a, _n=name: _n))
+                                                        label=lambda *_a, _n=name: _n))
     progress.ProgressReporter.__call__ = ledger.wrap("progress reporting", progress.ProgressReporter.__call__)
     # Prefect's engine calls task.fn / flow.fn: time inside them that no finer bucket claims is our own task and
     # flow code; what is left outside is Prefect's engine (task runs, states, the API server, logs, events)
@@ -140,7 +140,7 @@ def instrument(ledger: Ledger) -> None:
     from tasks import evaluate, report, training
 
     call = prefect.tasks.Task.__call__
-    prefect.tasks.Task.__call__ = ledger.wrap("prefect task engine", call, label=lambda task, *a: task.name)
+    prefect.tasks.Task.__call__ = ledger.wrap("prefect task engine", call, label=lambda task, *_a: task.name)
     pipeline.emit_event = ledger.wrap("prefect events", pipeline.emit_event)
     for task in (training.ensure_teacher_task, training.distill_round_task, evaluate.evaluate_teacher_task,
                  evaluate.evaluate_round_task, report.publish_report_task):
@@ -162,7 +162,7 @@ def run_once(ledger: Ledger, server, *, name: str, overrides: list[str], task_ta
     startup = ledger.first.get("flow code (ours)", t0) - t0  # flow run creation (+ ephemeral API server start)
     # per round: from its distill-round task call to the next round's (or the report's), minus the compute in it
     task_marks = [(t, name, c) for t, name, c in ledger.marks if name in ("distill-round", "publish-report")]
-    per_round = [(t1 - t0) - (c1 - c0) for (t0, n0, c0), (t1, _, c1) in zip(task_marks, task_marks[1:])
+    per_round = [(t1 - t0) - (c1 - c0) for (t0, n0, c0), (t1, _, c1) in zip(task_marks, task_marks[1:], strict=False)
                  if n0 == "distill-round"]
     return {"per_round": per_round, "wall": wall, "compute": compute, "overhead": wall - compute, "buckets": buckets,
             "glue": wall - named, "startup": startup, "rounds": len(result["rounds"]),

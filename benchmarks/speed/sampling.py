@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     for n, s in r["seconds"].items():
         print(f"{n:3d} steps: {s:.4f} s per batch, {s / args.batch * 1e3:.3f} ms per image")
     for n in r["ratio"]:
-        print(f"time({n}) / ({n} x time(1)) = {r['ratio'][n]:.3f} wall, {r['cpu_ratio'][n]:.3f} CPU time (target <= 1.05)")
+        print(f"time({n}) / ({n} x time(1)) = {r['ratio'][n]:.3f} wall, {r['cpu_ratio'][n]:.3f} CPU time "
+              f"(target <= 1.05)")
     null_us = null_overhead_us()
     print(f"sampler overhead without a network: {null_us:.0f} us per step (parameterization, clip, DDIM update)")
     suffix = "" if args.preset == "smoke" else f"_{args.preset.replace('-', '_')}"

@@ -47,8 +47,8 @@ def measure(preset: str, *, repeats: int, batch: int | None = None, device: str 
                                   params=params, grad_clip=1.0)
 
     wall, cpu = interleaved({k: update(k) for k in losses}, repeats=repeats, device=runtime.device)
-    ratios = [d / t for t, d in zip(wall["teacher"], wall["distill"])]
-    cpu_ratios = [d / t for t, d in zip(cpu["teacher"], cpu["distill"])]
+    ratios = [d / t for t, d in zip(wall["teacher"], wall["distill"], strict=True)]
+    cpu_ratios = [d / t for t, d in zip(cpu["teacher"], cpu["distill"], strict=True)]
     return {"workload": w, "device": device_name(runtime.device), "teacher_s": median(wall["teacher"]),
             "distill_s": median(wall["distill"]), "ratio": median(ratios), "ratios": ratios,
             "cpu_ratio": median(cpu_ratios), "cpu_ratios": cpu_ratios}
@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"teacher update {r['teacher_s'] * 1e3:.1f} ms, distillation update {r['distill_s'] * 1e3:.1f} ms (medians); "
           f"ratio median {r['ratio']:.3f} (per-repeat {min(r['ratios']):.3f}..{max(r['ratios']):.3f}); "
           f"target <= 1.75, floor ~1.67")
-    print(f"CPU-time ratio median {r['cpu_ratio']:.3f} (per-repeat {min(r['cpu_ratios']):.3f}..{max(r['cpu_ratios']):.3f})")
+    spread = f"{min(r['cpu_ratios']):.3f}..{max(r['cpu_ratios']):.3f}"
+    print(f"CPU-time ratio median {r['cpu_ratio']:.3f} (per-repeat {spread})")
     suffix = "" if args.preset == "fmnist-cpu" else f"_{args.preset.replace('-', '_')}"
     rows = [row(f"distill_over_teacher_step_ratio{suffix}", r["ratio"], "ratio", device=r["device"]),
             row(f"distill_over_teacher_step_ratio_cputime{suffix}", r["cpu_ratio"], "ratio", device=r["device"]),

@@ -118,7 +118,8 @@ def run_loop(*, state: TrainState, spec: LoopSpec, loss_fn: LossFn, sample_batch
             if not math.isfinite(mean_loss):
                 raise NonFiniteLossError(
                     f"{spec.phase}: loss became {mean_loss} between steps {done - window_steps + 1} and {done}; "
-                    f"stopped before saving (the last good checkpoint stays); lower the learning rate or check the data")
+                    f"stopped before saving (the last good checkpoint stays); "
+                    f"lower the learning rate or check the data")
             elapsed = time.perf_counter() - window_start
             rate = window_steps / elapsed if elapsed > 0 else float("inf")
             event = ProgressEvent(phase=spec.phase, step=done, total=spec.total_steps, loss=mean_loss, lr=lr,

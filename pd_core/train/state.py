@@ -45,7 +45,7 @@ class TrainState:
         """The EMA weights as a state dict (the model's own weights when there is no EMA)."""
         sd = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         if self.ema is not None:
-            for (name, _), e in zip(self.model.named_parameters(), self.ema):
+            for (name, _), e in zip(self.model.named_parameters(), self.ema, strict=True):
                 sd[name] = e.detach().clone()
         return sd
 
