@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # CPU torch BEFORE the project, so pip never resolves a multi-GB CUDA build on a CPU machine.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run lint test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 
 run: setup
 	$(BIN)/pd run --preset $(PRESET)
+
+lint: setup
+	$(BIN)/ruff check .
 
 test: setup
 	$(BIN)/pytest -q -p no:cacheprovider --timeout=900

@@ -147,10 +147,9 @@ def start_prefect_and_warm_up(cfg) -> EmbeddedServer | None:
     """Start Prefect's temporary server now (unless an API is set) and use its start-up time.
 
     The server starts on another core while this process imports Prefect, MLflow and torch and does
-    the once-per-process work a training run needs anyway (:func:`tasks.common.warm_up_steps`; a
-    rerun with every round complete needs ``torch._dynamo`` only for nothing: 1.3 s); measured on
-    the smoke pipeline in benchmarks/speed/RESULTS.md. Returns the attached server, or None when
-    Prefect uses a standing server or starts its own (then nothing is warmed: no start to overlap).
+    the once-per-process work a training run needs anyway (:func:`tasks.common.warm_up_steps`).
+    Returns the attached server, or None when Prefect uses a standing server or starts its own (then
+    nothing is warmed: there is no start to overlap).
     """
     from tasks.common import warm_up_steps
     from tasks.prefect_server import spawn

@@ -1,6 +1,6 @@
 """Images as a saved file would hold them: uint8 quantisation and sample-grid PNGs through fsspec.
 
-Every metric sees images exactly as a PNG would store them (design section 3), so generated samples
+Every metric sees images exactly as a PNG would store them (docs/design.md), so generated samples
 go through :func:`to_uint8` before any feature network, and the grids written for people are the
 same bytes.
 """

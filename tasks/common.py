@@ -70,9 +70,9 @@ def gpu_task_tags(task_tags: Sequence[str] | None, *, api_url: str | None) -> li
 def warm_up_steps(cfg: Config) -> list[Callable[[], object]]:
     """Once-per-process work a training run of ``cfg`` does anyway (done while Prefect's server starts).
 
-    Measured on the smoke pipeline's first use (2-core VM): MLflow's sqlite store 1.8 s when it has to
-    create the database, MLflow's map of installed packages 0.5 s (the first model logged builds it),
-    ``torch._dynamo`` 1.6 s (the first optimizer imports it), scikit-learn 1.3 s.
+    MLflow's store (created when it is a new sqlite file) and its map of installed packages (built by
+    the first model logged), ``torch._dynamo`` (imported by the first optimizer), scikit-learn's
+    datasets (the digits data).
     """
     steps: list[Callable[[], object]] = [lambda: tracker_for(cfg).warm_up()]
     steps.append(lambda: importlib.import_module("torch._dynamo"))

@@ -2,9 +2,9 @@
 
 Without ``PREFECT_API_URL`` Prefect starts a temporary server itself (``SubprocessASGIServer``), but
 only when the flow makes its first client: after this process has imported Prefect, MLflow and
-torch, and after it has also imported ``prefect.server`` (2.3 s here) just to reach that class.
-The server then takes 3.7 s to start with an existing database and 11 s when it has to create
-one (Alembic migrations), all of it on the flow's critical path.
+torch, and after it has also imported ``prefect.server`` just to reach that class. The server's
+start (and, in a fresh home, its database migrations) then lies on the flow's critical path
+(benchmarks/speed/RESULTS.md has the numbers).
 
 :func:`spawn` launches the same server (the same uvicorn command and environment markers as
 Prefect's) as soon as ``pd run`` has validated its config, so the start runs on another core while

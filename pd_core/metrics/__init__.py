@@ -1,4 +1,4 @@
-"""Evaluation metrics (design section 3): Frechet distance, KID, precision/recall, feature networks.
+"""Evaluation metrics (docs/design.md, Evaluation): Frechet distance, KID, precision/recall, feature networks.
 
 Public API (tests outside the project call exactly these):
     metrics.frechet_distance(mu1, sigma1, mu2, sigma2) -> float
