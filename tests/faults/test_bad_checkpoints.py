@@ -15,6 +15,7 @@ from tests.faults.helpers import _cfg, _copy_of, _one_line, _round_key
 def test_checkpoint_with_wrong_shapes_is_refused_clearly(template: Path, tmp_path: Path) -> None:
     import dataclasses
 
+    from pd_core.models import load_model
     from pd_core.train import copy_weights
     from pd_core.unet import UNet, spec_from_dict
 
@@ -24,9 +25,9 @@ def test_checkpoint_with_wrong_shapes_is_refused_clearly(template: Path, tmp_pat
     wider = UNet(dataclasses.replace(spec_from_dict(manifest["unet"]), ch=24, emb_ch=96))  # not what the manifest says
     kept = {k: v for k, v in manifest.items() if k not in ("format", "sha256", "files", "status", "created_at")}
     ref = store.save_checkpoint(student.key, tensors=copy_weights(wider.state_dict()), manifest=kept)
-    altered = jobs.CheckpointInfo(**{**student.as_dict(), "sha256": ref.sha256})
+    altered = dataclasses.replace(student, sha256=ref.sha256)
     attempts = {
-        "load": lambda: jobs.load_model(store, student.key),
+        "load": lambda: load_model(store, student.key),
         "round": lambda: jobs.run_round(cfg, store, round_index=2, teacher=altered),
         "import": lambda: jobs.ensure_teacher(_cfg("other", f"pipeline.teacher_uri={student.uri}"), store),
     }

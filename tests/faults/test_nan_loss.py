@@ -10,6 +10,7 @@ import torch
 
 from pd_core import jobs
 from pd_core.config import ConfigError
+from pd_core.models import load_model
 from pd_core.store import StorageIOError, StoreError
 from pd_core.train import NonFiniteLossError
 from tests.faults.helpers import _assert_nothing_partial, _cfg, _copy_of, _one_line, _round_key, _state_step
@@ -40,7 +41,7 @@ def test_nan_loss_stops_the_round_fast_and_keeps_the_last_good_student(template:
         assert all(torch.isfinite(t).all() for n, t in tensors.items() if t.is_floating_point()), "state is not finite"
     # the previous student is untouched and still the latest good checkpoint
     assert store.is_complete(student.key) and store.read_manifest(student.key) == before
-    model = jobs.load_model(store, student.key)
+    model = load_model(store, student.key)
     assert all(torch.isfinite(p).all() for p in model.denoiser.net.parameters())
     _assert_nothing_partial(store, key)
     if how == "injected":  # without the fault, a rerun resumes from the last good state and completes

@@ -20,7 +20,7 @@ from pd_core.store import CheckpointStore
 from tests.faults.helpers import REPO, _round_key, _state_step
 
 WORKER = r'''
-import json, os, signal, sys
+import dataclasses, json, os, signal, sys
 import torch
 torch.set_num_threads(1)
 from pd_core import jobs
@@ -40,7 +40,7 @@ def on_progress(event):
 
 def done(info):
     with open(results, "a") as f:
-        f.write(json.dumps(info.as_dict()) + "\n")
+        f.write(json.dumps(dataclasses.asdict(info)) + "\n")
 
 info = jobs.ensure_teacher(cfg, store, on_progress=on_progress)
 done(info)
