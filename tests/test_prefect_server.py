@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tasks.common import GPU_TAG, gpu_task_tags
 from tasks.prefect_server import EARLY_START_ENV, EMBEDDED_URL_ENV, EmbeddedServer, is_embedded, spawn
-from tests.test_pipeline import pd_command
+from tests.pipeline.helpers import pd_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
