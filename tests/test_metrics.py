@@ -1,4 +1,4 @@
-"""Tests for pd_core.metrics and pd_core.images (issue 4 acceptance)."""
+"""Tests for pd_core.metrics and pd_core.images."""
 
 from __future__ import annotations
 

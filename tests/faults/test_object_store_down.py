@@ -63,7 +63,7 @@ def test_object_store_down_mid_round_fails_clearly_then_rerun_completes(
         assert "unreachable" in message and store.uri(jobs.state_key(key)) in message, message
         assert waited < 30, f"the outage took {waited:.1f}s to surface"
         # dict.fromkeys: a record can reach caplog twice when Prefect's logging setup also attached
-        # handlers to pd_core (depends on what ran before in the session); each retry's text is distinct.
+        # handlers to pd_core (depends on what ran before in this pytest run); each retry's text is distinct.
         retries = list(dict.fromkeys(r.getMessage() for r in caplog.records
                                      if "transient storage error" in r.getMessage()))
         assert [m.rsplit(" ", 3)[1:] for m in retries[:2]] == [["1/2", "in", "0.50s"], ["2/2", "in", "1.00s"]], retries

@@ -42,8 +42,8 @@ def mlflow_down_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
     root = tmp / "store"
     args = ["run", "--preset", "smoke", "--name", "down", "--storage", str(root),
             "--tracking-uri", f"http://127.0.0.1:{_free_port()}",
-            # a longer teacher than PIPELINE_FAST's: the run must outlast several lease TTLs (it took 3.5 s
-            # once the once-per-process work moved into the server's start-up window)
+            # a longer teacher than PIPELINE_FAST's: the run must outlast several lease TTLs (with
+            # PIPELINE_FAST's teacher it takes about 3.5 s)
             *_set_args([*PIPELINE_FAST, "teacher.updates=100"])]
     started = time.monotonic()
     proc = _pd(tmp / "home", args, _pd_env(tmp / "home"),
