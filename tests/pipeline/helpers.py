@@ -9,8 +9,9 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -77,6 +78,17 @@ def parent_of(client, child_run_id: str) -> str:
     return client.get_run(child_run_id).data.tags["mlflow.parentRunId"]
 
 
+def as_plain_data(result: Any) -> dict:
+    """A :class:`tasks.results.PipelineResult` as the tests read it.
+
+    ``pipeline``, ``teacher`` and ``rounds`` (checkpoint infos as dicts), and the report's fields
+    (``mlflow_link``, ``table``, ``report_uri`` when there is one, ``registered``).
+    """
+    report = {k: v for k, v in asdict(result.report).items() if v is not None}
+    return {"pipeline": result.pipeline, "teacher": asdict(result.teacher),
+            "rounds": [asdict(r) for r in result.rounds], **report}
+
+
 def is_png(path: Path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
 
@@ -100,8 +112,8 @@ class Pipeline:
         from flows.pipeline import distillation_pipeline
 
         t0 = time.perf_counter()
-        result = distillation_pipeline(preset="smoke", name=self.name, config_path=str(self.config_path),
-                                       tracking_uri=self.tracking_uri)
+        result = as_plain_data(distillation_pipeline(preset="smoke", name=self.name,
+                                                     config_path=str(self.config_path), tracking_uri=self.tracking_uri))
         return result, time.perf_counter() - t0
 
     def pd(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MotoS3
-from tests.pipeline.helpers import children_of, mlflow_client, open_store, parent_of, pd_command, write_storage_config
+from tests.pipeline.helpers import (
+    as_plain_data,
+    children_of,
+    mlflow_client,
+    open_store,
+    parent_of,
+    pd_command,
+    write_storage_config,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -112,8 +120,8 @@ def test_killed_run_resumes_in_the_round_it_was_killed_in(moto_server: MotoS3, p
     watcher = LeaseWatcher(open_store(root, moto_server), f"pipelines/{KILL_NAME}/lease/lease.json")
     t0 = time.perf_counter()
     with watcher:
-        result = distillation_pipeline(preset="smoke", overrides=list(KILL_OVERRIDES), name=KILL_NAME,
-                                       config_path=str(config_path), tracking_uri=tracking_uri)
+        result = as_plain_data(distillation_pipeline(preset="smoke", overrides=list(KILL_OVERRIDES), name=KILL_NAME,
+                                                     config_path=str(config_path), tracking_uri=tracking_uri))
     seconds = time.perf_counter() - t0
     print(f"\nresumed run: {seconds:.1f}s (killed at round 2 update {killed_at})")
     ours = [(t, doc) for t, doc in watcher.seen if doc["pid"] == os.getpid()]

@@ -21,6 +21,7 @@ import yaml
 from tests.conftest import FAKE_AWS_KEY_ID, FAKE_AWS_SECRET, MotoS3
 from tests.pipeline.helpers import (
     Pipeline,
+    as_plain_data,
     assert_one_line_error,
     children_of,
     is_png,
@@ -59,8 +60,8 @@ def pipeline(moto_server: MotoS3, prefect_api: str, tmp_path_factory: pytest.Tem
         from flows.pipeline import distillation_pipeline
 
         t0 = time.perf_counter()
-        result = distillation_pipeline(preset="smoke", name=NAME, config_path=str(config_path),
-                                       tracking_uri=tracking_uri)
+        result = as_plain_data(distillation_pipeline(preset="smoke", name=NAME, config_path=str(config_path),
+                                                     tracking_uri=tracking_uri))
         seconds = time.perf_counter() - t0
         print(f"\nfirst smoke run: {seconds:.1f}s")
         yield Pipeline(name=NAME, home=home, workdir=workdir, root=root, bucket=bucket, config_path=config_path,
