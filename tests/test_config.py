@@ -11,6 +11,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from pd_core import config as C
 from pd_core.config import Config, ConfigError, load_config, parse_override
@@ -220,7 +221,7 @@ def test_to_yaml_round_trips(tmp_path) -> None:
 
 def test_config_is_frozen() -> None:
     cfg = smoke()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.distill.lr = 1.0  # type: ignore[misc]
 
 

@@ -128,7 +128,8 @@ def test_mixed_batch_first_index_and_others():
     t = np.array([1 / 8, 2 / 8, 1 / 8, 1.0, 5 / 8, 1 / 8])
     teacher = NumpyTeacher(11, consistent=True)
     z = rng.normal(size=(len(t), C, H, W))
-    x_tilde = distill.distillation_target(teacher.torch(), z=torch.from_numpy(z), t=torch.from_numpy(t), num_steps=n).numpy()
+    x_tilde = distill.distillation_target(teacher.torch(), z=torch.from_numpy(z), t=torch.from_numpy(t),
+                                          num_steps=n).numpy()
     z_two, x_mid = np_two_step(teacher, z, t, n)
     first = t == 1 / n
     np.testing.assert_allclose(x_tilde[first], x_mid[first], atol=1e-12)
@@ -187,10 +188,12 @@ def test_bad_num_steps_raises(n):
 
 def test_t_wrong_shape_raises():
     with pytest.raises(ValueError, match=r"\bt\b"):
-        distill.distillation_target(NumpyTeacher(0, consistent=True).torch(), z=torch.zeros(2, C, H, W, dtype=torch.float64),
+        distill.distillation_target(NumpyTeacher(0, consistent=True).torch(),
+                                    z=torch.zeros(2, C, H, W, dtype=torch.float64),
                                     t=torch.ones(2, 1, dtype=torch.float64), num_steps=2)
     with pytest.raises(ValueError, match=r"\bt\b"):
-        distill.distillation_target(NumpyTeacher(0, consistent=True).torch(), z=torch.zeros(2, C, H, W, dtype=torch.float64),
+        distill.distillation_target(NumpyTeacher(0, consistent=True).torch(),
+                                    z=torch.zeros(2, C, H, W, dtype=torch.float64),
                                     t=torch.ones(3, dtype=torch.float64), num_steps=2)
 
 
@@ -315,7 +318,8 @@ def test_property_through_real_unet_denoiser_float64(kind):
     rng = np.random.default_rng(2)
     z = rng.normal(size=(5, 2, 4, 4))
     with torch.no_grad():
-        x_tilde = distill.distillation_target(teacher, z=torch.from_numpy(z), t=torch.from_numpy(t), num_steps=n).numpy()
+        x_tilde = distill.distillation_target(teacher, z=torch.from_numpy(z), t=torch.from_numpy(t),
+                                              num_steps=n).numpy()
     z_two, x_mid = np_two_step(np_teacher, z, t, n)
     z_one = np_student_step(x_tilde, z, t, n)
     assert np.abs(z_one[:4] - z_two[:4]).max() < 1e-9

@@ -1,6 +1,6 @@
 """The team-server stack end to end, without Docker: real servers on loopback, the real deployments.
 
-scripts/fullstack_services.py starts PostgreSQL (a throwaway cluster), a moto S3 server, `prefect
+scripts/fullstack/ starts PostgreSQL (a throwaway cluster), a moto S3 server, `prefect
 server` and `mlflow server` on Postgres (MLflow artifacts proxied to s3://mlflow/), runs
 `python -m deployments.deploy` against the server and starts a process worker configured by
 environment only (PD_STORAGE=s3://checkpoints/..., MLFLOW_TRACKING_URI, the S3 endpoint), like the
@@ -37,9 +37,10 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("fullstack_services", ROOT / "scripts" / "fullstack_services.py")
+# scripts/ is not a package on sys.path: load scripts/fullstack/ by its location.
+_spec = importlib.util.spec_from_file_location("fullstack", ROOT / "scripts" / "fullstack" / "__init__.py")
 fs = importlib.util.module_from_spec(_spec)
-sys.modules["fullstack_services"] = fs  # dataclasses look their module up there
+sys.modules["fullstack"] = fs  # its relative imports and dataclasses look the package up there
 _spec.loader.exec_module(fs)
 
 pytestmark = [pytest.mark.fullstack, pytest.mark.slow]

@@ -1,4 +1,4 @@
-"""Tests for pd_core.metrics and pd_core.images (issue 4 acceptance)."""
+"""Tests for pd_core.metrics and pd_core.images."""
 
 from __future__ import annotations
 
@@ -295,7 +295,7 @@ def test_classifier_training_is_deterministic_and_handles_three_channels_and_siz
     (m1, a1), (m2, a2) = (metrics.train_feature_classifier(x, y, x, y, epochs=1, batch_size=16, seed=3)
                           for _ in range(2))
     assert a1 == a2
-    for (k, v1), v2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+    for (k, v1), v2 in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
         assert torch.equal(v1, v2), k
     feats = metrics.ClassifierFeatures(m1, dataset="toy")(images.to_uint8(x))
     assert feats.shape == (64, 128)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tasks.common import GPU_TAG, gpu_task_tags
 from tasks.prefect_server import EARLY_START_ENV, EMBEDDED_URL_ENV, EmbeddedServer, is_embedded, spawn
-from tests.test_pipeline import pd_command
+from tests.pipeline.helpers import pd_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,8 @@ def _python(script: str, *, tmp_path: Path, env: dict[str, str], timeout: float 
     (tmp_path / "home" / "prefect").mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, \
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -27,7 +27,8 @@ def _records():
         main += [_rec("teacher_ddim", n, t), _rec("teacher_stochastic", n, t * 1.5, gamma=0.0),
                  _rec("teacher_stochastic", n, t * 1.2, gamma=1.0), _rec("distilled", n, d)]
     main += [_rec("teacher_ddim", 16, 11.0), _rec("teacher_stochastic", 16, 13.0, gamma=1.0)]
-    fast = [_rec("teacher_ddim", 8, 20.0)] + [_rec("distilled", n, v) for n, v in [(8, 11.0), (4, 15.0), (2, 19.0), (1, 25.0)]]
+    fast = [_rec("teacher_ddim", 8, 20.0)] + [_rec("distilled", n, v)
+                                              for n, v in [(8, 11.0), (4, 15.0), (2, 19.0), (1, 25.0)]]
     return main, fast
 
 
@@ -93,7 +94,8 @@ def test_readme_block_is_replaced_between_the_markers(tmp_path):
 
 def test_rebuilt_results_md_keeps_the_hand_written_notes():
     old = "# old generated\n\n| 1 | 9 |\n\n## Notes\n\nWhy the 1-step student lags.\n"
-    assert rp.with_notes("# new\n\n| 1 | 3 |", old=old) == "# new\n\n| 1 | 3 |\n\n## Notes\n\nWhy the 1-step student lags.\n"
+    assert rp.with_notes("# new\n\n| 1 | 3 |", old=old) == \
+        "# new\n\n| 1 | 3 |\n\n## Notes\n\nWhy the 1-step student lags.\n"
     assert rp.with_notes("# new\n", old="") == "# new\n"
 
 
@@ -141,9 +143,9 @@ def test_reproduce_end_to_end_on_the_smoke_preset(tmp_path):
     env = {**os.environ, "PD_HOME": str(tmp_path / "home")}
     env.pop("PREFECT_API_URL", None)  # embedded defaults, as the documented command runs
     out, work = tmp_path / "out", tmp_path / "work"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.quality.reproduce", "--preset", "smoke", "--work", str(work),
-                           "--out", str(out), "--no-readme"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=850)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quality.reproduce", "--preset", "smoke",
+                           "--work", str(work), "--out", str(out), "--no-readme"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=850)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     df = pd.read_csv(out / "results.csv")
     assert list(df.columns) == rp.COLUMNS

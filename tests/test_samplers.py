@@ -161,7 +161,8 @@ def test_ddim_gaussian_oracle_many_steps_has_the_data_variance():
 def test_ddim_callback_and_float32():
     seen = []
     z = _z().float()
-    out = samplers.ddim(point_oracle(torch.zeros(1, 2, 3, 3)), z, num_steps=4, callback=lambda k, n: seen.append((k, n)))
+    out = samplers.ddim(point_oracle(torch.zeros(1, 2, 3, 3)), z, num_steps=4,
+                        callback=lambda k, n: seen.append((k, n)))
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert out.dtype == torch.float32
 
@@ -197,7 +198,9 @@ def test_ancestral_calls_and_point_oracle(n):
 
 
 def np_posterior(z_t, x, lam_t, lam_s):
-    """q(z_s | z_t, x) for s < t, from alpha_{t|s} = alpha_t/alpha_s, sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2:
+    """q(z_s | z_t, x) for s < t.
+
+    From alpha_{t|s} = alpha_t/alpha_s, sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2:
     mean = alpha_{t|s} sigma_s^2 / sigma_t^2 z_t + alpha_s sigma_{t|s}^2 / sigma_t^2 x,
     var = sigma_{t|s}^2 sigma_s^2 / sigma_t^2."""
     a_t, s_t = np_alpha_sigma(lam_t)
@@ -213,8 +216,8 @@ def test_ancestral_moments_gamma0_is_the_gaussian_posterior():
     lam_t = np.array([-20.0, -5.0, 0.0, 3.0, 10.0])
     lam_s = lam_t + np.array([0.5, 2.0, 1.0, 4.0, 0.01])
     z_t, x = rng.normal(size=(5, 2, 2, 2)), rng.uniform(-1, 1, size=(5, 2, 2, 2))
-    mean, logvar = samplers.ancestral_moments(z_t=torch.tensor(z_t), x_hat=torch.tensor(x), logsnr_t=torch.tensor(lam_t),
-                                              logsnr_s=torch.tensor(lam_s), gamma=0.0)
+    mean, logvar = samplers.ancestral_moments(z_t=torch.tensor(z_t), x_hat=torch.tensor(x),
+                                              logsnr_t=torch.tensor(lam_t), logsnr_s=torch.tensor(lam_s), gamma=0.0)
     mean_np, var_np, var_ts = np_posterior(z_t, x, lam_t, lam_s)
     np.testing.assert_allclose(mean.numpy(), mean_np, rtol=1e-9, atol=1e-12)
     var = torch.exp(logvar).numpy().reshape(5, -1)[:, 0]
@@ -276,7 +279,7 @@ def test_heun_is_second_order_on_gaussian_ode():
         assert d == pytest.approx(np_gaussian_ddim_gain(s2, n), rel=1e-10)
         errs_h.append(abs(h - exact))
         errs_d.append(abs(d - exact))
-    assert all(eh < ed / 3 for eh, ed in zip(errs_h, errs_d)), (errs_h, errs_d)
+    assert all(eh < ed / 3 for eh, ed in zip(errs_h, errs_d, strict=True)), (errs_h, errs_d)
     assert errs_h[-1] / errs_h[-2] < 0.4 < errs_d[-1] / errs_d[-2], (errs_h, errs_d)
 
 

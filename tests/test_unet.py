@@ -21,7 +21,8 @@ CONFIGS = {
     "gray8": _tiny(),
     "rgb8_both": _tiny(in_channels=3, out_channels=6, norm_groups=8),
     "gray28_mult122": _tiny(image_size=28, ch_mult=(1, 2, 2), attn_resolutions=(14, 7)),
-    "rgb32_both": _tiny(in_channels=3, out_channels=6, image_size=32, ch=8, ch_mult=(1, 2, 2, 2), attn_resolutions=(16,)),
+    "rgb32_both": _tiny(in_channels=3, out_channels=6, image_size=32, ch=8, ch_mult=(1, 2, 2, 2),
+                        attn_resolutions=(16,)),
     "rgb32_heads_noresample": _tiny(in_channels=3, out_channels=3, image_size=32, ch=32, ch_mult=(1, 1, 2),
                                     attn_resolutions=(16, 8), head_dim=16, resblock_resample=False),
     "gray8_dropout_2blocks": _tiny(num_res_blocks=2, dropout=0.2),
@@ -172,7 +173,8 @@ def _np_count_paper_cifar10() -> int:
         return 2 * c
 
     def res(i, o):
-        return norm(i) + conv(i, o, 3) + (emb * 2 * o + 2 * o) + norm(o) + conv(o, o, 3) + (conv(i, o, 1) if i != o else 0)
+        return (norm(i) + conv(i, o, 3) + (emb * 2 * o + 2 * o) + norm(o) + conv(o, o, 3)
+                + (conv(i, o, 1) if i != o else 0))
 
     attn = norm(ch) + conv(ch, 3 * ch, 1) + conv(ch, ch, 1)
     time_mlp = (ch * emb + emb) + (emb * emb + emb)

@@ -88,7 +88,8 @@ def test_per_example_shape_and_mean_over_pixels(kind):
 
 def test_float32_inputs():
     x, eps, x_hat, *_ = _problem(5)
-    out = weighting.per_example_loss(x_hat=torch.tensor(x_hat, dtype=torch.float32), x=torch.tensor(x, dtype=torch.float32),
+    out = weighting.per_example_loss(x_hat=torch.tensor(x_hat, dtype=torch.float32),
+                                     x=torch.tensor(x, dtype=torch.float32),
                                      logsnr=torch.tensor(LAM, dtype=torch.float32), kind="snr_trunc")
     assert out.shape == (B,) and torch.isfinite(out).all()
     np.testing.assert_allclose(out.numpy(), np.maximum(np.exp(LAM), 1) * _per_example_mse(x_hat, x), rtol=1e-4)

@@ -249,7 +249,7 @@ def _assert_state_equal(a: Any, b: Any, path: str = "") -> None:
             _assert_state_equal(a[k], b[k], f"{path}/{k}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _assert_state_equal(x, y, f"{path}/{i}")
     else:
         assert a == b, path

@@ -54,7 +54,7 @@ def test_adamw_continues_identically_after_state_round_trip(store: CheckpointSto
 
     _train_steps(model, opt, start=3, count=4)
     _train_steps(resumed, resumed_opt, start=3, count=4)
-    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     _assert_state_equal(resumed_opt.state_dict(), opt.state_dict())
 

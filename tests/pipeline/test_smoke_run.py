@@ -1,31 +1,36 @@
-"""Integration tests of the orchestrated pipeline (issue 5): real Prefect, MLflow on sqlite, S3 through moto.
+"""Integration tests of the orchestrated pipeline: real Prefect, MLflow on sqlite, S3 through moto.
 
 Nothing is mocked. The pipeline flow runs in this process against the Prefect test harness (a real
 Prefect server subprocess); checkpoints go to ``s3://`` on moto's ThreadedMotoServer (127.0.0.1);
 MLflow tracks into a sqlite file; the ``pd`` console script runs as a subprocess, as a user runs it.
 
-One finished ``smoke`` pipeline is shared by most tests (module fixture ``pipeline``); the second
-run of it (``rerun``) must train nothing; the kill/resume test runs its own, shortened pipeline.
+One finished ``smoke`` pipeline is shared by the tests here (module fixture ``pipeline``); the second
+run of it (``rerun``) must train nothing.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import FAKE_AWS_KEY_ID, FAKE_AWS_SECRET, MotoS3
+from tests.pipeline.helpers import (
+    Pipeline,
+    as_plain_data,
+    assert_one_line_error,
+    children_of,
+    is_png,
+    mlflow_client,
+    open_store,
+    parent_of,
+    run_pd,
+    write_storage_config,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -33,103 +38,6 @@ NAME = "itest"
 ROUND_STEPS = [(8, 4), (4, 2), (2, 1)]  # the smoke preset's rounds (teacher steps, student steps)
 EVAL_METRICS = ("fd_digits", "kid_digits", "seconds_per_image")
 ROUND_FOLDER = re.compile(r"^\d{2}-\d{4}$")  # rounds/03-0001, not 03-0001.eval / .state / .mlflow-*.json
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers
-
-
-def pd_command() -> list[str]:
-    """The installed ``pd`` console script of this interpreter (``python -m flows.cli`` if not installed)."""
-    script = Path(sys.executable).with_name("pd")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "flows.cli"]
-
-
-def run_pd(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``pd ARGS`` in a fresh process with this process' environment plus ``env``."""
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("PD_DEBUG", None)  # errors must be one line, as a user sees them
-    return subprocess.run([*pd_command(), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *, code: int, mentions: str) -> str:
-    """Exit ``code``; stderr is exactly one line, ``error: ...`` naming ``mentions``; no traceback."""
-    assert proc.returncode == code, f"exit {proc.returncode}, want {code}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, f"want one line on stderr, got {len(lines)}:\n{proc.stderr}"
-    assert lines[0].startswith("error: ") and mentions in lines[0], lines[0]
-    return lines[0]
-
-
-def write_storage_config(path: Path, *, root: str, moto: MotoS3) -> Path:
-    """A YAML config file that points the store at moto (no credentials: they come from the environment)."""
-    path.write_text(yaml.safe_dump({"storage": {"root": root, "storage_options": moto.storage_options()}}))
-    return path
-
-
-def open_store(root: str, moto: MotoS3):
-    from pd_core.store import CheckpointStore
-
-    return CheckpointStore(root, storage_options=moto.storage_options())
-
-
-def mlflow_client(tracking_uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
-
-def children_of(client, parent_id: str) -> dict[str, object]:
-    """Child runs of ``parent_id`` by run name (``teacher``, ``round-01-8to4``, ...)."""
-    parent = client.get_run(parent_id)
-    runs = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-                              max_results=100)
-    named = {r.info.run_name: r for r in runs}
-    assert len(named) == len(runs), f"duplicate child run names under {parent_id}: {[r.info.run_name for r in runs]}"
-    return named
-
-
-def parent_of(client, child_run_id: str) -> str:
-    return client.get_run(child_run_id).data.tags["mlflow.parentRunId"]
-
-
-def is_png(path: Path) -> bool:
-    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
-
-
-@dataclass
-class Pipeline:
-    """A finished pipeline and where it put everything."""
-
-    name: str
-    home: Path  # PD_HOME of the run (MLflow artifacts, journal)
-    workdir: Path  # cwd for `pd` subprocesses
-    root: str  # s3://bucket/prefix
-    bucket: str
-    config_path: Path
-    tracking_uri: str
-    moto: MotoS3
-    result: dict
-    seconds: float
-
-    def run_again(self) -> tuple[dict, float]:
-        from flows.pipeline import distillation_pipeline
-
-        t0 = time.perf_counter()
-        result = distillation_pipeline(preset="smoke", name=self.name, config_path=str(self.config_path),
-                                       tracking_uri=self.tracking_uri)
-        return result, time.perf_counter() - t0
-
-    def pd(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        return run_pd(*args, cwd=self.workdir, env=env)
-
-    @property
-    def s3_env(self) -> dict[str, str]:
-        """How a process configured by environment (the docker-compose worker does this) reaches moto."""
-        return {"FSSPEC_S3_ENDPOINT_URL": self.moto.endpoint_url}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,8 +60,8 @@ def pipeline(moto_server: MotoS3, prefect_api: str, tmp_path_factory: pytest.Tem
         from flows.pipeline import distillation_pipeline
 
         t0 = time.perf_counter()
-        result = distillation_pipeline(preset="smoke", name=NAME, config_path=str(config_path),
-                                       tracking_uri=tracking_uri)
+        result = as_plain_data(distillation_pipeline(preset="smoke", name=NAME, config_path=str(config_path),
+                                                     tracking_uri=tracking_uri))
         seconds = time.perf_counter() - t0
         print(f"\nfirst smoke run: {seconds:.1f}s")
         yield Pipeline(name=NAME, home=home, workdir=workdir, root=root, bucket=bucket, config_path=config_path,
@@ -200,12 +108,13 @@ def test_store_holds_one_verified_checkpoint_per_round(pipeline: Pipeline) -> No
         f"{prefix}/rounds/{i:02d}-{s:04d}" for i, (_, s) in enumerate(ROUND_STEPS, start=1)]
     parent_sha = result["teacher"]["sha256"]
     assert store.is_complete(result["teacher"]["key"])
-    for info, (teacher_steps, student_steps) in zip(result["rounds"], ROUND_STEPS):
+    for info, (teacher_steps, student_steps) in zip(result["rounds"], ROUND_STEPS, strict=True):
         key = info["key"]
         assert store.is_complete(key), f"{key} is not a complete, verified checkpoint"
         manifest = store.read_manifest(key)
         assert manifest["sha256"] == info["sha256"]
-        assert (manifest["kind"], manifest["steps"], manifest["teacher_steps"]) == ("student", student_steps, teacher_steps)
+        assert (manifest["kind"], manifest["steps"], manifest["teacher_steps"]) == (
+            "student", student_steps, teacher_steps)
         assert manifest["parent_sha256"] == parent_sha, "each round must be distilled from the previous student"
         parent_sha = manifest["sha256"]
         assert not store.exists(f"{key}.state"), "the in-round state must be cleared once the round is saved"
@@ -253,7 +162,7 @@ def test_mlflow_holds_parent_and_one_child_per_round(pipeline: Pipeline) -> None
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert len(history) >= 3 and len({m.step for m in history}) == len(history), run_name
         assert "train_seconds" in run.data.metrics
-    for (t, s), run_name in zip(ROUND_STEPS, names):
+    for (t, s), run_name in zip(ROUND_STEPS, names, strict=True):
         run = children[run_name]
         assert (run.data.params["round"], run.data.params["teacher_steps"], run.data.params["student_steps"]) == (
             run_name[6:8].lstrip("0"), str(t), str(s))
@@ -309,7 +218,7 @@ def test_prefect_shows_round_tasks_artifacts_and_events(pipeline: Pipeline) -> N
     payloads = sorted((e["payload"] for e in events), key=lambda p: p["round"])
     assert [(p["round"], p["teacher_steps"], p["student_steps"]) for p in payloads] == [
         (i, t, s) for i, (t, s) in enumerate(ROUND_STEPS, start=1)]
-    for p, info in zip(payloads, pipeline.result["rounds"]):
+    for p, info in zip(payloads, pipeline.result["rounds"], strict=True):
         assert p["checkpoint_uri"] == info["uri"] and p["checkpoint_sha256"] == info["sha256"] and p["trained"]
         assert all(m in p["metrics"] for m in EVAL_METRICS)
 
@@ -439,127 +348,3 @@ def test_cli_unknown_preset_exits_2(tmp_path: Path) -> None:
     proc = run_pd("run", "--preset", "nope", cwd=tmp_path)
     assert_one_line_error(proc, code=2, mentions="nope")
     assert not (tmp_path / ".pd").exists() and not (tmp_path / "mlflow.db").exists()
-
-
-# ----------------------------------------------------------------------------------------------
-# Kill mid-round, rerun, resume in that round
-
-
-class LeaseWatcher:
-    """Reads a lease file every 0.2 s in a thread while in use; ``seen`` = [(unix time read, lease doc)]."""
-
-    def __init__(self, store, path: str) -> None:
-        self.store, self.path = store, path
-        self.seen: list[tuple[float, dict]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.2):
-            try:
-                doc = json.loads(self.store.get_bytes(self.path))
-            except Exception:  # noqa: BLE001 - absent between runs, or mid-write
-                continue
-            self.seen.append((time.time(), doc))
-
-    def __enter__(self) -> LeaseWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-KILL_NAME = "killtest"
-# Round 1 (8->4) is short; round 2 (4->2, a "last round") is long enough to be killed in; no eval.
-KILL_OVERRIDES = ["teacher.updates=30", "distill.final_steps=2", "distill.updates_per_round=10",
-                  "distill.last_rounds_updates=40", "distill.checkpoint_every=10", "eval.enabled=false"]
-
-
-def test_killed_run_resumes_in_the_round_it_was_killed_in(moto_server: MotoS3, prefect_api: str, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from pd_core.jobs import round_key, state_key
-
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("PD_HOME", str(home))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    bucket = moto_server.make_bucket(None)
-    root = f"s3://{bucket}/kill"
-    config_path = write_storage_config(tmp_path / "storage.yaml", root=root, moto=moto_server)
-    tracking_uri = f"sqlite:///{home / 'mlflow.db'}"
-    store = open_store(root, moto_server)
-    round1 = round_key(KILL_NAME, round_index=1, student_steps=4)
-    round2 = round_key(KILL_NAME, round_index=2, student_steps=2)
-    state2 = f"{state_key(round2)}/state.json"
-
-    args = ["run", "--preset", "smoke", "--name", KILL_NAME, "--config", str(config_path), "--tracking-uri",
-            tracking_uri, *[a for o in KILL_OVERRIDES for a in ("--set", o)]]
-    log_path = tmp_path / "killed-run.log"
-    env = {**os.environ, "PREFECT_API_URL": prefect_api}  # the harness' server: no ephemeral server to start
-    env.pop("PD_DEBUG", None)
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen([*pd_command(), *args], cwd=tmp_path, env=env, stdout=log_file,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 900
-            while not store.exists(state2):
-                assert proc.poll() is None, f"pd run exited ({proc.returncode}) before round 2 saved its state:\n" \
-                                            f"{log_path.read_text()[-4000:]}"
-                assert time.monotonic() < deadline, "round 2 never saved an in-round state"
-                time.sleep(0.1)
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, mid-round: no cleanup runs
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()  # reaped: a zombie would still look alive to the lease's dead-holder check
-    assert proc.returncode == -signal.SIGKILL
-
-    # What the kill left behind: a complete round 1, round 2's in-round state, a lease of a dead process.
-    assert store.is_complete(round1)
-    assert not store.is_complete(round2), "round 2 finished before the kill; raise distill.last_rounds_updates"
-    round1_sha = store.read_manifest(round1)["sha256"]
-    saved = store.load_state(state_key(round2))
-    assert saved is not None
-    killed_at = int(saved[1]["step"])
-    assert 10 <= killed_at < 40
-    lease = json.loads(store.get_bytes(f"pipelines/{KILL_NAME}/lease/lease.json"))
-    assert lease["pid"] == proc.pid  # never released: the rerun must take it over, not wait out its TTL
-
-    # Rerun (in this process, same config): skips teacher and round 1, continues round 2 where it stopped.
-    # Its lease gets a 3 s TTL here; a watcher checks the flow keeps renewing it (never expired while it runs).
-    import flows.pipeline
-    from flows.pipeline import distillation_pipeline
-
-    monkeypatch.setattr(flows.pipeline, "LEASE_TTL_S", 3.0)
-    watcher = LeaseWatcher(open_store(root, moto_server), f"pipelines/{KILL_NAME}/lease/lease.json")
-    t0 = time.perf_counter()
-    with watcher:
-        result = distillation_pipeline(preset="smoke", overrides=list(KILL_OVERRIDES), name=KILL_NAME,
-                                       config_path=str(config_path), tracking_uri=tracking_uri)
-    seconds = time.perf_counter() - t0
-    print(f"\nresumed run: {seconds:.1f}s (killed at round 2 update {killed_at})")
-    ours = [(t, doc) for t, doc in watcher.seen if doc["pid"] == os.getpid()]
-    assert ours, "the rerun never held the pipeline lease"
-    expired = [(round(t, 2), doc["expires_at_unix"]) for t, doc in ours if doc["expires_at_unix"] <= t]
-    assert not expired, f"the pipeline lease lapsed while the flow ran (not renewed): {expired[:3]}"
-    if seconds > 6:  # two TTLs: it must have been renewed, not just acquired
-        assert len({doc["renewed_at"] for _, doc in ours}) >= 2
-    teacher, rounds = result["teacher"], result["rounds"]
-    assert teacher["trained"] is False
-    assert [(r["round"], r["trained"]) for r in rounds] == [(1, False), (2, True)]
-    assert rounds[0]["sha256"] == round1_sha, "a completed round was retrained"
-    assert rounds[1]["resumed_from"] == killed_at
-    assert store.is_complete(round2) and not store.exists(state2)
-    assert not store.exists(f"pipelines/{KILL_NAME}/lease/lease.json")  # released at the end of the rerun
-
-    # MLflow: the rerun's round-2 run says where it resumed, and its loss curve starts after that update.
-    client = mlflow_client(tracking_uri)
-    children = children_of(client, parent_of(client, rounds[1]["mlflow_run_id"]))
-    run2 = children["round-02-4to2"]
-    assert run2.data.metrics["resumed_from"] == killed_at
-    steps = [m.step for m in client.get_metric_history(run2.info.run_id, "train_loss")]
-    assert steps and min(steps) > killed_at and max(steps) == 40
-    assert children["round-01-8to4"].data.tags["skipped"] == "true"
-    assert not client.get_metric_history(children["round-01-8to4"].info.run_id, "train_loss")
