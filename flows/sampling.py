@@ -39,18 +39,17 @@ def sample_images(loaded: LoadedModel, *, steps: int, num: int, sampler: str, ga
     spec = loaded.denoiser.net.spec
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []
-    sched = dict(logsnr_min=loaded.logsnr_min, logsnr_max=loaded.logsnr_max)
     with torch.inference_mode():
         for start in range(0, num, batch_size):
             b = min(batch_size, num - start)
             z = torch.randn((b, spec.in_channels, spec.image_size, spec.image_size), generator=gen).to(device)
             if sampler == "ddim":
-                x = samplers.ddim(loaded.denoiser, z, num_steps=steps, **sched)
+                x = samplers.ddim(loaded.denoiser, z, num_steps=steps, schedule=loaded.schedule)
             elif sampler == "stochastic":
                 x = samplers.ancestral(loaded.denoiser, z, num_steps=steps, gamma=gamma,
-                                       generator=gen_for(device, seed + start), **sched)
+                                       generator=gen_for(device, seed + start), schedule=loaded.schedule)
             else:
-                x = samplers.heun(loaded.denoiser, z, num_steps=steps, **sched)
+                x = samplers.heun(loaded.denoiser, z, num_steps=steps, schedule=loaded.schedule)
             out.append(x.float().cpu())
     return torch.cat(out)
 

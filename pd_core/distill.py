@@ -14,7 +14,7 @@ from torch import Tensor
 
 from pd_core._checks import broadcast_to, check_batch_vector, check_image_batch, check_num_steps
 from pd_core.denoiser import Denoiser, DenoiserFn
-from pd_core.schedule import LOGSNR_MAX, LOGSNR_MIN, alpha_sigma, logsnr, logsnr_unchecked
+from pd_core.schedule import COSINE, Schedule, alpha_sigma
 from pd_core.weighting import check_combination, per_example_loss
 
 
@@ -35,22 +35,22 @@ def ddim_step(*, x_hat: Tensor, eps_hat: Tensor, logsnr_s: Tensor) -> Tensor:
 
 
 def distillation_target(teacher: DenoiserFn, *, z: Tensor, t: Tensor, num_steps: int,
-                        logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX) -> Tensor:
+                        schedule: Schedule = COSINE) -> Tensor:
     """x_tilde of Algorithm 2 (see module docstring); ``num_steps`` is the STUDENT's N, t in {1/N, ..., 1}."""
     check_num_steps("num_steps", num_steps)
     check_image_batch("z", z)
     check_batch_vector("t", t, batch=z.shape[0])
     i = _check_student_times(t, num_steps=num_steps)
     t = t.to(z.dtype)
-    sched = dict(logsnr_min=logsnr_min, logsnr_max=logsnr_max)
-    return _two_step_target(teacher, z=z, t=t, lam_t=logsnr(t, **sched), last=i == 0, num_steps=num_steps, sched=sched)
+    return _two_step_target(teacher, z=z, t=t, lam_t=schedule.logsnr(t), last=i == 0, num_steps=num_steps,
+                            schedule=schedule)
 
 
 def _two_step_target(teacher: DenoiserFn, *, z: Tensor, t: Tensor, lam_t: Tensor, last: Tensor, num_steps: int,
-                     sched: dict) -> Tensor:
+                     schedule: Schedule) -> Tensor:
     """:func:`distillation_target` for a valid grid t (no checks: no host syncs), lam_t = lambda(t) given."""
-    lam_mid = logsnr_unchecked((t - 0.5 / num_steps).clamp(min=0.0), **sched)
-    lam_s = logsnr_unchecked((t - 1.0 / num_steps).clamp(min=0.0), **sched)
+    lam_mid = schedule.logsnr_unchecked((t - 0.5 / num_steps).clamp(min=0.0))
+    lam_s = schedule.logsnr_unchecked((t - 1.0 / num_steps).clamp(min=0.0))
 
     x_hat, eps_hat = teacher(z, lam_t)
     z_mid = ddim_step(x_hat=x_hat, eps_hat=eps_hat, logsnr_s=lam_mid)
@@ -70,13 +70,12 @@ class DistillationLoss:
     i ~ U{0..N-1}, t = (i + 1)/N, z_t = alpha_t x + sigma_t eps; the teacher runs without gradients.
     """
 
-    def __init__(self, teacher: Denoiser, *, num_steps: int, weighting: str,
-                 logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX):
+    def __init__(self, teacher: Denoiser, *, num_steps: int, weighting: str, schedule: Schedule = COSINE):
         check_num_steps("num_steps", num_steps)
         self.teacher = teacher
         self.num_steps = num_steps
         self.weighting = weighting
-        self.sched = dict(logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+        self.schedule = schedule
 
     def targets(self, x: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Sample (z_t, lambda_t, x_tilde) for a data batch; the teacher runs without gradients.
@@ -90,11 +89,12 @@ class DistillationLoss:
         i = torch.randint(0, n, (x.shape[0],), device=x.device, generator=generator)  # (B,)
         t = (i + 1).to(x.dtype) / n
         eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        lam = logsnr_unchecked(t, **self.sched)
+        lam = self.schedule.logsnr_unchecked(t)
         alpha, sigma = (broadcast_to(v, x) for v in alpha_sigma(lam))
         z = alpha * x + sigma * eps
         with torch.no_grad():
-            x_tilde = _two_step_target(self.teacher, z=z, t=t, lam_t=lam, last=i == 0, num_steps=n, sched=self.sched)
+            x_tilde = _two_step_target(self.teacher, z=z, t=t, lam_t=lam, last=i == 0, num_steps=n,
+                                       schedule=self.schedule)
         return z, lam, x_tilde.float()
 
     def __call__(self, student: Denoiser, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:

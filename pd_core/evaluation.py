@@ -131,16 +131,16 @@ def floor_record(cfg: Config, store: CheckpointStore, ctx: FeatureContext) -> di
 def make_sample_fn(model: LoadedModel, *, sampler: str, steps: int, gamma: float | None, seed: int,
                    device: torch.device) -> Callable[[Tensor], Tensor]:
     """noise (B, C, H, W) -> images in [-1, 1] with the given sampler (clipping on, as sampling does)."""
-    sched = dict(logsnr_min=model.logsnr_min, logsnr_max=model.logsnr_max)
     gen = torch.Generator(device=device).manual_seed(seed + 7919)  # stochastic sampler's own noise stream
 
     def sample(noise: Tensor) -> Tensor:
         z = noise.to(device)
         with torch.inference_mode():
             if sampler == "ddim":
-                return samplers.ddim(model.denoiser, z, num_steps=steps, **sched)
+                return samplers.ddim(model.denoiser, z, num_steps=steps, schedule=model.schedule)
             if sampler == "stochastic":
-                return samplers.ancestral(model.denoiser, z, num_steps=steps, gamma=gamma, generator=gen, **sched)
+                return samplers.ancestral(model.denoiser, z, num_steps=steps, gamma=gamma, generator=gen,
+                                          schedule=model.schedule)
             raise ValueError(f"sampler must be 'ddim' or 'stochastic'; got {sampler!r}")
 
     return sample

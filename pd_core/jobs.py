@@ -19,7 +19,8 @@ import torch
 from pd_core import dist
 from pd_core.config import Config, config_hash
 from pd_core.data import BatchSampler, ImageData, load_split
-from pd_core.models import check_weights_fit, split_uri
+from pd_core.models import check_weights_fit, manifest_schedule, split_uri
+from pd_core.schedule import CosineSchedule, Schedule
 from pd_core.store import CheckpointStore, StoreError
 from pd_core.train import (
     ProgressCallback,
@@ -103,7 +104,7 @@ def _model_spec(cfg: Config, data: ImageData) -> UNetSpec:
 
 
 def _manifest(cfg: Config, *, kind: str, spec: UNetSpec, steps: int, round_index: int, parent_sha256: str | None,
-              extra: dict | None = None) -> dict:
+              schedule: Schedule, extra: dict | None = None) -> dict:
     return {
         "kind": kind,
         "round": round_index,
@@ -115,8 +116,14 @@ def _manifest(cfg: Config, *, kind: str, spec: UNetSpec, steps: int, round_index
         "parameterization": cfg.diffusion.parameterization,
         "logsnr_min": cfg.diffusion.logsnr_min,
         "logsnr_max": cfg.diffusion.logsnr_max,
+        "schedule": schedule.to_dict(),
         **(extra or {}),
     }
+
+
+def _config_schedule(cfg: Config) -> Schedule:
+    """The schedule of a teacher trained here: the cosine over diffusion.logsnr_min .. logsnr_max."""
+    return CosineSchedule(logsnr_min=cfg.diffusion.logsnr_min, logsnr_max=cfg.diffusion.logsnr_max)
 
 
 def _timing(result: TrainResult) -> dict[str, float | int]:
@@ -201,7 +208,7 @@ def ensure_teacher(cfg: Config, store: CheckpointStore, *, data: ImageData | Non
                            sample_batch=batches.batch, on_checkpoint=_state_saver(store, key), on_progress=on_progress,
                            fault_at_step=fault_at_step)
     manifest = _manifest(cfg, kind="teacher", spec=spec, steps=start, round_index=0, parent_sha256=None,
-                         extra={"updates": result.steps, **_timing(result)})
+                         schedule=_config_schedule(cfg), extra={"updates": result.steps, **_timing(result)})
     info = _publish(store, key, weights=result.weights, manifest=manifest, is_main=runtime.is_main)
     log.info("teacher saved to %s (sha256 %s)", info.uri, info.sha256[:12])
     return dataclasses.replace(info, train_seconds=result.seconds)
@@ -220,7 +227,8 @@ def import_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -> Checkpoi
     key = teacher_key(cfg.pipeline.name)
     start = cfg.distill.start_steps
     new_manifest = _manifest(cfg, kind="teacher", spec=spec, steps=start, round_index=0,
-                             parent_sha256=manifest.get("sha256"), extra={"imported_from": uri})
+                             parent_sha256=manifest.get("sha256"), schedule=manifest_schedule(manifest),
+                             extra={"imported_from": uri})
     ref = dist.run_on_main(lambda: store.save_checkpoint(key, tensors=tensors, manifest=new_manifest))
     log.info("teacher imported from %s to %s", uri, ref.uri)
     return CheckpointInfo(key=key, uri=ref.uri, sha256=ref.sha256, steps=start, round=0, trained=False,
@@ -245,6 +253,7 @@ def run_round(cfg: Config, store: CheckpointStore, *, round_index: int, teacher:
                          f"{teacher.sha256[:12]}); rerun the pipeline")
     spec = spec_from_dict(teacher_manifest["unet"])
     check_weights_fit(teacher_weights, spec, source=teacher.uri)
+    schedule = manifest_schedule(teacher_manifest)  # a round keeps its teacher's schedule
     seed = cfg.pipeline.seed + 1000 * round_index  # each round sees its own noise and batches
     # Student dropout draws from torch's global RNG: seed it per round, so the masks do not depend on what
     # this process ran before (a rerun that skips the teacher would otherwise draw other masks).
@@ -257,12 +266,13 @@ def run_round(cfg: Config, store: CheckpointStore, *, round_index: int, teacher:
     updates = cfg.distill.updates_for(student_steps)
     phase = round_phase(round_index=round_index, teacher_steps=teacher_steps, student_steps=student_steps)
     result = distill_round(state=state, teacher_net=teacher_net, student_steps=student_steps, updates=updates,
-                           phase=phase, distill_cfg=cfg.distill, diffusion_cfg=cfg.diffusion, runtime=runtime,
+                           phase=phase, distill_cfg=cfg.distill, diffusion_cfg=cfg.diffusion, schedule=schedule,
+                           runtime=runtime,
                            sample_batch=sampler_for(cfg, data, seed=seed).batch,
                            on_checkpoint=_state_saver(store, key), on_progress=on_progress,
                            fault_at_step=fault_at_step)
     manifest = _manifest(cfg, kind="student", spec=dataclasses.replace(spec, dropout=0.0), steps=student_steps,
-                         round_index=round_index, parent_sha256=teacher.sha256,
+                         round_index=round_index, parent_sha256=teacher.sha256, schedule=schedule,
                          extra={"updates": updates, "teacher_steps": teacher_steps, **_timing(result)})
     info = _publish(store, key, weights=result.weights, manifest=manifest, is_main=runtime.is_main)
     log.info("%s saved to %s (sha256 %s)", phase, info.uri, info.sha256[:12])

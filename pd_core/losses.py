@@ -7,17 +7,16 @@ from torch import Tensor
 
 from pd_core._checks import broadcast_to, check_image_batch
 from pd_core.denoiser import Denoiser
-from pd_core.schedule import LOGSNR_MAX, LOGSNR_MIN, alpha_sigma, logsnr_unchecked
+from pd_core.schedule import COSINE, Schedule, alpha_sigma
 from pd_core.weighting import check_combination, per_example_loss
 
 
 class TeacherLoss:
     """Per-example diffusion loss w(lambda_t) ||x_hat(z_t) - x||^2 with t ~ U[0, 1) (no clipping)."""
 
-    def __init__(self, *, weighting: str, logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX):
+    def __init__(self, *, weighting: str, schedule: Schedule = COSINE):
         self.weighting = weighting
-        self.logsnr_min = logsnr_min
-        self.logsnr_max = logsnr_max
+        self.schedule = schedule
 
     def __call__(self, model: Denoiser, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         check_image_batch("x", x)
@@ -25,7 +24,7 @@ class TeacherLoss:
         t = torch.rand(x.shape[0], device=x.device, dtype=x.dtype, generator=generator)  # (B,)
         eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         # t in [0, 1) by construction: no range check (it would sync with the device)
-        lam = logsnr_unchecked(t, logsnr_min=self.logsnr_min, logsnr_max=self.logsnr_max)
+        lam = self.schedule.logsnr_unchecked(t)
         alpha, sigma = (broadcast_to(s, x) for s in alpha_sigma(lam))
         x_hat, _ = model(alpha * x + sigma * eps, lam)
         return per_example_loss(x_hat=x_hat.float(), x=x.float(), logsnr=lam.float(), kind=self.weighting)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pd_core.denoiser import Denoiser
+from pd_core.schedule import CosineSchedule, Schedule, schedule_from_dict
 from pd_core.store import CheckpointStore, StoreError
 from pd_core.unet import UNet, UNetSpec, spec_from_dict
 
@@ -62,8 +63,15 @@ class LoadedModel:
     denoiser: Denoiser
     manifest: dict
     steps: int
-    logsnr_min: float
-    logsnr_max: float
+    schedule: Schedule
+
+
+def manifest_schedule(manifest: dict) -> Schedule:
+    """The noise schedule a checkpoint was trained on (the cosine of its logsnr range when none is recorded)."""
+    if "schedule" in manifest:
+        return schedule_from_dict(manifest["schedule"])
+    return CosineSchedule(logsnr_min=float(manifest.get("logsnr_min", -20.0)),
+                          logsnr_max=float(manifest.get("logsnr_max", 20.0)))
 
 
 def model_from_tensors(tensors: dict, manifest: dict, *, source: str,
@@ -79,8 +87,7 @@ def model_from_tensors(tensors: dict, manifest: dict, *, source: str,
         raise StoreError(f"{source}: weights do not fit the architecture in its manifest ({first})") from err
     net = net.to(device).eval().requires_grad_(False)
     return LoadedModel(denoiser=Denoiser(net, parameterization=manifest["parameterization"]), manifest=manifest,
-                       steps=int(manifest["steps"]), logsnr_min=float(manifest.get("logsnr_min", -20.0)),
-                       logsnr_max=float(manifest.get("logsnr_max", 20.0)))
+                       steps=int(manifest["steps"]), schedule=manifest_schedule(manifest))
 
 
 def load_model(store: CheckpointStore, key: str, *, device: torch.device | str = "cpu") -> LoadedModel:

@@ -15,18 +15,18 @@ from torch import Tensor
 from pd_core._checks import broadcast_to, check_image_batch, check_num_steps
 from pd_core.denoiser import DenoiserFn
 from pd_core.parameterization import clip_x_eps
-from pd_core.schedule import LOGSNR_MAX, LOGSNR_MIN, alpha_sigma, logsnr
+from pd_core.schedule import COSINE, Schedule, alpha_sigma
 
 Callback = Callable[[int, int], None]
 
 
-def _logsnr_table(*, num_steps: int, batch: int, like: Tensor, sched: dict) -> Tensor:
+def _logsnr_table(*, num_steps: int, batch: int, like: Tensor, schedule: Schedule) -> Tensor:
     """lambda(i / N) for i = 0..N, each repeated over the batch: shape (N + 1, B), on ``like``'s device.
 
     Computed once per sampler call (float64 on the host, one copy to the device), so a step costs
     the network and a few elementwise ops, nothing else: step i walks row i + 1 -> row i.
     """
-    grid = logsnr(torch.arange(num_steps + 1, dtype=torch.float64) / num_steps, **sched)  # (N + 1,)
+    grid = schedule.logsnr(torch.arange(num_steps + 1, dtype=torch.float64) / num_steps)  # (N + 1,)
     table = grid.to(like.dtype)[:, None].expand(num_steps + 1, batch).contiguous()  # (N + 1, B)
     return table.to(like.device, non_blocking=True)
 
@@ -43,11 +43,10 @@ def _validate(z: Tensor, num_steps: int) -> None:
 
 @torch.no_grad()
 def ddim(denoiser: DenoiserFn, z: Tensor, *, num_steps: int, clip: bool = True, callback: Callback | None = None,
-         logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX) -> Tensor:
+         schedule: Schedule = COSINE) -> Tensor:
     """DDIM: z_s = alpha_s x_hat + sigma_s eps_hat; returns x_hat at the last step (N network calls)."""
     _validate(z, num_steps)
-    lams = _logsnr_table(num_steps=num_steps, batch=z.shape[0], like=z,
-                         sched=dict(logsnr_min=logsnr_min, logsnr_max=logsnr_max))
+    lams = _logsnr_table(num_steps=num_steps, batch=z.shape[0], like=z, schedule=schedule)
     for i in reversed(range(num_steps)):
         lam_t, lam_s = lams[i + 1], lams[i]
         x_hat, eps_hat = _denoise(denoiser, z, lam_t, clip=clip)
@@ -83,7 +82,7 @@ def ancestral_moments(*, z_t: Tensor, x_hat: Tensor, logsnr_t: Tensor, logsnr_s:
 @torch.no_grad()
 def ancestral(denoiser: DenoiserFn, z: Tensor, *, num_steps: int, gamma: float = 0.3, clip: bool = True,
               generator: torch.Generator | None = None, callback: Callback | None = None,
-              logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX) -> Tensor:
+              schedule: Schedule = COSINE) -> Tensor:
     """Stochastic (ancestral) sampler: z_s ~ N(mean, exp(logvar)) from :func:`ancestral_moments`.
 
     ``gamma`` in [0, 1] is the variance-interpolation coefficient the paper tunes per step count.
@@ -91,8 +90,7 @@ def ancestral(denoiser: DenoiserFn, z: Tensor, *, num_steps: int, gamma: float =
     _validate(z, num_steps)
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1]; got {gamma}")
-    lams = _logsnr_table(num_steps=num_steps, batch=z.shape[0], like=z,
-                         sched=dict(logsnr_min=logsnr_min, logsnr_max=logsnr_max))
+    lams = _logsnr_table(num_steps=num_steps, batch=z.shape[0], like=z, schedule=schedule)
     for i in reversed(range(num_steps)):
         lam_t, lam_s = lams[i + 1], lams[i]
         x_hat, _ = _denoise(denoiser, z, lam_t, clip=clip)
@@ -109,7 +107,7 @@ def ancestral(denoiser: DenoiserFn, z: Tensor, *, num_steps: int, gamma: float =
 
 @torch.no_grad()
 def heun(denoiser: DenoiserFn, z: Tensor, *, num_steps: int, clip: bool = True, callback: Callback | None = None,
-         logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX) -> Tensor:
+         schedule: Schedule = COSINE) -> Tensor:
     """Probability-flow ODE baseline: Heun's method in data-prediction form, dy/d rho = x_hat.
 
     y = z / sigma, rho = alpha / sigma = exp(lambda / 2). Euler on this ODE is exactly DDIM
@@ -120,8 +118,7 @@ def heun(denoiser: DenoiserFn, z: Tensor, *, num_steps: int, clip: bool = True, 
     magnitude at small N; x_hat is bounded, so the data-prediction form is not.)
     """
     _validate(z, num_steps)
-    lams = _logsnr_table(num_steps=num_steps, batch=z.shape[0], like=z,
-                         sched=dict(logsnr_min=logsnr_min, logsnr_max=logsnr_max))
+    lams = _logsnr_table(num_steps=num_steps, batch=z.shape[0], like=z, schedule=schedule)
     for i in reversed(range(num_steps)):
         lam_t, lam_s = lams[i + 1], lams[i]
         x_t, _ = _denoise(denoiser, z, lam_t, clip=clip)

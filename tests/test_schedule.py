@@ -160,3 +160,86 @@ def test_time_grid():
     np.testing.assert_array_equal(g.numpy(), [0.0, 0.25, 0.5, 0.75, 1.0])
     with pytest.raises(ValueError, match="num_steps"):
         schedule.time_grid(0)
+
+
+# Schedule objects: the cosine as an object, discrete DDPM tables (diffusers' alphas_cumprod)
+
+
+def test_cosine_schedule_object_is_the_module_functions():
+    t = torch.tensor(T_GRID, dtype=torch.float64)
+    sched = schedule.CosineSchedule(logsnr_min=-12.0, logsnr_max=9.0)
+    np.testing.assert_array_equal(sched.logsnr(t).numpy(), schedule.logsnr(t, logsnr_min=-12.0, logsnr_max=9.0).numpy())
+    assert schedule.schedule_from_dict(sched.to_dict()) == sched
+    assert schedule.schedule_from_dict(None) == schedule.COSINE
+
+
+def np_alphas_cumprod(beta_schedule: str, n: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+    """Independent numpy float64 DDPM tables (Ho et al. 2020 linear; LDM's scaled linear; Nichol & Dhariwal cosine)."""
+    if beta_schedule == "linear":
+        betas = np.linspace(beta_start, beta_end, n)
+    elif beta_schedule == "scaled_linear":
+        betas = np.linspace(np.sqrt(beta_start), np.sqrt(beta_end), n) ** 2
+    else:
+        f = np.cos((np.arange(n + 1) / n + 0.008) / 1.008 * np.pi / 2) ** 2
+        betas = np.minimum(1 - f[1:] / f[:-1], 0.999)
+    return np.cumprod(1 - betas)
+
+
+@pytest.mark.parametrize("beta_schedule", schedule.BETA_SCHEDULES)
+def test_ddpm_tables_match_numpy_and_diffusers(beta_schedule):
+    acp = schedule.ddpm_alphas_cumprod(beta_schedule=beta_schedule, num_train_timesteps=1000)
+    np.testing.assert_allclose(acp.numpy(), np_alphas_cumprod(beta_schedule), rtol=1e-12, atol=0)
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule).alphas_cumprod
+    np.testing.assert_allclose(acp.numpy(), ref.double().numpy(), rtol=1e-5, atol=1e-7)  # diffusers computes in fp32
+
+
+def _discrete(beta_schedule: str = "linear", n: int = 1000) -> schedule.DiscreteSchedule:
+    return schedule.DiscreteSchedule(np_alphas_cumprod(beta_schedule, n))
+
+
+@pytest.mark.parametrize("beta_schedule", schedule.BETA_SCHEDULES)
+def test_discrete_grid_points_are_the_table_and_t0_is_clean(beta_schedule):
+    sched = _discrete(beta_schedule)
+    acp = np_alphas_cumprod(beta_schedule)
+    k = np.arange(1000)
+    lam = sched.logsnr(torch.tensor((k + 1) / 1000.0, dtype=torch.float64)).numpy()  # tau = t T - 1 = k
+    np.testing.assert_allclose(lam, np.log(acp / (1 - acp)), rtol=0, atol=1e-9)
+    assert math.isinf(sched.logsnr(torch.tensor([0.0], dtype=torch.float64)).item())
+    alpha, sigma = schedule.alpha_sigma(sched.logsnr(torch.tensor([0.0, 1.0], dtype=torch.float64)))
+    assert alpha[0] == 1.0 and sigma[0] == 0.0  # set_alpha_to_one: the clean end
+    np.testing.assert_allclose(alpha[1].item() ** 2, acp[-1], rtol=1e-12)
+
+
+def test_discrete_interpolates_linearly_in_tau_between_table_points():
+    sched = _discrete("scaled_linear")
+    acp = np_alphas_cumprod("scaled_linear")
+    table = np.log(acp / (1 - acp))
+    tau = np.array([0.25, 10.5, 332.333, 998.9])
+    lam = sched.logsnr(torch.tensor((tau + 1) / 1000.0, dtype=torch.float64)).numpy()
+    lo = np.floor(tau).astype(int)
+    np.testing.assert_allclose(lam, table[lo] + (tau - lo) * (table[lo + 1] - table[lo]), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("beta_schedule", schedule.BETA_SCHEDULES)
+def test_timestep_inverts_the_discrete_logsnr(beta_schedule):
+    sched = _discrete(beta_schedule)
+    t = torch.tensor(np.random.default_rng(0).uniform(1 / 1000, 1.0, 500), dtype=torch.float64)
+    tau = sched.timestep(sched.logsnr(t))
+    np.testing.assert_allclose(tau.double().numpy(), (t * 1000 - 1).numpy(), rtol=0, atol=1e-3)
+    grid = torch.arange(1, 9, dtype=torch.float64) / 8  # an 8-step grid lands on diffusers' trailing timesteps
+    np.testing.assert_allclose(sched.timestep(sched.logsnr(grid)).numpy(), np.arange(1, 9) * 125 - 1, atol=1e-3)
+
+
+def test_discrete_refuses_times_finer_than_its_timesteps_and_bad_tables():
+    sched = _discrete(n=100)
+    with pytest.raises(ValueError, match="finer than the model's timesteps"):
+        sched.logsnr(torch.tensor([0.005]))
+    sched.logsnr(torch.tensor([0.0, 0.01, 1.0]))  # 0, 1/T and 1 are fine
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        schedule.DiscreteSchedule([0.9, 0.95])
+    with pytest.raises(ValueError, match=r"in \(0, 1\)"):
+        schedule.DiscreteSchedule([1.0, 0.5])
+    assert schedule.schedule_from_dict(sched.to_dict()) == sched
+    with pytest.raises(ValueError, match="kind"):
+        schedule.schedule_from_dict({"kind": "sigmoid"})

@@ -27,6 +27,7 @@ import torch.multiprocessing as mp
 from benchmarks.speed.models import workload
 from pd_core.dist import rank_seed
 from pd_core.net import free_port
+from pd_core.schedule import COSINE
 from pd_core.train import Runtime, TrainState, data_parallel, distill_loss_fn, train_step
 from pd_core.unet import UNet
 
@@ -46,7 +47,7 @@ def _worker(rank: int, world: int, port: int, preset: str, global_batch: int, st
                            step=0, noise_generator=torch.Generator().manual_seed(rank_seed(0, rank)))
         net = data_parallel(student, runtime)
         loss_fn = distill_loss_fn(net=net, teacher_net=teacher, student_steps=4, diffusion_cfg=w.cfg.diffusion,
-                                  generator=state.noise_generator)
+                                  generator=state.noise_generator, schedule=COSINE)
         params = list(student.parameters())
         x = w.images(seed=rank)
 

@@ -33,6 +33,7 @@ import torch
 
 from pd_core import samplers
 from pd_core.denoiser import Denoiser
+from pd_core.schedule import COSINE
 from pd_core.train import (
     TrainState,
     distill_loss_fn,
@@ -115,7 +116,7 @@ def bench_updates(spec: UNetSpec, *, config: str, device: str, batch: int, steps
         x = x.contiguous(memory_format=torch.channels_last)
     losses = {"teacher": teacher_loss_fn(net=net, diffusion_cfg=DIFFUSION, generator=state.noise_generator),
               "distill": distill_loss_fn(net=net, teacher_net=teacher_net, student_steps=4, diffusion_cfg=DIFFUSION,
-                                         generator=state.noise_generator)}
+                                         generator=state.noise_generator, schedule=COSINE)}
 
     def block(kind: str, n: int) -> float:
         sync(runtime.device)

@@ -19,6 +19,7 @@ import torch
 
 from benchmarks.speed.common import device_name, interleaved, machine, median, row, write_rows
 from benchmarks.speed.models import workload
+from pd_core.schedule import COSINE
 from pd_core.train import Runtime, TrainState, distill_loss_fn, resolve_runtime, teacher_loss_fn, train_step
 from pd_core.unet import UNet
 
@@ -38,7 +39,7 @@ def measure(preset: str, *, repeats: int, batch: int | None = None, device: str 
     losses = {
         "teacher": teacher_loss_fn(net=net, diffusion_cfg=diffusion, generator=state.noise_generator),
         "distill": distill_loss_fn(net=net, teacher_net=teacher, student_steps=student_steps,
-                                   diffusion_cfg=diffusion, generator=state.noise_generator),
+                                   diffusion_cfg=diffusion, generator=state.noise_generator, schedule=COSINE),
     }
     net.train()
 

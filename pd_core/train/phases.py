@@ -15,6 +15,7 @@ from pd_core.config import DiffusionConfig, DistillConfig, TeacherConfig
 from pd_core.denoiser import Denoiser
 from pd_core.distill import DistillationLoss
 from pd_core.losses import TeacherLoss
+from pd_core.schedule import CosineSchedule, Schedule
 from pd_core.train.batches import device_batches, rank_batches
 from pd_core.train.loop import BatchFn, LoopSpec, LossFn, data_parallel, run_loop
 from pd_core.train.progress import ProgressCallback
@@ -35,8 +36,8 @@ def _log_batch(phase: str, *, per_rank: int, runtime: Runtime) -> None:
 
 def teacher_loss_fn(*, net: nn.Module, diffusion_cfg: DiffusionConfig, generator: torch.Generator) -> LossFn:
     """(x, y) -> per-example diffusion loss of ``net`` (t ~ U[0, 1), noise from ``generator``)."""
-    loss = TeacherLoss(weighting=diffusion_cfg.weighting, logsnr_min=diffusion_cfg.logsnr_min,
-                       logsnr_max=diffusion_cfg.logsnr_max)
+    schedule = CosineSchedule(logsnr_min=diffusion_cfg.logsnr_min, logsnr_max=diffusion_cfg.logsnr_max)
+    loss = TeacherLoss(weighting=diffusion_cfg.weighting, schedule=schedule)
 
     def loss_fn(x: Tensor, y: Tensor | None) -> Tensor:
         return loss(Denoiser(net, parameterization=diffusion_cfg.parameterization, y=y), x, generator=generator)
@@ -44,14 +45,17 @@ def teacher_loss_fn(*, net: nn.Module, diffusion_cfg: DiffusionConfig, generator
 
 
 def distill_loss_fn(*, net: nn.Module, teacher_net: nn.Module, student_steps: int, diffusion_cfg: DiffusionConfig,
-                    generator: torch.Generator) -> LossFn:
-    """(x, y) -> per-example distillation loss of the student ``net`` against ``teacher_net``'s 2-step DDIM."""
+                    schedule: Schedule, generator: torch.Generator) -> LossFn:
+    """(x, y) -> per-example distillation loss of the student ``net`` against ``teacher_net``'s 2-step DDIM.
+
+    ``schedule`` is the teacher's (a round never changes it).
+    """
     param = diffusion_cfg.parameterization
-    sched = dict(logsnr_min=diffusion_cfg.logsnr_min, logsnr_max=diffusion_cfg.logsnr_max)
 
     def loss_fn(x: Tensor, y: Tensor | None) -> Tensor:
         teacher = Denoiser(teacher_net, parameterization=param, y=y)
-        loss = DistillationLoss(teacher, num_steps=student_steps, weighting=diffusion_cfg.weighting, **sched)
+        loss = DistillationLoss(teacher, num_steps=student_steps, weighting=diffusion_cfg.weighting,
+                                schedule=schedule)
         return loss(Denoiser(net, parameterization=param, y=y), x, generator=generator)
     return loss_fn
 
@@ -132,7 +136,7 @@ def frozen_teacher(*, weights: dict[str, Tensor], spec: UNetSpec, runtime: Runti
 
 
 def distill_round(*, state: TrainState, teacher_net: nn.Module, student_steps: int, updates: int, phase: str,
-                  distill_cfg: DistillConfig, diffusion_cfg: DiffusionConfig, runtime: Runtime,
+                  distill_cfg: DistillConfig, diffusion_cfg: DiffusionConfig, schedule: Schedule, runtime: Runtime,
                   sample_batch: BatchFn, on_checkpoint: CheckpointHook | None = None,
                   on_progress: ProgressCallback | None = None, fault_at_step: int | None = None) -> TrainResult:
     """One round of Algorithm 2: the student (N = student_steps) learns the teacher's 2-step DDIM target.
@@ -141,7 +145,7 @@ def distill_round(*, state: TrainState, teacher_net: nn.Module, student_steps: i
     """
     net = maybe_compile(data_parallel(state.model, runtime), runtime)
     loss_fn = distill_loss_fn(net=net, teacher_net=teacher_net, student_steps=student_steps,
-                              diffusion_cfg=diffusion_cfg, generator=state.noise_generator)
+                              diffusion_cfg=diffusion_cfg, schedule=schedule, generator=state.noise_generator)
     spec = LoopSpec(phase=phase, total_steps=updates,
                     lr_fn=lambda s: linear_anneal_lr(s, base_lr=distill_cfg.lr, total_steps=updates),
                     grad_clip=distill_cfg.grad_clip, ema_decay=None,

@@ -79,6 +79,7 @@ class SamplerModel(PythonModel):
         import torch
 
         from pd_core.images import to_uint8
+        from pd_core.models import manifest_schedule
         from pd_core.samplers import ddim
 
         request = {**_first_row(model_input), **(params or {})}
@@ -95,9 +96,7 @@ class SamplerModel(PythonModel):
             y = (torch.as_tensor(labels, dtype=torch.long) if labels is not None
                  else torch.randint(0, self.spec.num_classes, (num,), generator=gen))
             denoiser = denoiser.with_labels(y.to(self.device))
-        x = ddim(denoiser, z, num_steps=steps, clip=clip,
-                 logsnr_min=float(self.manifest.get("logsnr_min", -20.0)),
-                 logsnr_max=float(self.manifest.get("logsnr_max", 20.0)))
+        x = ddim(denoiser, z, num_steps=steps, clip=clip, schedule=manifest_schedule(self.manifest))
         return to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()  # (B, C, H, W) -> (B, H, W, C)
 
 
