@@ -22,7 +22,7 @@ from pd_core.store import CheckpointStore, StorageIOError
 from tasks.common import open_store, tracker_for
 from tasks.progress import ProgressReporter
 
-# Test hook: inject a NaN loss at this update (see tests/test_faults.py). Never set in production.
+# Test hook: inject a NaN loss at this update (see tests/faults/test_nan_loss.py). Never set in production.
 NAN_AT_ENV = "PD_TEST_NAN_AT_STEP"
 
 

@@ -165,7 +165,7 @@ def run_once(ledger: Ledger, server, *, name: str, overrides: list[str], task_ta
     per_round = [(t1 - t0) - (c1 - c0) for (t0, n0, c0), (t1, _, c1) in zip(task_marks, task_marks[1:], strict=False)
                  if n0 == "distill-round"]
     return {"per_round": per_round, "wall": wall, "compute": compute, "overhead": wall - compute, "buckets": buckets,
-            "glue": wall - named, "startup": startup, "rounds": len(result["rounds"]),
+            "glue": wall - named, "startup": startup, "rounds": len(result.rounds),
             "calls": dict(ledger.calls), "longest": dict(ledger.longest),
             "by_label": {k: list(v) for k, v in ledger.by_label.items()}}
 
