@@ -8,6 +8,7 @@ import torch
 
 from pd_core import evaluation, jobs
 from pd_core.config import load_config
+from pd_core.schedule import COSINE
 from pd_core.store import CheckpointStore
 from pd_core.unet import UNet, unet_spec
 from tasks.common import GPU_TAG, gpu_task_tags
@@ -25,7 +26,8 @@ def tiny(tmp_path_factory):
     tensors = {k: v.detach() + 0.05 * torch.randn_like(v) for k, v in UNet(spec).state_dict().items()}
     for name in ("a", "b"):
         manifest = jobs._manifest(cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"name": name})}),
-                                  kind="teacher", spec=spec, steps=8, round_index=0, parent_sha256=None)
+                                  kind="teacher", spec=spec, steps=8, round_index=0, parent_sha256=None,
+                                  schedule=COSINE)
         store.save_checkpoint(jobs.teacher_key(name), tensors=tensors, manifest=manifest)
     ctx = evaluation.feature_context(cfg, store)
     return cfg, store, ctx
