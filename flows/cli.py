@@ -43,6 +43,17 @@ def _add_config_args(p: argparse.ArgumentParser, *, preset_default: str | None =
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under ./.pd)")
 
 
+def _display_scale(text: str) -> int:
+    """``--scale``: an integer from 1 to pd_core.images.MAX_DISPLAY_SCALE (32)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 32:
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to 32, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pd", description="Progressive distillation pipeline (Salimans & Ho, 2022).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -57,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, help="sampling steps (default: the steps the model was distilled for)")
     sample.add_argument("--num", type=int, default=64, help="number of images")
     sample.add_argument("--out", default="samples.png", help="output PNG (path or fsspec URL)")
+    sample.add_argument("--scale", type=_display_scale, default=None,
+                        help="enlarge every sample N times (nearest neighbour, 1-32; default: the smallest N that "
+                             "makes the grid at least 512 px wide)")
     sample.add_argument("--sampler", choices=("ddim", "stochastic", "heun"), default="ddim")
     sample.add_argument("--gamma", type=float, default=0.3, help="variance interpolation of the stochastic sampler")
     sample.add_argument("--seed", type=int, default=0)
@@ -202,7 +216,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     out = sample_to_grid(model=args.model, steps=args.steps, num=args.num, out=args.out, sampler=args.sampler,
                          gamma=args.gamma, seed=args.seed, batch_size=args.batch_size, device=args.device,
-                         throughput=args.throughput, tracking_uri=args.tracking_uri)
+                         throughput=args.throughput, tracking_uri=args.tracking_uri, scale=args.scale)
     print(out)
     return 0
 

@@ -78,16 +78,6 @@ def display_grid_key(key: str, *, sampler: str, steps: int) -> str:
     return f"{key}.eval/samples-{sampler}-{steps:04d}.png"
 
 
-def grid_caption(*, pipeline: str, manifest: dict, sampler: str, steps: int) -> str:
-    """``smoke | round 3 (2->1) | 1 step | DDIM``: whose samples a grid shows (pipeline, round, steps, sampler)."""
-    if manifest.get("kind") == "student":
-        what = f"round {manifest['round']} ({manifest['teacher_steps']}->{manifest['steps']})"
-    else:
-        what = str(manifest.get("kind") or "model")
-    label = "DDIM" if sampler == "ddim" else sampler
-    return f"{pipeline} | {what} | {steps} step{'' if steps == 1 else 's'} | {label}"
-
-
 def feature_context(cfg: Config, store: CheckpointStore, *, device: torch.device | str = "cpu") -> FeatureContext:
     """Load or train the feature network, and load or compute the reference (test split) features; both cached."""
     data_cfg, ev = cfg.data, cfg.eval
@@ -199,7 +189,7 @@ def write_grid(cfg: Config, store: CheckpointStore, *, key: str, sampler: str, s
 
     Two PNGs of the same samples: the samples' own pixels at :func:`grid_key` and, at
     :func:`display_grid_key`, the grid for people (nearest-neighbour upscaled to at least
-    ``images.DISPLAY_MIN_WIDTH`` pixels, captioned with :func:`grid_caption`). Written once per checkpoint.
+    ``images.DISPLAY_MIN_WIDTH`` pixels, captioned with :func:`images.grid_caption`). Written once per checkpoint.
     """
     n = cfg.eval.grid_size ** 2
     raw_key = grid_key(key, sampler=sampler, steps=steps)
@@ -212,7 +202,7 @@ def write_grid(cfg: Config, store: CheckpointStore, *, key: str, sampler: str, s
         noise = sample_noise(seed=cfg.eval.seed, start=0, count=n, shape=shape)
         x = make_sample_fn(model, sampler=sampler, steps=steps, gamma=None, seed=cfg.eval.seed, device=device)(noise)
         u = images.to_uint8(x.float().cpu())
-        caption = grid_caption(pipeline=cfg.pipeline.name, manifest=model.manifest, sampler=sampler, steps=steps)
+        caption = images.grid_caption(pipeline=cfg.pipeline.name, manifest=model.manifest, sampler=sampler, steps=steps)
         store.put_bytes(raw_key, images.png_bytes(images.make_grid(u, nrow=cfg.eval.grid_size)))
         store.put_bytes(out_key, images.png_bytes(images.display_grid(u, caption=caption, nrow=cfg.eval.grid_size)))
     return store.uri(out_key)

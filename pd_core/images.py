@@ -140,6 +140,20 @@ def _caption_font(text: str, *, width: int) -> tuple[ImageFont.ImageFont | Image
     return font, text + "..."
 
 
+def grid_caption(*, pipeline: str, manifest: dict, sampler: str, steps: int) -> str:
+    """``smoke | round 3 (2->1) | 1 step | DDIM``: whose samples a grid shows (pipeline, round, steps, sampler).
+
+    ``manifest`` is the checkpoint's manifest (its ``kind``, and a student's ``round``, ``teacher_steps``, ``steps``).
+    """
+    if manifest.get("kind") == "student" and manifest.get("round") is not None:
+        halving = f" ({manifest['teacher_steps']}->{manifest['steps']})" if "teacher_steps" in manifest else ""
+        what = f"round {manifest['round']}{halving}"
+    else:
+        what = str(manifest.get("kind") or "model")
+    label = "DDIM" if sampler == "ddim" else sampler
+    return f"{pipeline} | {what} | {steps} step{'' if steps == 1 else 's'} | {label}"
+
+
 def add_caption(grid: np.ndarray, caption: str) -> np.ndarray:
     """``grid`` (H, W, 1|3) uint8 under a black bar holding ``caption`` in white, one line, left-aligned."""
     if grid.dtype != np.uint8 or grid.ndim != 3 or grid.shape[2] not in (1, 3):

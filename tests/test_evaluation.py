@@ -97,15 +97,20 @@ def test_grids_hold_the_evaluation_samples_raw_and_readable(tiny):
     raw = images.read_png(store.uri(evaluation.grid_key(key, sampler="ddim", steps=2))).permute(1, 2, 0).numpy()
     np.testing.assert_array_equal(raw, images.make_grid(x, nrow=cfg.eval.grid_size))  # native pixels, as before
     shown = images.read_png(uri).permute(1, 2, 0).numpy()
-    caption = evaluation.grid_caption(pipeline="smoke", manifest=model.manifest, sampler="ddim", steps=2)
+    caption = images.grid_caption(pipeline="smoke", manifest=model.manifest, sampler="ddim", steps=2)
     assert caption == "smoke | teacher | 2 steps | DDIM"
     np.testing.assert_array_equal(shown, images.display_grid(x, caption=caption, nrow=cfg.eval.grid_size))
     assert shown.shape[1] >= images.DISPLAY_MIN_WIDTH
 
 
 def test_grid_captions_name_pipeline_round_steps_and_sampler():
+    from pd_core import images
+
     student = {"kind": "student", "round": 3, "teacher_steps": 2, "steps": 1}
-    assert evaluation.grid_caption(pipeline="smoke", manifest=student, sampler="ddim", steps=1) == \
+    assert images.grid_caption(pipeline="smoke", manifest=student, sampler="ddim", steps=1) == \
         "smoke | round 3 (2->1) | 1 step | DDIM"
-    assert evaluation.grid_caption(pipeline="p", manifest={"kind": "teacher"}, sampler="stochastic", steps=8) == \
+    assert images.grid_caption(pipeline="p", manifest={"kind": "teacher"}, sampler="stochastic", steps=8) == \
         "p | teacher | 8 steps | stochastic"
+    assert images.grid_caption(pipeline="p", manifest={"kind": "student", "round": 2}, sampler="ddim", steps=2) == \
+        "p | round 2 | 2 steps | DDIM"
+    assert images.grid_caption(pipeline="p", manifest={}, sampler="heun", steps=1) == "p | model | 1 step | heun"
