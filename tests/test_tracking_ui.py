@@ -122,8 +122,8 @@ def test_compare_link_lists_the_runs_as_mlflow_parses_them(db_uri: str) -> None:
 def test_saved_view_holds_the_columns_and_keeps_those_saved_before(db_uri: str) -> None:
     tracker = Tracker(tracking_uri=db_uri, experiment="pd-view")
     tracker.start_run(run_name="r")
-    first = [metric_column("distilled_fd_digits_1steps"), metric_column("distilled_fd_digits_2steps")]
-    tracker.save_runs_view(view_id="pd-q", name="Quality", columns=first, search_filter="tags.`pd.kind` = 'pipeline'")
+    first = ["distilled_fd_digits_1steps", "distilled_fd_digits_2steps"]
+    tracker.save_runs_view(view_id="pd-q", name="Quality", metrics=first, search_filter="tags.`pd.kind` = 'pipeline'")
     client = MlflowClient(db_uri)
     experiment = client.get_experiment_by_name("pd-view")
     envelope = json.loads(experiment.tags[VIEW_TAG_PREFIX + "pd-q"])
@@ -134,9 +134,10 @@ def test_saved_view_holds_the_columns_and_keeps_those_saved_before(db_uri: str) 
     assert (state["orderByKey"], state["orderByAsc"]) == ("attributes.start_time", False)
     # Another pipeline (another dataset) adds its columns; the first pipeline's stay, in their order.
     time.sleep(0.01)
-    tracker.save_runs_view(view_id="pd-q", name="Quality", columns=[first[1], metric_column("distilled_fd_x_1steps")])
+    tracker.save_runs_view(view_id="pd-q", name="Quality", metrics=[first[1], "distilled_fd_x_1steps"])
     again = json.loads(client.get_experiment(experiment.experiment_id).tags[VIEW_TAG_PREFIX + "pd-q"])
-    assert json.loads(again["state"])["selectedColumns"] == [*first, "metrics.`distilled_fd_x_1steps`"]
+    columns = [metric_column(m) for m in (*first, "distilled_fd_x_1steps")]
+    assert json.loads(again["state"])["selectedColumns"] == columns
     assert again["createdAt"] == envelope["createdAt"] and again["updatedAt"] > envelope["updatedAt"]
     assert tracker.view_link("pd-q").endswith("/runs?viewStateShareKey=pd-q&workflowType=machine_learning")
 

@@ -28,7 +28,15 @@ from tasks.tracking.ops import MlflowOps
 from tasks.tracking.redact import clean_key, clean_params, clean_tags, redact, redacted_copy, redactor
 from tasks.tracking.sampler_model import MODEL_NAME
 from tasks.tracking.uris import default_artifact_location, local_store_path, normalise_uri, scheme
-from tasks.tracking.views import LOCAL_UI_URL, artifact_url, compare_url, experiment_url, run_url, view_url
+from tasks.tracking.views import (
+    LOCAL_UI_URL,
+    artifact_url,
+    compare_url,
+    experiment_url,
+    metric_column,
+    run_url,
+    view_url,
+)
 
 if TYPE_CHECKING:
     import pandas
@@ -281,14 +289,13 @@ class Tracker:
             return None
         return self._submit("reopen_run", {"run_id": run_id}, offline_result=run_id)
 
-    def save_runs_view(self, *, view_id: str, name: str, columns: Sequence[str], search_filter: str = "") -> None:
-        """Create or extend the saved runs-table view ``view_id`` of the experiment (the UI's "Views" menu).
-
-        ``columns`` are runs-table column keys (``views.metric_column``); columns already in the view stay.
-        """
-        if not self.enabled or not columns:
+    def save_runs_view(self, *, view_id: str, name: str, metrics: Sequence[str], search_filter: str = "") -> None:
+        """Create or extend the saved runs-table view ``view_id`` of the experiment (the UI's "Views" menu),
+        showing the columns of ``metrics``; columns already in the view stay."""
+        if not self.enabled or not metrics:
             return
-        self._submit("save_runs_view", {"view_id": view_id, "name": name, "columns": list(columns),
+        self._submit("save_runs_view", {"view_id": view_id, "name": name,
+                                        "columns": [metric_column(m) for m in metrics],
                                         "search_filter": search_filter, "timestamp": _now_ms()})
 
     def set_alias(self, *, registered_model: str, alias: str, version: str) -> None:
