@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     # One line per event, not per request; botocore says "Found credentials in environment variables" at INFO.
-    for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils", "botocore", "aiobotocore", "s3fs"):
+    for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils", "mlflow.pyfunc",
+                  "mlflow.store.model_registry.abstract_store", "botocore", "aiobotocore", "s3fs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # An MLflow outage is reported once by the tracker; urllib3 would add a line per retried request.
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
@@ -203,6 +204,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for student in result.rounds:
         print(f"  {student.steps:>4d} steps  {student.uri}")
     print(f"  MLflow      {result.report.mlflow_link}")
+    if result.report.mlflow_view:
+        print(f"  all runs    {result.report.mlflow_view}")
     if result.report.report_uri:
         print(f"  report      {result.report.report_uri}")
     if result.report.table:

@@ -133,7 +133,7 @@ def _grid_line(label: str, *, grid_uri: str | None, run_id: str | None, tracker)
         return f"- {label}: no sample grid"
     url = tracker.artifact_url(run_id, grid_artifact_path(grid_uri))
     if url is not None and tracker.is_server:
-        return f"### {label}\n\n[![{label}]({url})]({url})"
+        return f"### {label}\n\n![sample grid]({url})\n\n[open the PNG]({url})"
     where = grid_uri[len("file://"):] if grid_uri.startswith("file://") else grid_uri
     line = f"- {label}: `{where}` (a PNG in the store; browsers do not open file:// or s3:// links from a page)"
     if url is not None:

@@ -26,7 +26,8 @@ MODEL_TRAINING = "custom_model_development"
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 MODEL_TRAINING_QUERY = "workflowType=machine_learning"
 LOCAL_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
-DEFAULT_COLUMNS = ("attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`")  # the UI's own default
+# The runs table's own first columns (their AG Grid column ids), kept first when a view orders its columns.
+LEADING_COLUMNS = ("attributes.`Run Name`", "runDateAndNestInfo", "duration")
 
 
 def experiment_url(base: str, *, experiment_id: str) -> str:
@@ -61,11 +62,18 @@ def metric_column(name: str) -> str:
     return f"metrics.`{name}`"
 
 
+def column_width(column: str) -> int:
+    """Pixels a column needs to show its whole name (the table's default, 100 px, cuts ``..._1steps`` off)."""
+    return max(100, 7 * len(column.split("`")[1] if "`" in column else column) + 24)
+
+
 def view_tag(*, name: str, columns: Sequence[str], search_filter: str, created_ms: int, updated_ms: int) -> str:
-    """The value of a saved view's experiment tag: the runs table sorted newest first, showing ``columns``."""
+    """The value of a saved view's experiment tag: the runs table sorted newest first, showing ``columns`` in
+    this order, each wide enough for its name."""
     state = {"searchFilter": search_filter, "orderByKey": "attributes.start_time", "orderByAsc": False,
              "startTime": "ALL", "lifecycleFilter": "Active", "modelVersionFilter": "All Runs", "datasetsFilter": [],
-             "selectedColumns": list(columns)}
+             "selectedColumns": list(columns), "columnOrder": [*LEADING_COLUMNS, *columns],
+             "columnWidths": {c: column_width(c) for c in columns}}
     return json.dumps({"name": name, "createdAt": created_ms, "updatedAt": updated_ms,
                        "state": json.dumps(state, separators=(",", ":"))}, separators=(",", ":"))
 
