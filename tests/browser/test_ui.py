@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pd_core.config import list_presets
 from tests.browser.servers import Server, start_mlflow, start_prefect
 from tests.pipeline.helpers import run_pd
 
@@ -42,6 +43,10 @@ ROOT = Path(__file__).resolve().parents[2]
 FIRST, SECOND = "ui-smoke", "ui-smoke-lr"
 STEPS = (1, 2, 4)  # the smoke preset's students
 READABLE_PX = 512
+# The smoke preset made lighter still (the pages, not the numbers, are under test): shorter training, 100
+# samples per measurement, the teacher measured with DDIM only.
+LIGHT = ["runtime.threads=1", "teacher.updates=60", "distill.updates_per_round=20", "eval.num_samples=100",
+         "eval.kid_subset_size=50", "eval.stochastic_gammas=[]"]
 VIEWPORT = {"width": 1440, "height": 900}
 # A user who closed MLflow's assistant panel once (it would cover a third of every page).
 NO_ASSISTANT = ("localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
@@ -115,7 +120,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
     stack = Stack(prefect=prefect, mlflow=mlflow, home=home, shots=shots)
     env = {"PREFECT_API_URL": f"{prefect.url}/api", "PD_HOME": str(home / "pd"), "OMP_NUM_THREADS": "1"}
     try:
-        common = ["--preset", "smoke", "--tracking-uri", mlflow.url, "--set", "runtime.threads=1"]
+        common = ["--preset", "smoke", "--tracking-uri", mlflow.url, *(a for o in LIGHT for a in ("--set", o))]
         first = run_pd("run", *common, "--name", FIRST, cwd=home, env=env)
         assert first.returncode == 0, f"pd run failed:\n{first.stdout[-3000:]}\n{first.stderr[-3000:]}"
         teacher = re.search(r"teacher\s+(\S+)", first.stdout).group(1)
@@ -208,6 +213,7 @@ def test_prefect_flow_run_is_named_after_the_pipeline_and_tagged(stack: Stack, p
     _shot(page, stack, "prefect-runs")
     page.goto(f"{stack.prefect.url}/runs/flow-run/{run['id']}")
     expect(page.get_by_text(run["name"]).first).to_be_visible()
+    expect(page.get_by_text(f"Beginning flow run '{run['name']}'").first).to_be_visible()  # its logs loaded
     for tag in (f"pipeline:{FIRST}", "preset:smoke"):
         expect(page.get_by_text(tag, exact=True).first).to_be_visible()
     expect(page.get_by_text("Completed").first).to_be_visible()
@@ -228,7 +234,7 @@ def test_prefect_report_shows_every_sample_grid_at_a_readable_size(stack: Stack,
     for image in grids:
         assert image["src"].startswith(f"{stack.mlflow.url}/get-artifact?path=samples/samples-ddim-"), image
         assert image["width"] >= READABLE_PX, f"grid shown {image['width']} px wide: {image['src']}"
-    page.get_by_role("heading", name="Samples").scroll_into_view_if_needed()
+    page.get_by_role("heading", name="Quality vs sampling steps").evaluate("e => e.scrollIntoView({block: 'start'})")
     _shot(page, stack, "prefect-report")
 
 
@@ -256,9 +262,12 @@ def test_deployment_run_form_offers_the_presets_and_describes_parameters(stack: 
     expect(page.get_by_text("The shipped settings to start from").first).to_be_visible()
     expect(page.get_by_text("The pipeline name; its checkpoints live under pipelines/NAME").first).to_be_visible()
     _shot(page, stack, "prefect-run-form")
-    page.get_by_text("smoke", exact=True).first.click()  # the preset's select, set to its default
-    for preset in ("cifar10-paper", "fmnist-cpu", "fmnist-gpu"):
-        expect(page.get_by_text(preset, exact=True).first).to_be_visible()
+    select = page.locator(".p-select-button__control", has_text="smoke").first  # the preset, at its default
+    select.focus()
+    page.keyboard.press(" ")  # opens Prefect's select (a click toggles it twice in headless Chromium)
+    options = page.locator(".p-select-option__text")
+    expect(options.filter(has_text="fmnist-cpu").first).to_be_visible()
+    assert sorted(set(options.all_inner_texts())) == sorted(list_presets())
     _shot(page, stack, "prefect-run-form-presets")
 
 
@@ -277,10 +286,11 @@ def test_printed_link_opens_the_runs_model_training_view_with_every_step_count(s
     expect(page.get_by_text("Metrics (").first).to_be_visible()
     body = page.inner_text("body")
     assert "Traces 0" not in body and "Token Usage" not in body  # not the GenAI view
+    page.get_by_placeholder("Search metrics").fill("fd_digits_")  # the per-step-count keys
     for n in STEPS:
         key = f"distilled_fd_digits_{n}steps"
-        assert key in body, f"the run overview lacks {key}"
-        assert f"{parent.data.metrics[key]}"[:5] in body
+        expect(page.get_by_text(key, exact=True)).to_be_visible()
+        expect(page.get_by_text(f"{parent.data.metrics[key]}"[:6]).first).to_be_visible()
     _shot(page, stack, "mlflow-run")
 
 
@@ -339,7 +349,12 @@ def test_mlflow_compare_page_shows_every_step_counts_fd_of_both_pipelines(stack:
         assert values is not None and len(values) == 2, (key, values)
         for shown, run in zip(values, runs, strict=True):
             assert abs(float(shown) - run.data.metrics[key]) <= 0.01 * run.data.metrics[key], (key, shown, run.info)
-    page.get_by_text("distilled_fd_digits_1steps", exact=True).first.scroll_into_view_if_needed()
+    # For the picture: only what differs (the pipelines' names, learning rate and teacher; their FDs).
+    for switch in page.get_by_role("switch").all():
+        if "Show diff only" in switch.locator("xpath=..").inner_text():
+            switch.click()
+    page.get_by_text("Run details").first.evaluate("e => e.scrollIntoView({block: 'start'})")
+    expect(page.get_by_text("distilled_fd_digits_1steps", exact=True).first).to_be_visible()
     _shot(page, stack, "mlflow-compare")
 
 
