@@ -169,6 +169,9 @@ def browser():
 
 @pytest.fixture()
 def page(browser):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=60_000)  # pages of busy servers on a loaded machine: not 5 s
     context = browser.new_context(viewport=VIEWPORT)
     context.add_init_script(NO_ASSISTANT)
     context.set_default_timeout(60_000)
@@ -213,7 +216,7 @@ def test_prefect_flow_run_is_named_after_the_pipeline_and_tagged(stack: Stack, p
     _shot(page, stack, "prefect-runs")
     page.goto(f"{stack.prefect.url}/runs/flow-run/{run['id']}")
     expect(page.get_by_text(run["name"]).first).to_be_visible()
-    expect(page.get_by_text(f"Beginning flow run '{run['name']}'").first).to_be_visible()  # its logs loaded
+    expect(page.get_by_text("prefect.flow_runs").first).to_be_visible()  # its logs have loaded
     for tag in (f"pipeline:{FIRST}", "preset:smoke"):
         expect(page.get_by_text(tag, exact=True).first).to_be_visible()
     expect(page.get_by_text("Completed").first).to_be_visible()

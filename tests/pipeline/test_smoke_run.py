@@ -343,7 +343,12 @@ def test_cli_sample_from_checkpoint_uri(pipeline: Pipeline) -> None:
     from PIL import Image
 
     with Image.open(out) as image:
-        assert min(image.size) >= 16  # a 2x2 grid of 8x8 digits
+        assert image.size[0] >= 512  # a 2x2 grid of 8x8 digits, enlarged to a readable size (16 px at 1x)
+    proc = pipeline.pd("sample", "--model", uri, "--steps", "1", "--num", "4", "--out", str(out), "--scale", "3",
+                       env=pipeline.s3_env)
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(out) as image:
+        assert image.size[0] == 2 * (3 * 8 + 2) + 2  # 2 columns of 8 px digits x 3, 2 px padding
 
 
 def test_cli_sample_bad_model_is_one_line(pipeline: Pipeline) -> None:
@@ -376,6 +381,16 @@ def test_cli_presets(tmp_path: Path) -> None:
     names = [line.split()[0] for line in lines]
     assert "smoke" in names and len(names) == len(set(names)) >= 2
     assert all(len(line.split(None, 1)) == 2 for line in lines), "each preset needs a one-line description"
+    for name, line in zip(names, lines, strict=True):
+        assert line.count(name) == 1, f"the preset's name is printed twice: {line}"
+
+
+def test_cli_sample_bad_scale_exits_2_before_loading_anything(tmp_path: Path) -> None:
+    for bad in ("0", "33", "big"):
+        proc = run_pd("sample", "--model", "s3://nowhere/x", "--scale", bad, "--out", str(tmp_path / "x.png"),
+                      cwd=tmp_path)
+        assert_one_line_error(proc, code=2, mentions="--scale")
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_cli_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
