@@ -213,6 +213,7 @@ def test_prefect_flow_run_is_named_after_the_pipeline_and_tagged(stack: Stack, p
     row = page.get_by_text(run["name"], exact=True).first
     expect(row).to_be_visible()
     expect(page.get_by_text(f"pipeline:{FIRST}").first).to_be_visible()
+    expect(page.get_by_text("9 Task runs").first).to_be_visible()  # the list has loaded its counts
     _shot(page, stack, "prefect-runs")
     page.goto(f"{stack.prefect.url}/runs/flow-run/{run['id']}")
     expect(page.get_by_text(run["name"]).first).to_be_visible()
