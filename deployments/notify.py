@@ -12,6 +12,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 
 # Payload keys shown first, in this order, when present; the rest follow alphabetically.
 _FIRST_KEYS = ("round", "teacher_steps", "student_steps", "steps", "checkpoint_uri")
@@ -45,13 +46,36 @@ def _summary(pipeline: str, payload: dict[str, Any]) -> str:
     return f"pipeline {pipeline}: round completed ({fields})"
 
 
-@flow(name="pd-round-notify")
+def round_label(pipeline: str, payload: dict[str, Any] | None) -> str:
+    """``smoke-round-03-2to1``: the pipeline and the round a payload reports (as the round's task is named)."""
+    payload = payload or {}
+    try:
+        index, t, s = int(payload["round"]), int(payload["teacher_steps"]), int(payload["student_steps"])
+    except (KeyError, TypeError, ValueError):
+        return f"{pipeline}-round" + (f"-{payload['round']}" if isinstance(payload.get("round"), _SCALARS) else "")
+    return f"{pipeline}-round-{index:02d}-{t}to{s}"
+
+
+def notify_run_name() -> str:
+    """Prefect's ``flow_run_name`` of the notify flow: the round it reports."""
+    parameters = flow_run.parameters or {}
+    return round_label(str(parameters.get("pipeline") or "pipeline"), parameters.get("payload"))
+
+
+@flow(name="pd-round-notify", flow_run_name=notify_run_name)
 def round_completed_notify(
     pipeline: str,
     payload: dict[str, Any] | None = None,
     notify_block: str | None = None,
 ) -> str:
-    """Report one finished round; `notify_block` is "<block-type-slug>/<block-name>"."""
+    """Report one finished round.
+
+    Args:
+        pipeline: The pipeline the round belongs to (from the event's resource, pd.pipeline.<name>).
+        payload: The pd.round.completed event's payload: round, step counts, checkpoint, metrics.
+        notify_block: A notification block to send the line to, "<block-type-slug>/<block-name>"
+            (e.g. slack-webhook/team); none: the line is only logged and kept as an artifact.
+    """
     logger = get_run_logger()
     payload = payload or {}
     line = _summary(pipeline, payload)

@@ -43,6 +43,17 @@ def _add_config_args(p: argparse.ArgumentParser, *, preset_default: str | None =
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under ./.pd)")
 
 
+def _display_scale(text: str) -> int:
+    """``--scale``: an integer from 1 to pd_core.images.MAX_DISPLAY_SCALE (32)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 32:
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to 32, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pd", description="Progressive distillation pipeline (Salimans & Ho, 2022).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -57,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, help="sampling steps (default: the steps the model was distilled for)")
     sample.add_argument("--num", type=int, default=64, help="number of images")
     sample.add_argument("--out", default="samples.png", help="output PNG (path or fsspec URL)")
+    sample.add_argument("--scale", type=_display_scale, default=None,
+                        help="enlarge every sample N times (nearest neighbour, 1-32; default: the smallest N that "
+                             "makes the grid at least 512 px wide)")
     sample.add_argument("--sampler", choices=("ddim", "stochastic", "heun"), default="ddim")
     sample.add_argument("--gamma", type=float, default=0.3, help="variance interpolation of the stochastic sampler")
     sample.add_argument("--seed", type=int, default=0)
@@ -87,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     # One line per event, not per request; botocore says "Found credentials in environment variables" at INFO.
-    for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils", "botocore", "aiobotocore", "s3fs"):
+    for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils", "mlflow.pyfunc",
+                  "mlflow.store.model_registry.abstract_store", "botocore", "aiobotocore", "s3fs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # An MLflow outage is reported once by the tracker; urllib3 would add a line per retried request.
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
@@ -189,6 +204,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for student in result.rounds:
         print(f"  {student.steps:>4d} steps  {student.uri}")
     print(f"  MLflow      {result.report.mlflow_link}")
+    if result.report.mlflow_view:
+        print(f"  all runs    {result.report.mlflow_view}")
     if result.report.report_uri:
         print(f"  report      {result.report.report_uri}")
     if result.report.table:
@@ -202,7 +219,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     out = sample_to_grid(model=args.model, steps=args.steps, num=args.num, out=args.out, sampler=args.sampler,
                          gamma=args.gamma, seed=args.seed, batch_size=args.batch_size, device=args.device,
-                         throughput=args.throughput, tracking_uri=args.tracking_uri)
+                         throughput=args.throughput, tracking_uri=args.tracking_uri, scale=args.scale)
     print(out)
     return 0
 

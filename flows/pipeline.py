@@ -15,11 +15,11 @@ import threading
 from collections.abc import Iterator
 
 from prefect import flow, get_run_logger
-from prefect.context import get_run_context
 from prefect.events import emit_event
 from prefect.settings import get_current_settings
 
-from pd_core.config import flatten
+from flows.identity import PresetName, current_flow_run_id, pipeline_run_name, run_tags, tag_flow_run
+from pd_core.config import Config, flatten
 from pd_core.jobs import pipeline_prefix
 from pd_core.store import Lease, LeaseLostError, StoreError
 from tasks.common import gpu_task_tags, open_store, resolve_config, tracker_for
@@ -75,36 +75,52 @@ def _kept_alive(lease: Lease, *, logger) -> Iterator[LeaseGuard]:
         thread.join()  # before the lease is released: no renewal races the release
 
 
-def _flow_run_id() -> str:
-    try:
-        return str(get_run_context().flow_run.id)
-    except Exception:  # noqa: BLE001 - called outside a flow run (tests, notebooks)
-        return "local"
+def parent_run(tracker, cfg: Config, *, continue_run: str | None, logger) -> str | None:
+    """The pipeline's MLflow parent run: ``continue_run`` (the teacher flow's) reopened when MLflow has it,
+    else a new one named after the pipeline."""
+    tags = {"pd.pipeline": cfg.pipeline.name, "pd.kind": "pipeline", "prefect.flow_run_id": current_flow_run_id()}
+    if continue_run:
+        reopened = tracker.reopen_run(continue_run)
+        if reopened is not None:
+            tracker.set_tags(reopened, tags)
+            return reopened
+        logger.warning("MLflow has no run %s to continue: this pipeline gets a new parent run", continue_run)
+    return tracker.start_run(run_name=cfg.pipeline.name, params=flatten(cfg), tags=tags)
 
 
-@flow(name="progressive-distillation")
-def distillation_pipeline(preset: str = "smoke", overrides: list[str] | None = None, name: str | None = None,
+@flow(name="progressive-distillation", flow_run_name=pipeline_run_name)
+def distillation_pipeline(preset: PresetName = "smoke", overrides: list[str] | None = None, name: str | None = None,
                           teacher_uri: str | None = None, storage: str | None = None,
                           tracking_uri: str | None = None, config_path: str | None = None,
-                          task_tags: list[str] | None = None) -> PipelineResult:
+                          task_tags: list[str] | None = None,
+                          mlflow_parent_run_id: str | None = None) -> PipelineResult:
     """Distill a teacher round by round down to ``distill.final_steps``; evaluate, track and report each round.
 
-    ``task_tags`` go on the training and evaluation tasks (a tag concurrency limit holds them to the
-    worker's GPUs); by default ``gpu`` on a standing Prefect server, none on the embedded one.
+    Args:
+        preset: The shipped settings to start from (`pd presets` describes each).
+        overrides: Config fields to change, each KEY=VALUE, e.g. distill.lr=1e-4 or eval.num_samples=1000.
+        name: The pipeline name; its checkpoints live under pipelines/NAME (default: the preset's name).
+        teacher_uri: Import this teacher checkpoint (a store URI) instead of training one.
+        storage: Checkpoint store root, a path or s3://bucket/prefix (default: the worker's PD_STORAGE).
+        tracking_uri: MLflow tracking URI as the worker reaches it (default: the worker's MLFLOW_TRACKING_URI).
+        config_path: A YAML config file merged over the preset (a path on the worker).
+        task_tags: Tags of the training and evaluation tasks, which a tag concurrency limit holds to the
+            worker's GPUs (default: gpu on a standing Prefect server, none on the embedded one).
+        mlflow_parent_run_id: Continue this MLflow parent run (the teacher flow's, set by the trigger)
+            instead of starting one.
     """
     logger = get_run_logger()
     cfg = resolve_config(preset=preset, config_path=config_path, overrides=overrides or [], name=name,
                          storage=storage, tracking_uri=tracking_uri, teacher_uri=teacher_uri)
     name = cfg.pipeline.name
+    tag_flow_run(run_tags(pipeline=name, preset=preset))
     store = open_store(cfg)
-    owner = f"{socket.gethostname()}:{os.getpid()}:flow-run-{_flow_run_id()}"
+    owner = f"{socket.gethostname()}:{os.getpid()}:flow-run-{current_flow_run_id()}"
     gpu_tags = gpu_task_tags(task_tags, api_url=get_current_settings().api.url)
     with store.acquire_lease(f"{pipeline_prefix(name)}/lease", owner=owner, ttl_s=LEASE_TTL_S) as lease, \
             _kept_alive(lease, logger=logger) as guard:
         tracker = tracker_for(cfg)
-        parent = tracker.start_run(run_name=name, params=flatten(cfg),
-                                   tags={"pd.pipeline": name, "pd.kind": "pipeline",
-                                         "prefect.flow_run_id": _flow_run_id()})
+        parent = parent_run(tracker, cfg, continue_run=mlflow_parent_run_id, logger=logger)
         logger.info("pipeline %s: store %s, MLflow %s", name, cfg.storage.root, tracker.run_link(parent))
         teacher = ensure_teacher_task.with_options(tags=gpu_tags)(cfg, parent_run_id=parent)
         guard.check()

@@ -59,11 +59,15 @@ def gen_for(device: torch.device, seed: int) -> torch.Generator:
 
 
 def sample_to_grid(*, model: str, steps: int | None, num: int, out: str, sampler: str, gamma: float, seed: int,
-                   batch_size: int, device: str, throughput: bool, tracking_uri: str | None = None) -> str:
-    """``pd sample``: write a PNG grid of ``num`` samples; return a one-line summary."""
+                   batch_size: int, device: str, throughput: bool, tracking_uri: str | None = None,
+                   scale: int | None = None) -> str:
+    """``pd sample``: write a PNG grid of ``num`` samples for people (upscaled by ``scale``, default: to at
+    least 512 px wide, captioned with the model, steps and sampler); return a one-line summary."""
     prepare_environment()
     if num < 1:
         raise ValueError(f"--num must be >= 1; got {num}")
+    if scale is not None and not 1 <= scale <= images.MAX_DISPLAY_SCALE:
+        raise ValueError(f"--scale must be from 1 to {images.MAX_DISPLAY_SCALE}; got {scale}")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be >= 1; got {steps}")
     try:
@@ -76,7 +80,9 @@ def sample_to_grid(*, model: str, steps: int | None, num: int, out: str, sampler
     x = sample_images(loaded, steps=steps, num=num, sampler=sampler, gamma=gamma, seed=seed, batch_size=batch_size,
                       device=dev)
     seconds = time.perf_counter() - t0
-    images.write_grid(x, out)
+    caption = images.grid_caption(pipeline=str(loaded.manifest.get("pipeline") or model), manifest=loaded.manifest,
+                                  sampler=sampler, steps=steps)
+    images.write_display_grid(x, out, caption=caption, scale=scale)
     line = f"wrote {num} samples ({sampler}, {steps} steps) to {out}"
     if throughput:
         line += f"; {num / seconds:.1f} images/s ({seconds / num * 1e3:.2f} ms/image on {dev.type})"

@@ -69,8 +69,13 @@ def records_prefix(sha256: str) -> str:
 
 
 def grid_key(key: str, *, sampler: str, steps: int) -> str:
-    """Store key of the sample grid of the checkpoint at ``key``."""
+    """Store key of the sample grid of the checkpoint at ``key`` (the samples' own pixels)."""
     return f"{key}.eval/grid-{sampler}-{steps:04d}.png"
+
+
+def display_grid_key(key: str, *, sampler: str, steps: int) -> str:
+    """Store key of the same grid for people: upscaled to a readable size, with a caption."""
+    return f"{key}.eval/samples-{sampler}-{steps:04d}.png"
 
 
 def feature_context(cfg: Config, store: CheckpointStore, *, device: torch.device | str = "cpu") -> FeatureContext:
@@ -180,17 +185,26 @@ def evaluate_checkpoint(cfg: Config, store: CheckpointStore, ctx: FeatureContext
 
 def write_grid(cfg: Config, store: CheckpointStore, *, key: str, sampler: str, steps: int,
                device: torch.device | str = "cpu") -> str:
-    """A grid_size x grid_size PNG of the first samples (the evaluation's noise) next to the checkpoint."""
+    """The first grid_size x grid_size samples (the evaluation's noise) next to the checkpoint; the display grid's URI.
+
+    Two PNGs of the same samples: the samples' own pixels at :func:`grid_key` and, at
+    :func:`display_grid_key`, the grid for people (nearest-neighbour upscaled to at least
+    ``images.DISPLAY_MIN_WIDTH`` pixels, captioned with :func:`images.grid_caption`). Written once per checkpoint.
+    """
     n = cfg.eval.grid_size ** 2
-    out_key = grid_key(key, sampler=sampler, steps=steps)
-    if not store.exists(out_key):
+    raw_key = grid_key(key, sampler=sampler, steps=steps)
+    out_key = display_grid_key(key, sampler=sampler, steps=steps)
+    if not (store.exists(out_key) and store.exists(raw_key)):
         device = torch.device(device)
         model = load_model(store, key, device=device)
         spec = model.denoiser.net.spec
         shape = (spec.in_channels, spec.image_size, spec.image_size)
         noise = sample_noise(seed=cfg.eval.seed, start=0, count=n, shape=shape)
         x = make_sample_fn(model, sampler=sampler, steps=steps, gamma=None, seed=cfg.eval.seed, device=device)(noise)
-        store.put_bytes(out_key, images.png_bytes(images.make_grid(x.float().cpu(), nrow=cfg.eval.grid_size)))
+        u = images.to_uint8(x.float().cpu())
+        caption = images.grid_caption(pipeline=cfg.pipeline.name, manifest=model.manifest, sampler=sampler, steps=steps)
+        store.put_bytes(raw_key, images.png_bytes(images.make_grid(u, nrow=cfg.eval.grid_size)))
+        store.put_bytes(out_key, images.png_bytes(images.display_grid(u, caption=caption, nrow=cfg.eval.grid_size)))
     return store.uri(out_key)
 
 

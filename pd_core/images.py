@@ -1,8 +1,14 @@
 """Images as a saved file would hold them: uint8 quantisation and sample-grid PNGs through fsspec.
 
 Every metric sees images exactly as a PNG would store them (docs/design.md), so generated samples
-go through :func:`to_uint8` before any feature network, and the grids written for people are the
-same bytes.
+go through :func:`to_uint8` before any feature network. Two kinds of grid are written:
+
+- :func:`make_grid` / :func:`write_grid`: the samples' own pixels, tiled (what figures and tests read);
+- :func:`display_grid` / :func:`write_display_grid`: the grid for people, every sample enlarged by
+  nearest-neighbour upscaling (each pixel becomes a k x k block, no interpolation) so the whole
+  grid is at least ``DISPLAY_MIN_WIDTH`` pixels wide, under a caption bar drawn with Pillow.
+
+Upscaling happens after quantisation and only for the PNGs people look at: metrics never see it.
 """
 
 from __future__ import annotations
@@ -13,8 +19,12 @@ import math
 import fsspec
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+
+DISPLAY_MIN_WIDTH = 512  # px: the narrowest display grid (a 4x4 grid of 8x8 digits would be 42 px)
+MAX_DISPLAY_SCALE = 32  # largest upscale factor accepted
+MAX_DISPLAY_SIDE = 8192  # px: the largest display grid side written
 
 
 def to_uint8(x: Tensor) -> Tensor:
@@ -97,3 +107,94 @@ def read_png(url: str, *, storage_options: dict | None = None) -> Tensor:
     arr = np.asarray(img.convert("L") if img.mode in ("L", "I", "I;16", "1") else img.convert("RGB"))
     arr = arr[:, :, None] if arr.ndim == 2 else arr  # (H, W, C)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (C, H, W)
+
+
+def display_scale(*, image_width: int, columns: int, padding: int = 2, min_width: int = DISPLAY_MIN_WIDTH) -> int:
+    """Smallest integer k >= 1 with columns * (k * image_width + padding) + padding >= min_width."""
+    if image_width < 1 or columns < 1 or padding < 0:
+        raise ValueError(f"image_width and columns must be >= 1 and padding >= 0; got {image_width}, {columns}, "
+                         f"{padding}")
+    per_image = (min_width - padding) / columns - padding  # the upscaled width each image needs
+    return max(1, math.ceil(per_image / image_width))
+
+
+def upscale_nearest(u: Tensor, *, scale: int) -> Tensor:
+    """Nearest-neighbour upscale of uint8 images (N, C, H, W): out[..., y, x] = u[..., y // k, x // k]."""
+    if u.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8; got dtype {u.dtype}")
+    if not 1 <= scale <= MAX_DISPLAY_SCALE:
+        raise ValueError(f"scale must be an integer from 1 to {MAX_DISPLAY_SCALE}; got {scale}")
+    return u.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+
+
+def _caption_font(text: str, *, width: int) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, str]:
+    """Pillow's default font at the largest size from 24 px down to 9 px at which ``text`` fits ``width``;
+    the text shortened with '...' when it fits at no size."""
+    for size in range(min(24, max(9, width // 28)), 8, -1):
+        font = ImageFont.load_default(size=size)
+        if font.getlength(text) <= width:
+            return font, text
+    font = ImageFont.load_default(size=9)
+    while text and font.getlength(text + "...") > width:
+        text = text[:-1]
+    return font, text + "..."
+
+
+def grid_caption(*, pipeline: str, manifest: dict, sampler: str, steps: int) -> str:
+    """``smoke | round 3 (2->1) | 1 step | DDIM``: whose samples a grid shows (pipeline, round, steps, sampler).
+
+    ``manifest`` is the checkpoint's manifest (its ``kind``, and a student's ``round``, ``teacher_steps``, ``steps``).
+    """
+    if manifest.get("kind") == "student" and manifest.get("round") is not None:
+        halving = f" ({manifest['teacher_steps']}->{manifest['steps']})" if "teacher_steps" in manifest else ""
+        what = f"round {manifest['round']}{halving}"
+    else:
+        what = str(manifest.get("kind") or "model")
+    label = "DDIM" if sampler == "ddim" else sampler
+    return f"{pipeline} | {what} | {steps} step{'' if steps == 1 else 's'} | {label}"
+
+
+def add_caption(grid: np.ndarray, caption: str) -> np.ndarray:
+    """``grid`` (H, W, 1|3) uint8 under a black bar holding ``caption`` in white, one line, left-aligned."""
+    if grid.dtype != np.uint8 or grid.ndim != 3 or grid.shape[2] not in (1, 3):
+        raise ValueError(f"grid must be uint8 (H, W, 1|3); got {grid.dtype} {grid.shape}")
+    height, width, channels = grid.shape
+    margin = max(4, width // 100)
+    font, text = _caption_font(" ".join(caption.split()), width=width - 2 * margin)
+    top, bottom = font.getbbox("Ag")[1], font.getbbox("Ag")[3]
+    bar_height = bottom - top + 2 * margin
+    mode = "L" if channels == 1 else "RGB"
+    bar = Image.new(mode, (width, bar_height), 0)
+    ImageDraw.Draw(bar).text((margin, margin - top), text, font=font, fill=255 if mode == "L" else (255, 255, 255))
+    bar_array = np.asarray(bar).reshape(bar_height, width, channels)
+    return np.concatenate([bar_array, grid], axis=0)
+
+
+def display_grid(images: Tensor, *, caption: str | None = None, nrow: int | None = None, scale: int | None = None,
+                 min_width: int = DISPLAY_MIN_WIDTH, padding: int = 2) -> np.ndarray:
+    """The grid for people: :func:`make_grid` of the images upscaled by ``scale`` (default: the smallest
+    factor that makes the grid at least ``min_width`` wide), under ``caption`` when given.
+
+    Sample i's block in the result equals ``upscale_nearest(to_uint8(images))[i]`` exactly.
+    """
+    u = to_uint8(images).cpu()
+    if u.ndim != 4:
+        raise ValueError(f"images must have shape (N, C, H, W); got {tuple(u.shape)}")
+    columns = nrow if nrow is not None else math.ceil(math.sqrt(max(u.shape[0], 1)))
+    if scale is None:
+        scale = min(MAX_DISPLAY_SCALE, display_scale(image_width=u.shape[-1], columns=max(columns, 1),
+                                                     padding=padding, min_width=min_width))
+    grid = make_grid(upscale_nearest(u, scale=scale), nrow=nrow, padding=padding)
+    if max(grid.shape[:2]) > MAX_DISPLAY_SIDE:
+        raise ValueError(f"a display grid of {grid.shape[1]}x{grid.shape[0]} px exceeds {MAX_DISPLAY_SIDE} px; "
+                         f"use a smaller scale or fewer images")
+    return add_caption(grid, caption) if caption else grid
+
+
+def write_display_grid(images: Tensor, url: str, *, caption: str | None = None, nrow: int | None = None,
+                       scale: int | None = None, storage_options: dict | None = None) -> str:
+    """Write :func:`display_grid` of ``images`` as a PNG to ``url`` (a path or any fsspec URL); return ``url``."""
+    data = png_bytes(display_grid(images, caption=caption, nrow=nrow, scale=scale))
+    with fsspec.open(url, "wb", **(storage_options or {})) as f:
+        f.write(data)
+    return url

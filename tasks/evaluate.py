@@ -1,7 +1,11 @@
 """Prefect tasks that measure samplers: the teacher's baselines and each round's distilled student.
 
 Records are cached in the store by the weights' sha256, so reruns re-measure nothing; metrics go
-to the matching MLflow child run under the same names for every round.
+to the matching MLflow child run under the same names for every round. A metric measured at several
+step counts in one run is logged twice: as a series with step = the number of sampling steps (the
+charts), and once per step count under its own key, ``<name>_<N>steps`` (MLflow's run overview and
+Compare page show only a series' last value, so only per-step keys show every step count there).
+Each model's display grid (pd_core.evaluation.write_grid) goes to its run's ``samples/`` artifacts.
 """
 
 from __future__ import annotations
@@ -27,6 +31,21 @@ def numeric_metrics(record: dict) -> dict[str, float]:
             if k not in METRIC_META and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def is_headline(name: str) -> bool:
+    """FD / FID / KID keys (with any sampler prefix), not their standard deviations: what per-step keys carry."""
+    return not name.endswith("_std") and ("fd_" in name or name.endswith("fid") or "kid_" in name)
+
+
+def per_step_keys(metrics: dict[str, float], *, steps: int) -> dict[str, float]:
+    """``{"distilled_fd_digits": 12.7}`` at 4 steps -> ``{"distilled_fd_digits_4steps": 12.7}`` (headline keys only)."""
+    return {f"{k}_{steps}steps": v for k, v in metrics.items() if is_headline(k)}
+
+
+def grid_artifact_path(grid_uri: str) -> str:
+    """Where a display grid sits among its run's artifacts."""
+    return f"samples/{grid_uri.rstrip('/').rsplit('/', 1)[-1]}"
+
+
 @task(name="evaluate-teacher", task_run_name="eval-teacher", **GPU_TASK)
 def evaluate_teacher_task(cfg: Config, *, teacher: CheckpointInfo) -> list[dict]:
     """Teacher DDIM and stochastic (every gamma) at each step count of the chain, plus the real-vs-real floor."""
@@ -45,7 +64,9 @@ def evaluate_teacher_task(cfg: Config, *, teacher: CheckpointInfo) -> list[dict]
         ddim = evaluation.evaluate_checkpoint(cfg, store, ctx, key=teacher.key, label="teacher_ddim",
                                               sampler="ddim", steps=steps, device=device)
         records.append(ddim)
-        tracker.log_metrics(run_id, {f"ddim_{k}": v for k, v in numeric_metrics(ddim).items()}, step=steps)
+        ddim_metrics = {f"ddim_{k}": v for k, v in numeric_metrics(ddim).items()}
+        tracker.log_metrics(run_id, ddim_metrics, step=steps)
+        tracker.log_metrics(run_id, per_step_keys(ddim_metrics, steps=steps))
         stochastic = [evaluation.evaluate_checkpoint(cfg, store, ctx, key=teacher.key, label="teacher_stochastic",
                                                      sampler="stochastic", steps=steps, gamma=g, device=device)
                       for g in cfg.eval.stochastic_gammas]
@@ -53,10 +74,13 @@ def evaluate_teacher_task(cfg: Config, *, teacher: CheckpointInfo) -> list[dict]
         fd = ctx.extractor.fd_name
         best = min(stochastic, key=lambda r: r[fd], default=None)
         if best is not None:
-            tracker.log_metrics(run_id, {f"stochastic_{k}": v for k, v in numeric_metrics(best).items()}, step=steps)
+            best_metrics = {f"stochastic_{k}": v for k, v in numeric_metrics(best).items()}
+            tracker.log_metrics(run_id, best_metrics, step=steps)
+            tracker.log_metrics(run_id, per_step_keys(best_metrics, steps=steps))
     grid = evaluation.write_grid(cfg, store, key=teacher.key, sampler="ddim", steps=cfg.distill.start_steps,
                                  device=device)
     tracker.set_tags(run_id, {"sample_grid": grid})
+    _log_grid(tracker, run_id, store, grid_uri=grid)
     tracker.flush()
     return records
 
@@ -81,13 +105,14 @@ def evaluate_round_task(cfg: Config, *, student: CheckpointInfo) -> dict | None:
 
 
 def _log_grid(tracker, run_id: str | None, store, *, grid_uri: str) -> None:
-    """Copy the grid PNG into the MLflow run's artifacts (MLflow wants a local file)."""
+    """Copy the grid PNG into the MLflow run's artifacts at :func:`grid_artifact_path` (MLflow wants a local file)."""
     key = grid_uri[len(store.uri("")):].lstrip("/") if grid_uri.startswith(store.uri("")) else None
     if key is None or run_id is None:
         return
+    artifact = grid_artifact_path(grid_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(key).name
+        path = Path(tmp) / artifact.rsplit("/", 1)[-1]
         path.write_bytes(store.get_bytes(key))
-        tracker.log_artifact(run_id, str(path), artifact_path="samples")
+        tracker.log_artifact(run_id, str(path), artifact_path=artifact.rsplit("/", 1)[0])
 
 

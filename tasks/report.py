@@ -1,32 +1,43 @@
-"""Publish the pipeline's report: the quality-vs-steps table and the sampler model.
+"""Publish the pipeline's report: the quality-vs-steps table, the sample grids and the sampler model.
 
-Writes the table to the store (CSV, long CSV, markdown), to Prefect (table + markdown artifacts)
-and to MLflow (parent-run artifacts and metrics named per step count, so pipelines line up in the
-compare view), and registers the few-step students as versions of one MLflow model.
+- Store: the wide table (CSV), its long form (CSV) and markdown.
+- Prefect: the concise table the CLI prints (``summary_view``, 4 significant digits) as a table
+  artifact, and a markdown report that shows each model's sample grid where a browser can reach it
+  (the MLflow server's artifact URL), or says where the PNG is when nothing serves it.
+- MLflow, on the parent run: the tables, the report, and every headline metric per step count as its
+  own key (``distilled_fd_digits_4steps``; see tasks/evaluate.py) next to the stepped series; a saved
+  runs-table view of the experiment showing those keys for every pipeline; the few-step students
+  registered as versions of one model.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 
+import pandas as pd
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from safetensors.torch import save_file
 
+from pd_core import evaluation
 from pd_core.config import Config
 from pd_core.jobs import CheckpointInfo
 from pd_core.metrics import quality_long, quality_table
 from pd_core.metrics.table import summary_view
 from tasks.common import open_store, tracker_for
-from tasks.evaluate import numeric_metrics
+from tasks.evaluate import grid_artifact_path, is_headline
 from tasks.progress import artifact_key
 from tasks.results import Report, RoundResult
 from tasks.training import storage_error_only
 
 FEW_STEPS = 4  # students with at most this many steps are registered as samplers
+QUALITY_VIEW = "pd-quality-by-steps"  # the saved runs-table view of the experiment (MLflow's "Views" menu)
+QUALITY_VIEW_NAME = "Pipelines: quality by sampling steps"
+PIPELINE_RUNS = "tags.`pd.kind` = 'pipeline'"
 
 
 def _register_students(cfg: Config, store, tracker, rounds: list[RoundResult], *,
@@ -61,59 +72,153 @@ def _register_students(cfg: Config, store, tracker, rounds: list[RoundResult], *
     return {"registered_model": name, **{k.rsplit("/", 1)[-1]: v for k, v in versions.items()}}
 
 
+def _number(value: object) -> float | None:
+    """A finite float, or None (empty cells, NaN)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return None if math.isnan(float(value)) else float(value)
+
+
+def concise_rows(wide: pd.DataFrame) -> list[dict[str, object]]:
+    """The CLI's table (``summary_view``) as rows: steps as integers, numbers to 4 significant digits, gaps None."""
+    rows = []
+    for record in summary_view(wide).to_dict(orient="records"):
+        row: dict[str, object] = {}
+        for column, value in record.items():
+            number = _number(value)
+            row[column] = int(value) if column == "steps" else (None if number is None else float(f"{number:.4g}"))
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict[str, object]]) -> str:
+    """Rows as a markdown table (numbers as :func:`concise_rows` left them, gaps empty)."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---:" for _ in columns) + "|"]
+    lines += ["| " + " | ".join("" if r[c] is None else f"{r[c]:g}" if isinstance(r[c], float) else str(r[c])
+                                for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def parent_metrics(wide: pd.DataFrame) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
+    """What the parent run gets from the wide table: per step count, the series values (``distilled_fd_digits``
+    at step N) plus each headline value under its own key (``distilled_fd_digits_4steps``); and the
+    floor's values (no step count)."""
+    by_steps: dict[int, dict[str, float]] = {}
+    floor: dict[str, float] = {}
+    for record in wide.to_dict(orient="records"):
+        steps = int(record["steps"])
+        values = {c: _number(v) for c, v in record.items() if c not in ("steps", "n_samples")}
+        series = {c: v for c, v in values.items() if v is not None and not c.startswith("floor_")}
+        floor.update({c: v for c, v in values.items() if v is not None and c.startswith("floor_")})
+        by_steps[steps] = {**series, **{f"{c}_{steps}steps": v for c, v in series.items() if is_headline(c)}}
+    return by_steps, floor
+
+
+def quality_columns(by_steps: dict[int, dict[str, float]], *, fd_name: str) -> list[str]:
+    """The saved view's metric columns: the distilled sampler's FD at each step count it was measured
+    at, then the teacher's DDIM, then the floor; fewest steps first (the headline question is how good 1, 2 and
+    4 steps are)."""
+    steps = sorted(by_steps)
+    names = [f"{sampler}_{fd_name}_{n}steps" for sampler in ("distilled", "teacher_ddim") for n in steps
+             if f"{sampler}_{fd_name}_{n}steps" in by_steps[n]]
+    return [*names, f"floor_{fd_name}"]
+
+
+def _grid_line(label: str, *, grid_uri: str | None, run_id: str | None, tracker) -> str:
+    """One model's sample grid in the report: the image itself when a server serves it, else where it is."""
+    if not grid_uri:
+        return f"- {label}: no sample grid"
+    url = tracker.artifact_url(run_id, grid_artifact_path(grid_uri))
+    if url is not None and tracker.is_server:
+        return f"### {label}\n\n![sample grid]({url})\n\n[open the PNG]({url})"
+    where = grid_uri[len("file://"):] if grid_uri.startswith("file://") else grid_uri
+    line = f"- {label}: `{where}` (a PNG in the store; browsers do not open file:// or s3:// links from a page)"
+    if url is not None:
+        line += f"; once `mlflow ui` runs (command above): [open it in MLflow]({url})"
+    return line
+
+
+def _report_markdown(cfg: Config, *, teacher: CheckpointInfo, rounds: list[RoundResult], rows: list[dict],
+                     fd_name: str | None, registered: dict[str, str], report_uri: str | None, tracker,
+                     parent_run_id: str | None, teacher_grid: str | None) -> str:
+    name = cfg.pipeline.name
+    lines = [f"# Pipeline `{name}`", ""]
+    command = tracker.ui_command()
+    if command:
+        lines += [f"MLflow is a local store: start its UI with `{command}`, then open the links below.", ""]
+    links = [("this pipeline's MLflow run", tracker.run_link(parent_run_id).split("then open ", 1)[-1]),
+             ("all pipelines by step count", tracker.view_link(QUALITY_VIEW)),
+             ("compare this pipeline's rounds", tracker.compare_link([r.student.mlflow_run_id for r in rounds]))]
+    lines += [f"- MLflow, {text}: {url}" if not url.startswith("http") else f"- MLflow: [{text}]({url})"
+              for text, url in links if url]
+    if rows:
+        what = "FID" if fd_name == "fid" else "FD in our classifier's feature space"
+        lines += ["", "## Quality vs sampling steps", "", markdown_table(rows), "",
+                  f"`{fd_name}` is {what}; lower is better. `floor_*`: real images scored the same way "
+                  f"(the best a sampler can reach at this sample size)."]
+    lines += ["", "## Samples", ""]
+    for r in reversed(rounds):  # fewest steps first
+        s = r.student
+        label = f"{s.steps} step{'' if s.steps == 1 else 's'}: round {s.round} ({2 * s.steps}->{s.steps})"
+        lines += [_grid_line(label, grid_uri=(r.metrics or {}).get("sample_grid"), run_id=s.mlflow_run_id,
+                             tracker=tracker), ""]
+    lines += [_grid_line(f"teacher, {teacher.steps} steps", grid_uri=teacher_grid, run_id=teacher.mlflow_run_id,
+                         tracker=tracker), ""]
+    lines += ["## Checkpoints", "", f"- teacher: `{teacher.uri}`"]
+    lines += [f"- {r.student.steps}-step student: `{r.student.uri}`" for r in rounds]
+    if registered:
+        lines += ["", f"Registered model `{registered['registered_model']}` (aliases `final`, `best-few-step`)."]
+    if report_uri:
+        lines += ["", f"Quality table, every column: `{report_uri}`"]
+    return "\n".join(lines)
+
+
 @task(name="publish-report", task_run_name="report", cache_policy=NONE, retries=2, retry_delay_seconds=5,
       retry_condition_fn=storage_error_only)
 def publish_report_task(cfg: Config, *, teacher: CheckpointInfo, baselines: list[dict], rounds: list[RoundResult],
                         parent_run_id: str | None = None) -> Report:
-    """Quality-vs-steps table to store, Prefect and MLflow; register the few-step samplers."""
+    """Quality-vs-steps table and sample grids to store, Prefect and MLflow; register the few-step samplers."""
     logger = get_run_logger()
     name = cfg.pipeline.name
     store, tracker = open_store(cfg), tracker_for(cfg)
-    link = tracker.run_link(parent_run_id)
     records = list(baselines) + [r.metrics for r in rounds if r.metrics]
-    table, report_uri = "", None
+    table, report_uri, rows = "", None, []
     fd_name = next((k for r in records for k in r if k.startswith("fd_") or k == "fid"), None)
     if records:
         wide, long = quality_table(records), quality_long(records)
         prefix = f"pipelines/{name}/report"
         store.put_bytes(f"{prefix}/quality.csv", wide.to_csv(index=False).encode())
         store.put_bytes(f"{prefix}/quality_long.csv", long.to_csv(index=False).encode())
-        markdown = wide.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else wide.to_string(index=False)
-        store.put_bytes(f"{prefix}/quality.md", markdown.encode())
+        rows = concise_rows(wide)
+        store.put_bytes(f"{prefix}/quality.md", markdown_table(rows).encode())
         table = summary_view(wide).to_string(index=False, float_format=lambda v: f"{v:.4g}")
         report_uri = store.uri(f"{prefix}/quality.csv")
-        create_table_artifact(table=json.loads(wide.to_json(orient="records")), key=artifact_key(f"{name}-quality"),
-                              description=f"{name}: quality vs sampling steps ({fd_name} is "
-                                          f"{'FID' if fd_name == 'fid' else 'FD in our classifier feature space'})")
+        what = "FID" if fd_name == "fid" else "FD in our classifier's feature space"
+        create_table_artifact(table=rows, key=artifact_key(f"{name}-quality"),
+                              description=f"{name}: quality vs sampling steps ({fd_name}: {what}; lower is better; "
+                                          f"every column: {report_uri})")
         tracker.log_table(parent_run_id, wide, artifact_file="quality.csv")
         tracker.log_table(parent_run_id, long, artifact_file="quality_long.csv")
-        for rec in records:
-            if rec["sampler"] != "floor":
-                steps = int(rec["steps"])
-                tracker.log_metrics(parent_run_id, {f"{rec['sampler']}_{k}": v for k, v in numeric_metrics(rec).items()
-                                                    if k != "n_samples"}, step=steps)
+        by_steps, floor = parent_metrics(wide)
+        for steps, values in by_steps.items():
+            tracker.log_metrics(parent_run_id, values, step=steps)
+        tracker.log_metrics(parent_run_id, floor)
+        if fd_name:
+            tracker.save_runs_view(view_id=QUALITY_VIEW, name=QUALITY_VIEW_NAME, search_filter=PIPELINE_RUNS,
+                                   metrics=quality_columns(by_steps, fd_name=fd_name))
     registered = _register_students(cfg, store, tracker, rounds, fd_name=fd_name) if rounds else {}
-    grids = [(r.student.steps, r.metrics.get("sample_grid")) for r in rounds if r.metrics]
-    lines = [f"# Pipeline `{name}`", "", f"- MLflow: {link}", f"- teacher: `{teacher.uri}`"]
-    lines += [f"- {r.student.steps}-step student: `{r.student.uri}`" for r in rounds]
-    lines += ["", "## Sample grids", ""] + [f"- {s} steps: `{g}`" for s, g in grids if g]
-    if registered:
-        lines += ["", f"Registered model `{registered['registered_model']}` (aliases `final`, `best-few-step`)."]
-    if report_uri:
-        lines += ["", f"Quality table: `{report_uri}`"]
-    create_markdown_artifact(markdown="\n".join(lines), key=artifact_key(f"{name}-report"),
-                             description=f"{name}: where everything is")
-    tracker.log_text(parent_run_id, "\n".join(lines), artifact_file="report.md")
+    teacher_grid_key = evaluation.display_grid_key(teacher.key, sampler="ddim", steps=cfg.distill.start_steps)
+    teacher_grid = store.uri(teacher_grid_key) if cfg.eval.enabled and store.exists(teacher_grid_key) else None
+    markdown = _report_markdown(cfg, teacher=teacher, rounds=rounds, rows=rows, fd_name=fd_name, registered=registered,
+                                report_uri=report_uri, tracker=tracker, parent_run_id=parent_run_id,
+                                teacher_grid=teacher_grid)
+    create_markdown_artifact(markdown=markdown, key=artifact_key(f"{name}-report"),
+                             description=f"{name}: quality, samples, where everything is")
+    tracker.log_text(parent_run_id, markdown, artifact_file="report.md")
     tracker.flush()
     logger.info("report of %s published (%d records)", name, len(records))
-    return Report(mlflow_link=link, table=table, report_uri=report_uri, registered=registered)
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401  (pandas' to_markdown needs it)
-    except ImportError:
-        return False
-    return True
-
-
+    return Report(mlflow_link=tracker.run_link(parent_run_id), table=table, report_uri=report_uri,
+                  registered=registered, mlflow_view=tracker.view_link(QUALITY_VIEW) if fd_name else None)

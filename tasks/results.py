@@ -23,6 +23,7 @@ class Report:
     table: str = ""  # the CLI's quality table; empty without evaluation records
     report_uri: str | None = None  # quality.csv in the store
     registered: dict[str, str] = field(default_factory=dict)  # registered model name and versions
+    mlflow_view: str | None = None  # MLflow's runs table of every pipeline, quality by step count
 
 
 @dataclass(frozen=True)

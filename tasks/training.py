@@ -59,14 +59,21 @@ Work = Callable[[CheckpointStore, ProgressReporter], CheckpointInfo]
 
 def _run_with_tracking(cfg: Config, *, run_name: str, parent_run_id: str | None, params: dict, kind: str,
                        progress_key: str, description: str, work: Work) -> CheckpointInfo:
-    """Shared body: open a child MLflow run, train with progress, tag the checkpoint, close the run."""
+    """Shared body: open a child MLflow run, train with progress, tag the checkpoint, close the run.
+
+    The MLflow run is named ``<pipeline>/<run_name>`` (``smoke/round-03-2to1``), so runs of different
+    pipelines tell themselves apart in MLflow's tables and Compare page. A run of this parent found
+    again (a retried task, or the teacher's run made by the teacher flow) is continued, and keeps its
+    ``skipped`` tag unless this attempt trained.
+    """
     logger = get_run_logger()
     tracker = tracker_for(cfg)
     run_id = tracker.find_run(tags={"pd.pipeline_run": parent_run_id, "pd.run": run_name}) if parent_run_id else None
+    found = run_id is not None
     if run_id is None:
-        run_id = tracker.start_run(run_name=run_name, parent_run_id=parent_run_id, params=params,
-                                   tags={"pd.pipeline": cfg.pipeline.name, "pd.kind": kind, "pd.run": run_name,
-                                         "pd.pipeline_run": parent_run_id or ""})
+        run_id = tracker.start_run(run_name=mlflow_run_name(cfg, run_name), parent_run_id=parent_run_id,
+                                   params=params, tags={"pd.pipeline": cfg.pipeline.name, "pd.kind": kind,
+                                                        "pd.run": run_name, "pd.pipeline_run": parent_run_id or ""})
     reporter = ProgressReporter(key=progress_key, description=description, logger=logger,
                                 log_metrics=lambda m, step: tracker.log_metrics(run_id, m, step=step))
     store = open_store(cfg)
@@ -75,8 +82,10 @@ def _run_with_tracking(cfg: Config, *, run_name: str, parent_run_id: str | None,
     except BaseException:
         tracker.end_run(run_id, status="FAILED")
         raise
-    tracker.set_tags(run_id, {"checkpoint_uri": info.uri, "checkpoint_sha256": info.sha256,
-                              "skipped": str(not info.trained).lower()})
+    tags = {"checkpoint_uri": info.uri, "checkpoint_sha256": info.sha256}
+    if info.trained or not found:
+        tags["skipped"] = str(not info.trained).lower()
+    tracker.set_tags(run_id, tags)
     if info.trained:
         tracker.log_metrics(run_id, {"train_seconds": info.train_seconds, "resumed_from": float(info.resumed_from)})
     tracker.end_run(run_id)  # evaluation metrics are added to the finished run later
@@ -99,8 +108,13 @@ def ensure_teacher_task(cfg: Config, *, parent_run_id: str | None = None) -> Che
                               progress_key=f"{cfg.pipeline.name}-teacher", description="teacher training", work=work)
 
 
+def mlflow_run_name(cfg: Config, run_name: str) -> str:
+    """``smoke/round-03-2to1``: a child run's MLflow name, its pipeline first."""
+    return f"{cfg.pipeline.name}/{run_name}"
+
+
 def round_run_name(*, round_index: int, teacher_steps: int, student_steps: int) -> str:
-    """``round-03-64to32``: the task-run and MLflow run name of a round."""
+    """``round-03-64to32``: the task-run name of a round (its MLflow run: :func:`mlflow_run_name`)."""
     return f"round-{round_index:02d}-{teacher_steps}to{student_steps}"
 
 

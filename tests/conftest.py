@@ -39,6 +39,11 @@ _AWS_ENV_TO_CLEAR = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "
                      "AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--ui-screenshots", metavar="DIR", default=None,
+                     help="browser tests: also write small copies of their screenshots to DIR (docs/ui for the README)")
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_SESSION_HOME, ignore_errors=True)
 

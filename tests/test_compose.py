@@ -298,25 +298,33 @@ def test_distill_trigger_renders_typed_parameters_from_the_teacher_event(deploy_
         "overrides": ["distill.final_steps=2", "eval.num_samples=64"],
         "storage": "s3://checkpoints/pd",
         "tracking_uri": None,
+        "mlflow_parent_run_id": "0123456789abcdef0123456789abcdef",
     }
-    event = ReceivedEvent(
-        id=uuid.uuid4(), occurred="2026-01-01T00:00:00Z", event="pd.teacher.completed",
-        resource={"prefect.resource.id": "pd.pipeline.run-1"}, payload=payload,
-    )
-    params = copy.deepcopy(trigger["parameters"])
-    RunDeployment.validate_parameters(copy.deepcopy(params))  # what the server checks on create
-    RunDeployment._upgrade_v1_templates(params)  # what the server does before rendering
-    rendered = hydrate(
-        params, HydrationContext(raise_on_error=True, render_jinja=True, jinja_context={"event": event})
-    )
-    assert rendered == {
+
+    def render(payload: dict) -> dict:
+        event = ReceivedEvent(
+            id=uuid.uuid4(), occurred="2026-01-01T00:00:00Z", event="pd.teacher.completed",
+            resource={"prefect.resource.id": "pd.pipeline.run-1"}, payload=payload,
+        )
+        params = copy.deepcopy(trigger["parameters"])
+        RunDeployment.validate_parameters(copy.deepcopy(params))  # what the server checks on create
+        RunDeployment._upgrade_v1_templates(params)  # what the server does before rendering
+        return hydrate(
+            params, HydrationContext(raise_on_error=True, render_jinja=True, jinja_context={"event": event})
+        )
+
+    assert render(payload) == {
         "teacher_uri": payload["teacher_uri"],
         "preset": "smoke",
         "name": "run-1",
         "overrides": payload["overrides"],
         "storage": "s3://checkpoints/pd",
         "tracking_uri": None,
+        # the teacher flow's MLflow parent run: the distillation continues it (one parent per pipeline)
+        "mlflow_parent_run_id": "0123456789abcdef0123456789abcdef",
     }
+    older = {k: v for k, v in payload.items() if k != "mlflow_parent_run_id"}  # an event from an older teacher flow
+    assert render(older)["mlflow_parent_run_id"] is None
 
 
 def test_deploy_refuses_the_ephemeral_api(monkeypatch, capsys):

@@ -75,3 +75,42 @@ def test_gpu_tasks_are_tagged_only_where_a_limit_can_hold_them():
     assert gpu_task_tags(None, api_url="http://prefect:4200/api") == [GPU_TAG] == ["gpu"]
     assert gpu_task_tags(["a100"], api_url=None) == ["a100"]  # explicit tags always win
     assert gpu_task_tags([], api_url="http://prefect:4200/api") == []
+
+
+def test_grids_hold_the_evaluation_samples_raw_and_readable(tiny):
+    import numpy as np
+
+    from pd_core import images
+    from pd_core.metrics import sample_noise
+    from pd_core.models import load_model
+
+    cfg, store, _ = tiny
+    key = "pipelines/a/teacher"
+    uri = evaluation.write_grid(cfg, store, key=key, sampler="ddim", steps=2)
+    assert uri == store.uri(evaluation.display_grid_key(key, sampler="ddim", steps=2))
+    # The same samples, recomputed here: the evaluation's first grid_size**2 noise draws, 2 DDIM steps.
+    model = load_model(store, key)
+    n = cfg.eval.grid_size ** 2
+    noise = sample_noise(seed=cfg.eval.seed, start=0, count=n, shape=(1, 8, 8))
+    x = evaluation.make_sample_fn(model, sampler="ddim", steps=2, gamma=None, seed=cfg.eval.seed,
+                                  device=torch.device("cpu"))(noise)
+    raw = images.read_png(store.uri(evaluation.grid_key(key, sampler="ddim", steps=2))).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(raw, images.make_grid(x, nrow=cfg.eval.grid_size))  # native pixels, as before
+    shown = images.read_png(uri).permute(1, 2, 0).numpy()
+    caption = images.grid_caption(pipeline="smoke", manifest=model.manifest, sampler="ddim", steps=2)
+    assert caption == "smoke | teacher | 2 steps | DDIM"
+    np.testing.assert_array_equal(shown, images.display_grid(x, caption=caption, nrow=cfg.eval.grid_size))
+    assert shown.shape[1] >= images.DISPLAY_MIN_WIDTH
+
+
+def test_grid_captions_name_pipeline_round_steps_and_sampler():
+    from pd_core import images
+
+    student = {"kind": "student", "round": 3, "teacher_steps": 2, "steps": 1}
+    assert images.grid_caption(pipeline="smoke", manifest=student, sampler="ddim", steps=1) == \
+        "smoke | round 3 (2->1) | 1 step | DDIM"
+    assert images.grid_caption(pipeline="p", manifest={"kind": "teacher"}, sampler="stochastic", steps=8) == \
+        "p | teacher | 8 steps | stochastic"
+    assert images.grid_caption(pipeline="p", manifest={"kind": "student", "round": 2}, sampler="ddim", steps=2) == \
+        "p | round 2 | 2 steps | DDIM"
+    assert images.grid_caption(pipeline="p", manifest={}, sampler="heun", steps=1) == "p | model | 1 step | heun"

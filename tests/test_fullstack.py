@@ -239,6 +239,10 @@ def test_teacher_run_triggers_distillation_on_the_full_stack(tmp_path: Path, mon
             assert distill_run.created_by is not None and distill_run.created_by.type == "AUTOMATION", \
                 distill_run.created_by
 
+            # Named after the pipeline (a name given when the run was created is replaced), tagged with it.
+            assert teacher_run.name.startswith(f"{name}-teacher-"), teacher_run.name
+            assert distill_run.name.startswith(f"{name}-") and "teacher" not in distill_run.name, distill_run.name
+            assert f"pipeline:{name}" in distill_run.tags and "preset:smoke" in distill_run.tags, distill_run.tags
             # Both runs went through the worker of the pool.
             for run in (teacher_run, distill_run):
                 assert run.work_pool_name == POOL
@@ -280,6 +284,7 @@ def test_teacher_run_triggers_distillation_on_the_full_stack(tmp_path: Path, mon
                 _fail_with_logs(prefect, run, f"pd-notify {run.name}", stack)
                 assert run.work_pool_name == POOL
             assert sorted(r.parameters["payload"]["round"] for r in notify_runs) == [i for i, _, _ in ROUNDS]
+            assert sorted(r.name for r in notify_runs) == [f"{name}-round-{i:02d}-{t}to{s}" for i, t, s in ROUNDS]
             assert all(r.parameters["payload"]["checkpoint_uri"].startswith(f"{storage}/pipelines/{name}/rounds/")
                        for r in notify_runs)
             assert any(a.type == "markdown" for r in notify_runs for a in prefect.artifacts_of(r.id))
@@ -378,25 +383,24 @@ def _check_mlflow(info: Any, *, name: str) -> None:
     assert parent.info.run_name == name and parent.info.status == "FINISHED", parent.info
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     for index, t_steps, s_steps in ROUNDS:
-        run_name = f"round-{index:02d}-{t_steps}to{s_steps}"
+        run_name = f"{name}/round-{index:02d}-{t_steps}to{s_steps}"
         assert run_name in children, (run_name, sorted(children))
         child = children[run_name]
         assert child.info.status == "FINISHED", child.info
         assert child.data.tags.get("checkpoint_uri", "").endswith(f"/rounds/{index:02d}-{s_steps:04d}"), child.data.tags
         assert child.data.metrics, f"{run_name}: no metrics"
         assert client.list_artifacts(child.info.run_id), f"{run_name}: no artifacts"
-    # The teacher flow's own parent run, with the teacher as its child.
-    teacher_parent = by_name.get(f"{name}-teacher")
-    assert teacher_parent is not None and teacher_parent.info.status == "FINISHED", sorted(by_name)
-    assert any(r.info.run_name == "teacher" and r.data.tags.get("mlflow.parentRunId") == teacher_parent.info.run_id
-               for r in runs), "no teacher child run under the teacher flow's parent run"
+    # One parent for the whole pipeline: the teacher flow made it, the triggered distillation continued it.
+    assert "prefect.teacher_flow_run_id" in parent.data.tags, parent.data.tags
+    teacher = children.get(f"{name}/teacher")
+    assert teacher is not None and teacher.data.tags["skipped"] == "false", sorted(children)
     # The report registered the few-step students; alias `final` is the last round's.
     final = client.get_model_version_by_alias(f"pd-{name}", "final")
-    assert final.run_id == children["round-03-2to1"].info.run_id, final
+    assert final.run_id == children[f"{name}/round-03-2to1"].info.run_id, final
 
     # Artifacts went through the server's proxy into the `mlflow` bucket.
     mlflow_keys = _keys(_s3_client(info), "mlflow")
-    for run_name in (f"round-{i:02d}-{t}to{s}" for i, t, s in ROUNDS):
+    for run_name in (f"{name}/round-{i:02d}-{t}to{s}" for i, t, s in ROUNDS):
         run_id = children[run_name].info.run_id
         assert any(f"/{run_id}/artifacts/" in k for k in mlflow_keys), (run_name, mlflow_keys[:20])
     fs.log(f"s3://mlflow: {len(mlflow_keys)} artifact objects")

@@ -40,7 +40,7 @@ _HTTP_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FAC
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tracker sets HTTP retry defaults in os.environ; monkeypatch puts the environment back after each test."""
-    for name in (*_HTTP_ENV, "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+    for name in (*_HTTP_ENV, "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PD_MLFLOW_UI_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.setenv("DO_NOT_TRACK", "true")
@@ -170,12 +170,14 @@ def test_params_are_truncated_and_changed_values_do_not_raise(db_uri: str, caplo
     assert any("lr" in r.getMessage() and "differ" in r.getMessage() for r in caplog.records)
 
 
-def test_run_link_gives_the_mlflow_ui_command(db_uri: str) -> None:
+def test_run_link_gives_the_mlflow_ui_command_and_the_run_page(db_uri: str) -> None:
     tracker = Tracker(tracking_uri=db_uri, experiment="pd-test")
     run = tracker.start_run(run_name="r")
     link = tracker.run_link(run)
-    assert link.startswith(f"mlflow ui --backend-store-uri {db_uri}  (")
-    assert run in link
+    # This interpreter's MLflow, so the command works without activating the venv.
+    assert link.startswith(f"{sys.executable} -m mlflow ui --backend-store-uri {db_uri}  then open ")
+    experiment = _client(db_uri).get_experiment_by_name("pd-test").experiment_id
+    assert link.endswith(f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run}?workflowType=machine_learning")
 
 
 def test_disabled_tracker_does_nothing(tmp_path: Path) -> None:
@@ -398,7 +400,8 @@ def test_mlflow_server_down_then_back(tmp_path: Path, migrated_db: Path, caplog:
         parent = tracker.start_run(run_name="pipeline", params=flatten_params(CONFIG))
         tracker.log_metrics(parent, {"loss": 1.0}, step=0)
         experiment_id = _client(uri).get_experiment_by_name("pd-server").experiment_id
-        assert tracker.run_link(parent) == f"{uri}/#/experiments/{experiment_id}/runs/{parent}"
+        assert tracker.run_link(parent) == \
+            f"{uri}/#/experiments/{experiment_id}/runs/{parent}?workflowType=machine_learning"
 
         _kill(server)
         caplog.set_level(logging.WARNING, logger="tasks.tracking")

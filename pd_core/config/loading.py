@@ -67,11 +67,12 @@ def _preset_files() -> dict[str, Any]:
 
 
 def list_presets() -> dict[str, str]:
-    """Preset name -> one-line description (the first comment line of its YAML)."""
+    """Preset name -> one-line description (the first comment line of its YAML, without a leading ``name:``)."""
     out = {}
     for name, file in sorted(_preset_files().items()):
         first = file.read_text(encoding="utf-8").lstrip().splitlines()[:1]
-        out[name] = first[0].lstrip("#").strip() if first and first[0].startswith("#") else ""
+        line = first[0].lstrip("#").strip() if first and first[0].startswith("#") else ""
+        out[name] = line[len(name) + 1:].strip() if line.startswith(f"{name}:") else line
     return out
 
 

@@ -9,7 +9,10 @@
   weights and a JSON manifest; :func:`load_sampler_from_mlflow` loads it back without executing logged
   code (``sampler_model``).
 
-Modules import downward only: uris, redact -> errors, journal -> sampler_model -> ops -> tracker.
+- Links into MLflow's UI (the model-training view, artifact URLs, saved runs-table views) are built in
+  ``views``; the experiment is declared a model-training experiment when it is created.
+
+Modules import downward only: uris, redact, views -> errors, journal -> sampler_model -> ops -> tracker.
 """
 
 from tasks.tracking.errors import TrackingError

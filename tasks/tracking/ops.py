@@ -25,6 +25,14 @@ from tasks.tracking.errors import Unresolved
 from tasks.tracking.journal import PENDING_PREFIX, Journal
 from tasks.tracking.sampler_model import log_model, sha256_file
 from tasks.tracking.uris import local_store_path
+from tasks.tracking.views import (
+    EXPERIMENT_KIND_TAG,
+    MODEL_TRAINING,
+    VIEW_TAG_PREFIX,
+    merged_columns,
+    view_columns,
+    view_tag,
+)
 
 log = logging.getLogger("tasks.tracking")  # the package's one logger: callers filter records on this name
 
@@ -64,7 +72,11 @@ class MlflowOps:
         return handler(payload)
 
     def experiment_id(self) -> str:
-        """Get-or-create the experiment (restoring it if deleted); cached."""
+        """Get-or-create the experiment (restoring it if deleted), declared a model-training experiment; cached.
+
+        The declaration is the ``mlflow.experimentKind`` tag (``tasks.tracking.views``); an experiment
+        that already has a kind keeps it (a user may have changed it in the UI).
+        """
         if self._experiment_id_cache is not None:
             return self._experiment_id_cache
         with self._lock:
@@ -72,8 +84,10 @@ class MlflowOps:
             found = client.get_experiment_by_name(self.experiment)
             if found is None:
                 try:
-                    exp_id = client.create_experiment(self.experiment, artifact_location=self.artifact_location)
-                    log.info("MLflow experiment %r created (artifacts at %s)", self.experiment, self.artifact_location)
+                    exp_id = client.create_experiment(self.experiment, artifact_location=self.artifact_location,
+                                                      tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+                    where = f" (artifacts at {self.artifact_location})" if self.artifact_location else ""
+                    log.info("MLflow experiment %r created%s", self.experiment, where)
                 except MlflowException as err:
                     if err.error_code != "RESOURCE_ALREADY_EXISTS":
                         raise
@@ -83,6 +97,8 @@ class MlflowOps:
                 if found.lifecycle_stage == "deleted":
                     client.restore_experiment(exp_id)
                     log.info("MLflow experiment %r was deleted: restored", self.experiment)
+                if EXPERIMENT_KIND_TAG not in found.tags:
+                    client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
             self._experiment_id_cache = exp_id
         return exp_id
 
@@ -206,6 +222,22 @@ class MlflowOps:
 
     def _op_end_run(self, p: dict[str, Any]) -> None:
         self.client.set_terminated(self.resolve(p["run_id"]), status=p["status"], end_time=p["end_time"])
+
+    def _op_reopen_run(self, p: dict[str, Any]) -> str:
+        """A finished run back to RUNNING (a pipeline continuing under the parent another flow made)."""
+        run_id = self.resolve(p["run_id"])
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    def _op_save_runs_view(self, p: dict[str, Any]) -> None:
+        """Create or extend a saved view of the runs table (columns merged with those already saved)."""
+        experiment_id = self.experiment_id()
+        key = VIEW_TAG_PREFIX + p["view_id"]
+        existing, created = view_columns(self.client.get_experiment(experiment_id).tags.get(key))
+        value = view_tag(name=p["name"], columns=merged_columns(existing, p["columns"]),
+                         search_filter=p["search_filter"], created_ms=created or p["timestamp"],
+                         updated_ms=p["timestamp"])
+        self.client.set_experiment_tag(experiment_id, key, value)
 
     def _op_set_alias(self, p: dict[str, Any]) -> None:
         self.client.set_registered_model_alias(p["registered_model"], p["alias"], p["version"])

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shlex
+import sys
 import tempfile
 import time
 import uuid
@@ -27,6 +28,15 @@ from tasks.tracking.ops import MlflowOps
 from tasks.tracking.redact import clean_key, clean_params, clean_tags, redact, redacted_copy, redactor
 from tasks.tracking.sampler_model import MODEL_NAME
 from tasks.tracking.uris import default_artifact_location, local_store_path, normalise_uri, scheme
+from tasks.tracking.views import (
+    LOCAL_UI_URL,
+    artifact_url,
+    compare_url,
+    experiment_url,
+    metric_column,
+    run_url,
+    view_url,
+)
 
 if TYPE_CHECKING:
     import pandas
@@ -41,6 +51,9 @@ _HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
 }
 _OFFLINE_HYGIENE = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+# One line per event: no "View run ... at" lines on every finished run, no download progress bars.
+_QUIET = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+UI_URL_ENV = "PD_MLFLOW_UI_URL"  # the MLflow server as people's browsers reach it, when not the tracking URI
 _STASHED = ("local_path", "weights_path")  # payload keys naming files the journal keeps its own copy of
 
 
@@ -59,13 +72,20 @@ class Tracker:
     seconds, before the next call); refused calls are logged and dropped. While MLflow is
     unreachable :meth:`start_run` returns a placeholder id (``pending-...``) that every other method
     accepts and that the replay maps to the real run id.
+
+    Links (:meth:`run_link`, :meth:`artifact_url`, ...) point at ``ui_url``: the server as a browser
+    reaches it (default ``$PD_MLFLOW_UI_URL``, else the tracking URI; a worker may reach MLflow under
+    another name), or, for a local store, where ``mlflow ui`` serves it.
     """
 
     def __init__(self, *, tracking_uri: str, experiment: str, enabled: bool = True,
                  artifact_location: str | None = None, journal_path: str | None = None,
-                 retry_interval_s: float = 30.0):
+                 retry_interval_s: float = 30.0, ui_url: str | None = None):
         self.enabled = enabled
         self.tracking_uri = normalise_uri(tracking_uri)
+        self.is_server = scheme(self.tracking_uri) in ("http", "https")
+        default_ui = (os.environ.get(UI_URL_ENV) or self.tracking_uri) if self.is_server else LOCAL_UI_URL
+        self.ui_url = redact((ui_url or default_ui).rstrip("/"))
         self.experiment = experiment
         self.artifact_location = artifact_location or default_artifact_location(self.tracking_uri)
         self.retry_interval_s = retry_interval_s
@@ -78,7 +98,7 @@ class Tracker:
         self._warned: set[str] = set()
         if not enabled:
             return
-        for name, value in {**_HTTP_DEFAULTS, **_OFFLINE_HYGIENE}.items():
+        for name, value in {**_HTTP_DEFAULTS, **_OFFLINE_HYGIENE, **_QUIET}.items():
             os.environ.setdefault(name, value)
         local = local_store_path(self.tracking_uri)
         if local is not None:
@@ -187,7 +207,7 @@ class Tracker:
         self._submit("end_run", {"run_id": run_id, "status": status, "end_time": _now_ms()})
 
     def run_link(self, run_id: str | None) -> str:
-        """Where to see a run: a UI URL for http(s) servers, the `mlflow ui` command for local stores."""
+        """Where to see a run: its page on a server; for a local store, the command that serves it and the page."""
         if not self.enabled or run_id is None:
             return "MLflow tracking disabled"
         real = self._ops.resolve_quiet(run_id)
@@ -195,14 +215,49 @@ class Tracker:
             return (f"MLflow run pending: MLflow at {redact(self.tracking_uri)} was unreachable; "
                     f"the run is journaled to {self.journal_path} and created when it returns")
         experiment = self._ops.experiment_id_quiet()
-        if scheme(self.tracking_uri) in ("http", "https"):
-            if experiment is None:
-                return f"{redact(self.tracking_uri)}/#/experiments (experiment {self.experiment!r}, run {real})"
-            return f"{redact(self.tracking_uri)}/#/experiments/{experiment}/runs/{real}"
-        if local_store_path(self.tracking_uri) is not None:
-            return (f"mlflow ui --backend-store-uri {shlex.quote(self.tracking_uri)}  "
-                    f"(experiment {self.experiment!r} id {experiment}, run {real})")
-        return f"{redact(self.tracking_uri)} experiment {experiment} run {real}"
+        if experiment is None:
+            return f"{redact(self.tracking_uri)} (experiment {self.experiment!r}, run {real})"
+        return self._with_ui_command(run_url(self.ui_url, experiment_id=experiment, run_id=real))
+
+    def experiment_link(self) -> str | None:
+        """The experiment's runs table in the model-training view (None when MLflow cannot say its id)."""
+        experiment = self._ops.experiment_id_quiet() if self.enabled else None
+        return None if experiment is None else experiment_url(self.ui_url, experiment_id=experiment)
+
+    def view_link(self, view_id: str) -> str | None:
+        """The runs table with the saved view ``view_id`` applied (None when MLflow cannot say the experiment)."""
+        experiment = self._ops.experiment_id_quiet() if self.enabled else None
+        return None if experiment is None else view_url(self.ui_url, experiment_id=experiment, view_id=view_id)
+
+    def compare_link(self, run_ids: Sequence[str | None]) -> str | None:
+        """MLflow's Compare page for these runs (None unless every run exists in MLflow)."""
+        experiment = self._ops.experiment_id_quiet() if self.enabled else None
+        real = [self._ops.resolve_quiet(r) for r in run_ids if r is not None]
+        if experiment is None or not real or None in real:
+            return None
+        return compare_url(self.ui_url, experiment_id=experiment, run_ids=[r for r in real if r is not None])
+
+    def artifact_url(self, run_id: str | None, path: str) -> str | None:
+        """The URL of a run's artifact on MLflow's server (``/get-artifact``; an <img> can show it).
+
+        For a local store, where ``mlflow ui`` serves it once started (``is_server`` is False then). None
+        with tracking disabled or while the run is still journaled.
+        """
+        if not self.enabled or run_id is None:
+            return None
+        real = self._ops.resolve_quiet(run_id)
+        return None if real is None else artifact_url(self.ui_url, run_id=real, path=path)
+
+    def ui_command(self) -> str | None:
+        """For a local store: the command that serves MLflow's UI at ``ui_url`` (this interpreter's mlflow)."""
+        local = local_store_path(self.tracking_uri)
+        if local is None:
+            return None
+        return f"{shlex.quote(sys.executable)} -m mlflow ui --backend-store-uri {shlex.quote(self.tracking_uri)}"
+
+    def _with_ui_command(self, url: str) -> str:
+        command = self.ui_command()
+        return url if command is None else f"{command}  then open {url}"
 
     def log_sampler_model(self, run_id: str | None, *, weights_path: str, manifest: dict,
                           registered_model: str | None, tags: dict[str, str] | None = None,
@@ -224,6 +279,24 @@ class Tracker:
                    "aliases": [alias] if isinstance(alias, str) else list(alias or [])}
         result = self._submit("log_sampler_model", payload, offline_result=(f"runs:/{run_id}/{MODEL_NAME}", None))
         return ("", None) if result is None else (result[0], result[1])
+
+    def reopen_run(self, run_id: str) -> str | None:
+        """Continue a finished run (back to RUNNING): the run id, or None when MLflow has no such run.
+
+        While MLflow is unreachable the call is journaled and ``run_id`` returned.
+        """
+        if not self.enabled:
+            return None
+        return self._submit("reopen_run", {"run_id": run_id}, offline_result=run_id)
+
+    def save_runs_view(self, *, view_id: str, name: str, metrics: Sequence[str], search_filter: str = "") -> None:
+        """Create or extend the saved runs-table view ``view_id`` of the experiment (the UI's "Views" menu),
+        showing the columns of ``metrics``; columns already in the view stay."""
+        if not self.enabled or not metrics:
+            return
+        self._submit("save_runs_view", {"view_id": view_id, "name": name,
+                                        "columns": [metric_column(m) for m in metrics],
+                                        "search_filter": search_filter, "timestamp": _now_ms()})
 
     def set_alias(self, *, registered_model: str, alias: str, version: str) -> None:
         """Point ``registered_model@alias`` at ``version``."""

@@ -10,6 +10,7 @@ run of it (``rerun``) must train nothing.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -133,8 +134,9 @@ def test_mlflow_holds_parent_and_one_child_per_round(pipeline: Pipeline) -> None
     assert parent.info.run_name == NAME and parent.info.status == "FINISHED"
     assert parent.data.tags["pd.kind"] == "pipeline"
     children = children_of(client, parent_id)
-    names = [f"round-{i:02d}-{t}to{s}" for i, (t, s) in enumerate(ROUND_STEPS, start=1)]
-    assert sorted(children) == sorted(["teacher", *names])
+    # Child runs carry their pipeline's name, so runs of several pipelines tell themselves apart.
+    names = [f"{NAME}/round-{i:02d}-{t}to{s}" for i, (t, s) in enumerate(ROUND_STEPS, start=1)]
+    assert sorted(children) == sorted([f"{NAME}/teacher", *names])
 
     # Params: the resolved config flattened, same names in every run (+ round/teacher_steps/student_steps).
     with pytest.MonkeyPatch.context() as mp:
@@ -147,10 +149,11 @@ def test_mlflow_holds_parent_and_one_child_per_round(pipeline: Pipeline) -> None
     per_run = {"round", "teacher_steps", "student_steps"}
     for run in children.values():
         assert set(run.data.params) == config_names | per_run, run.info.run_name
-    assert (children["teacher"].data.params["round"], children["teacher"].data.params["student_steps"]) == ("0", "8")
+    teacher_run = children[f"{NAME}/teacher"]
+    assert (teacher_run.data.params["round"], teacher_run.data.params["student_steps"]) == ("0", "8")
 
-    infos = {f"round-{r['round']:02d}-{2 * r['steps']}to{r['steps']}": r for r in result["rounds"]}
-    infos["teacher"] = result["teacher"]
+    infos = {f"{NAME}/round-{r['round']:02d}-{2 * r['steps']}to{r['steps']}": r for r in result["rounds"]}
+    infos[f"{NAME}/teacher"] = result["teacher"]
     for run_name, run in children.items():
         info = infos[run_name]
         assert run.info.run_id == info["mlflow_run_id"]
@@ -162,22 +165,49 @@ def test_mlflow_holds_parent_and_one_child_per_round(pipeline: Pipeline) -> None
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert len(history) >= 3 and len({m.step for m in history}) == len(history), run_name
         assert "train_seconds" in run.data.metrics
-    for (t, s), run_name in zip(ROUND_STEPS, names, strict=True):
+    for index, ((t, s), run_name) in enumerate(zip(ROUND_STEPS, names, strict=True), start=1):
         run = children[run_name]
         assert (run.data.params["round"], run.data.params["teacher_steps"], run.data.params["student_steps"]) == (
-            run_name[6:8].lstrip("0"), str(t), str(s))
+            str(index), str(t), str(s))
         for metric in EVAL_METRICS:
             assert metric in run.data.metrics, f"{run_name} lacks {metric}"
         assert run.data.metrics["seconds_per_image"] > 0
-        assert run.data.tags["sample_grid"].endswith(".png")
+        assert run.data.tags["sample_grid"].endswith(f"/rounds/{index:02d}-{s:04d}.eval/samples-ddim-{s:04d}.png")
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
-        assert any(p.endswith(".png") for p in artifacts), artifacts
-    # The teacher's DDIM baselines at every step count of the chain, as metrics by step.
-    steps = sorted(m.step for m in client.get_metric_history(children["teacher"].info.run_id, "ddim_fd_digits"))
+        assert artifacts == [f"samples/samples-ddim-{s:04d}.png"], artifacts
+    # The teacher's DDIM baselines at every step count of the chain: a series by step, and a key per step count.
+    steps = sorted(m.step for m in client.get_metric_history(teacher_run.info.run_id, "ddim_fd_digits"))
     assert steps == [1, 2, 4, 8]
-    # The parent carries the quality table and per-sampler metrics that line up across pipelines.
+    for n in steps:
+        assert teacher_run.data.metrics[f"ddim_fd_digits_{n}steps"] == next(
+            m.value for m in client.get_metric_history(teacher_run.info.run_id, "ddim_fd_digits") if m.step == n)
+    assert [a.path for a in client.list_artifacts(teacher_run.info.run_id, "samples")] == [
+        "samples/samples-ddim-0008.png"]
+    # The parent carries the quality table, the series by step count and one key per step count (what
+    # MLflow's overview and Compare page show), equal to the table's values.
     assert "distilled_fd_digits" in parent.data.metrics and "teacher_ddim_fd_digits" in parent.data.metrics
     assert {"quality.csv", "report.md"} <= {a.path for a in client.list_artifacts(parent_id)}
+    table = {int(row["steps"]): row for row in _quality_rows(client, parent_id)}
+    for n in (1, 2, 4):
+        assert parent.data.metrics[f"distilled_fd_digits_{n}steps"] == pytest.approx(table[n]["distilled_fd_digits"])
+    for n in (1, 2, 4, 8):
+        assert parent.data.metrics[f"teacher_ddim_fd_digits_{n}steps"] == pytest.approx(
+            table[n]["teacher_ddim_fd_digits"])
+    assert parent.data.metrics["floor_fd_digits"] == pytest.approx(table[1]["floor_fd_digits"])
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow's model-training view
+    view = json.loads(json.loads(experiment.tags["mlflow.sharedViewState.pd-quality-by-steps"])["state"])
+    assert "metrics.`distilled_fd_digits_1steps`" in view["selectedColumns"]
+
+
+def _quality_rows(client, run_id: str) -> list[dict]:
+    import csv
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, "quality.csv", tmp)
+        with open(path, newline="") as f:
+            return [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def test_prefect_shows_round_tasks_artifacts_and_events(pipeline: Pipeline) -> None:
@@ -190,7 +220,11 @@ def test_prefect_shows_round_tasks_artifacts_and_events(pipeline: Pipeline) -> N
         "prefect.flow_run_id"]
     names = [f"round-{i:02d}-{t}to{s}" for i, (t, s) in enumerate(ROUND_STEPS, start=1)]
     with get_client(sync_client=True) as prefect:
-        assert prefect.read_flow_run(flow_run_id).state.is_completed()
+        flow_run = prefect.read_flow_run(flow_run_id)
+        assert flow_run.state.is_completed()
+        # Found by name and tag: "itest-2026-11-30T19-20", pipeline:itest, preset:smoke.
+        assert re.fullmatch(rf"{NAME}-\d{{4}}-\d\d-\d\dT\d\d-\d\d", flow_run.name), flow_run.name
+        assert {f"pipeline:{NAME}", "preset:smoke"} <= set(flow_run.tags)
         runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         assert sorted(r.name for r in runs) == sorted(
             ["teacher", "eval-teacher", *names, *[f"eval-{n}" for n in names], "report"])
@@ -202,7 +236,15 @@ def test_prefect_shows_round_tasks_artifacts_and_events(pipeline: Pipeline) -> N
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
         by_key = {a.key: a for a in artifacts if a.key}
         assert by_key[f"{NAME}-quality"].type == "table"
-        assert by_key[f"{NAME}-report"].type == "markdown" and "MLflow" in by_key[f"{NAME}-report"].data
+        rows = json.loads(by_key[f"{NAME}-quality"].data)  # the CLI's concise table, not every column
+        assert list(rows[0]) == pipeline.result["table"].splitlines()[0].split()
+        assert [r["steps"] for r in rows] == [1, 2, 4, 8]
+        report = by_key[f"{NAME}-report"]
+        assert report.type == "markdown" and "MLflow" in report.data
+        # MLflow on a local file: no server to show the grids from, so the report says where each PNG is.
+        for _, s in ROUND_STEPS:
+            assert "/rounds/" in report.data and f"samples-ddim-{s:04d}.png" in report.data
+        assert "mlflow ui --backend-store-uri" in report.data
         for key in [f"{NAME}-teacher", *[f"{NAME}-{n}" for n in names]]:
             assert by_key[key].type == "progress" and float(by_key[key].data) == 100.0, key
         # One pd.round.completed event per round, on the pipeline's resource, related to this flow run.
@@ -281,7 +323,7 @@ def test_second_run_trains_nothing(pipeline: Pipeline, rerun: tuple[dict, float]
     for run_name, run in children_of(client, parent_id).items():
         assert run.data.tags["skipped"] == "true", run_name
         assert not client.get_metric_history(run.info.run_id, "train_loss"), f"{run_name} trained on the rerun"
-        if run_name != "teacher":  # cached evaluation records still reach each round's run
+        if run_name != f"{NAME}/teacher":  # cached evaluation records still reach each round's run
             assert all(m in run.data.metrics for m in EVAL_METRICS), run_name
     # The registered model got no duplicate versions.
     versions = mlflow_client(pipeline.tracking_uri).search_model_versions(f"name = 'pd-{NAME}'")
@@ -301,7 +343,12 @@ def test_cli_sample_from_checkpoint_uri(pipeline: Pipeline) -> None:
     from PIL import Image
 
     with Image.open(out) as image:
-        assert min(image.size) >= 16  # a 2x2 grid of 8x8 digits
+        assert image.size[0] >= 512  # a 2x2 grid of 8x8 digits, enlarged to a readable size (16 px at 1x)
+    proc = pipeline.pd("sample", "--model", uri, "--steps", "1", "--num", "4", "--out", str(out), "--scale", "3",
+                       env=pipeline.s3_env)
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(out) as image:
+        assert image.size[0] == 2 * (3 * 8 + 2) + 2  # 2 columns of 8 px digits x 3, 2 px padding
 
 
 def test_cli_sample_bad_model_is_one_line(pipeline: Pipeline) -> None:
@@ -334,6 +381,16 @@ def test_cli_presets(tmp_path: Path) -> None:
     names = [line.split()[0] for line in lines]
     assert "smoke" in names and len(names) == len(set(names)) >= 2
     assert all(len(line.split(None, 1)) == 2 for line in lines), "each preset needs a one-line description"
+    for name, line in zip(names, lines, strict=True):
+        assert line.count(name) == 1, f"the preset's name is printed twice: {line}"
+
+
+def test_cli_sample_bad_scale_exits_2_before_loading_anything(tmp_path: Path) -> None:
+    for bad in ("0", "33", "big"):
+        proc = run_pd("sample", "--model", "s3://nowhere/x", "--scale", bad, "--out", str(tmp_path / "x.png"),
+                      cwd=tmp_path)
+        assert_one_line_error(proc, code=2, mentions="--scale")
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_cli_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:

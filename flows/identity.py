@@ -1,0 +1,88 @@
+"""How a pipeline's flow runs are found in Prefect: names from the pipeline, tags, the preset as a choice.
+
+- Flow-run names: ``<pipeline>-<UTC start, minutes>`` (``smoke-2026-11-30T19-20``) for the pipeline,
+  ``<pipeline>-teacher-<...>`` for the teacher flow; Prefect calls :func:`pipeline_run_name` /
+  :func:`teacher_run_name` with the run's parameters in its context.
+- Tags ``pipeline:<name>`` and ``preset:<preset>``, added to the running flow run (they work for a
+  ``pd run`` and for deployment runs alike, so the UI's tag filter finds every run of a pipeline).
+- ``PresetName``: the flows' ``preset`` parameter type, a Literal of the shipped presets, which the
+  deployments' run form shows as a choice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from prefect.context import get_run_context
+from prefect.runtime import flow_run
+
+from pd_core.config import list_presets
+from tasks.common import resolve_config
+
+log = logging.getLogger(__name__)
+
+PresetName = Literal[tuple(list_presets())]  # type: ignore[valid-type]  # the shipped presets, known at import
+
+
+def pipeline_name(parameters: Mapping[str, Any]) -> str:
+    """The pipeline name a flow run with these parameters resolves to (``name``, else its config's, else the preset).
+
+    Resolved as the flow does (preset, config file, overrides); when that fails the flow itself will
+    report why, so this falls back on the ``name`` or ``preset`` parameter.
+    """
+    try:
+        cfg = resolve_config(preset=parameters.get("preset"), config_path=parameters.get("config_path"),
+                             overrides=list(parameters.get("overrides") or []), name=parameters.get("name"))
+    except Exception:  # noqa: BLE001 - a name must never stop the run; the flow reports a bad config itself
+        return str(parameters.get("name") or parameters.get("preset") or "pipeline")
+    return cfg.pipeline.name
+
+
+def run_name(parameters: Mapping[str, Any], *, suffix: str = "", now: datetime | None = None) -> str:
+    """``<pipeline><suffix>-<YYYY-MM-DDTHH-MM>`` (UTC)."""
+    stamp = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y-%m-%dT%H-%M")
+    return f"{pipeline_name(parameters)}{suffix}-{stamp}"
+
+
+def _parameters() -> dict[str, Any]:
+    return dict(flow_run.parameters or {})
+
+
+def pipeline_run_name() -> str:
+    """Prefect's ``flow_run_name`` of the pipeline flow: ``smoke-2026-11-30T19-20``."""
+    return run_name(_parameters())
+
+
+def teacher_run_name() -> str:
+    """Prefect's ``flow_run_name`` of the teacher flow: ``smoke-teacher-2026-11-30T19-20``."""
+    return run_name(_parameters(), suffix="-teacher")
+
+
+def current_flow_run_id() -> str:
+    """The running flow run's id; ``local`` outside a flow run (tests, notebooks)."""
+    try:
+        return str(get_run_context().flow_run.id)
+    except Exception:  # noqa: BLE001 - called outside a flow run
+        return "local"
+
+
+def run_tags(*, pipeline: str, preset: str | None) -> list[str]:
+    """The tags a flow run of ``pipeline`` carries."""
+    return [f"pipeline:{pipeline}"] + ([f"preset:{preset}"] if preset else [])
+
+
+def tag_flow_run(tags: list[str]) -> None:
+    """Add ``tags`` to the running flow run (kept: the tags it has, e.g. a deployment's). A failure only logs:
+    tags help people find runs, they never stop one."""
+    try:
+        context = get_run_context()
+        current = list(context.flow_run.tags or [])
+        wanted = current + [t for t in tags if t not in current]
+        if wanted != current:
+            context.client.update_flow_run(context.flow_run.id, tags=wanted)
+            context.flow_run.tags = wanted
+    except Exception as err:  # noqa: BLE001 - cosmetic: never fail a pipeline over tags
+        log.warning("could not tag the flow run with %s: %s", ", ".join(tags), err)

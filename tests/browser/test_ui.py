@@ -1,0 +1,379 @@
+"""What a user sees, in a real browser: Debian's headless Chromium driven by Playwright.
+
+A team's two servers run as the README says to start them (``prefect server start`` with its UI,
+``mlflow server`` with proxied artifacts); two smoke pipelines run through ``pd run`` against them
+(the second imports the first one's teacher and distils with another learning rate, so MLflow has
+two pipelines to compare); the deployments are registered. Then the pages a user opens are opened
+and checked for what the user must see there:
+
+- Prefect: the flow run named after its pipeline and tagged; the report artifact showing every sample
+  grid at a readable size (the <img> natural width); the concise quality table; the run form of a
+  deployment offering the shipped presets, every parameter described.
+- MLflow: the link `pd run` prints opens the model-training view of the run, named after the
+  pipeline, with every step count's FD in its overview; a round's grid at a readable size; the
+  Compare page of the two pipelines with every step count's FD for both; the saved quality view.
+
+Screenshots are saved under the test's temporary folder (the path is printed); ``--ui-screenshots DIR``
+also writes small copies there (docs/ui/ holds the README's). Skipped, with the reason, only when
+no Chromium is installed (``apt-get install chromium``); PD_CHROMIUM names another binary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pd_core.config import list_presets
+from tests.browser.servers import Server, start_mlflow, start_prefect
+from tests.pipeline.helpers import run_pd
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parents[2]
+FIRST, SECOND = "ui-smoke", "ui-smoke-lr"
+STEPS = (1, 2, 4)  # the smoke preset's students
+READABLE_PX = 512
+# The smoke preset made lighter still (the pages, not the numbers, are under test): shorter training, 100
+# samples per measurement, the teacher measured with DDIM only.
+LIGHT = ["runtime.threads=1", "teacher.updates=60", "distill.updates_per_round=20", "eval.num_samples=100",
+         "eval.kid_subset_size=50", "eval.stochastic_gammas=[]"]
+VIEWPORT = {"width": 1440, "height": 900}
+# A user who closed MLflow's assistant panel once (it would cover a third of every page).
+NO_ASSISTANT = ("localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
+                "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');")
+
+
+def chromium_path() -> str | None:
+    """$PD_CHROMIUM, else Debian's /usr/bin/chromium, else `chromium` on PATH."""
+    for candidate in (os.environ.get("PD_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium")):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@dataclass
+class Stack:
+    """The servers, the two finished pipelines, and where screenshots go."""
+
+    prefect: Server
+    mlflow: Server
+    home: Path
+    shots: Path
+    outputs: dict[str, subprocess.CompletedProcess] = field(default_factory=dict)
+
+    def flow_run(self, pipeline: str) -> dict:
+        return _api(self.prefect.url, "/api/flow_runs/filter",
+                    {"flow_runs": {"tags": {"all_": [f"pipeline:{pipeline}"]}}, "sort": "START_TIME_DESC"})[0]
+
+    def artifact(self, key: str) -> dict:
+        return _api(self.prefect.url, "/api/artifacts/filter",
+                    {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1})[0]
+
+    def mlflow_client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.mlflow.url)
+
+    def parent(self, pipeline: str):
+        client = self.mlflow_client()
+        experiment = client.get_experiment_by_name("progressive-distillation")
+        (run,) = client.search_runs([experiment.experiment_id],
+                                    filter_string=f"tags.`pd.pipeline` = '{pipeline}' and tags.`pd.kind` = 'pipeline'")
+        return run
+
+    def printed_link(self, pipeline: str) -> str:
+        line = next(line for line in self.outputs[pipeline].stdout.splitlines() if line.strip().startswith("MLflow"))
+        return line.split()[-1]
+
+
+def _api(base: str, path: str, body: dict) -> list[dict]:
+    """POST a filter to Prefect's REST API."""
+    response = httpx.post(base + path, json=body, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    if chromium_path() is None:
+        pytest.skip("no Chromium browser: install Debian's `chromium` package (apt-get install chromium) "
+                    "or set PD_CHROMIUM to a Chromium binary")
+    home = tmp_path_factory.mktemp("ui")
+    shots = home / "screenshots"
+    shots.mkdir()
+    prefect = start_prefect(home / "prefect")
+    try:
+        mlflow = start_mlflow(home / "mlflow")
+    except Exception:
+        prefect.stop()
+        raise
+    stack = Stack(prefect=prefect, mlflow=mlflow, home=home, shots=shots)
+    env = {"PREFECT_API_URL": f"{prefect.url}/api", "PD_HOME": str(home / "pd"), "OMP_NUM_THREADS": "1"}
+    try:
+        common = ["--preset", "smoke", "--tracking-uri", mlflow.url, *(a for o in LIGHT for a in ("--set", o))]
+        first = run_pd("run", *common, "--name", FIRST, cwd=home, env=env)
+        assert first.returncode == 0, f"pd run failed:\n{first.stdout[-3000:]}\n{first.stderr[-3000:]}"
+        teacher = re.search(r"teacher\s+(\S+)", first.stdout).group(1)
+        second = run_pd("run", *common, "--name", SECOND, "--teacher-uri", teacher, "--set", "distill.lr=1e-3",
+                        cwd=home, env=env)
+        assert second.returncode == 0, f"pd run failed:\n{second.stdout[-3000:]}\n{second.stderr[-3000:]}"
+        stack.outputs = {FIRST: first, SECOND: second}
+        deploy = subprocess.run([sys.executable, "-m", "deployments.deploy", "--pool", "ui-pool", "--gpus", "0",
+                                 "--no-notify", "--tracking-uri", mlflow.url], cwd=ROOT, capture_output=True,
+                                text=True, timeout=300, env={**os.environ, **env})
+        assert deploy.returncode == 0, deploy.stderr[-3000:]
+        yield stack
+    finally:
+        prefect.stop()
+        mlflow.stop()
+        print(f"\nUI screenshots: {shots}")
+        target = request.config.getoption("--ui-screenshots")
+        if target:
+            _publish(shots, Path(target))
+
+
+def _publish(shots: Path, target: Path) -> None:
+    """Small copies for the README: palette PNGs (256 colours)."""
+    from PIL import Image
+
+    target.mkdir(parents=True, exist_ok=True)
+    for png in sorted(shots.glob("*.png")):
+        with Image.open(png) as image:
+            image.convert("RGB").quantize(colors=256).save(target / png.name, optimize=True)
+    print(f"UI screenshots copied to {target}")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("no Chromium browser: install Debian's `chromium` package or set PD_CHROMIUM")
+    with sync_playwright() as playwright:
+        # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
+        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=60_000)  # pages of busy servers on a loaded machine: not 5 s
+    context = browser.new_context(viewport=VIEWPORT)
+    context.add_init_script(NO_ASSISTANT)
+    context.set_default_timeout(60_000)
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+def _shot(page, stack: Stack, name: str, *, full_page: bool = False) -> None:
+    page.screenshot(path=str(stack.shots / f"{name}.png"), full_page=full_page)
+
+
+def _images(page) -> list[dict]:
+    """Every loaded <img> on the page: its source and natural (file) size."""
+    return page.evaluate("Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0)"
+                         ".map(i => ({src: i.src, width: i.naturalWidth, height: i.naturalHeight}))")
+
+
+# ----------------------------------------------------------------------------------------------- pd run
+
+
+def test_pd_run_prints_one_line_per_event_and_a_working_link(stack: Stack) -> None:
+    for pipeline, proc in stack.outputs.items():
+        out = proc.stdout + proc.stderr
+        for noise in ("View run", "View experiment", "artifacts at None", "Downloading artifacts"):
+            assert noise not in out, f"{pipeline}: `pd run` printed {noise!r}"
+        assert stack.printed_link(pipeline).startswith(f"{stack.mlflow.url}/#/experiments/")
+
+
+# ----------------------------------------------------------------------------------------------- Prefect
+
+
+def test_prefect_flow_run_is_named_after_the_pipeline_and_tagged(stack: Stack, page) -> None:
+    from playwright.sync_api import expect
+
+    run = stack.flow_run(FIRST)
+    assert re.fullmatch(rf"{FIRST}-\d{{4}}-\d\d-\d\dT\d\d-\d\d", run["name"]), run["name"]
+    page.goto(f"{stack.prefect.url}/runs")
+    row = page.get_by_text(run["name"], exact=True).first
+    expect(row).to_be_visible()
+    expect(page.get_by_text(f"pipeline:{FIRST}").first).to_be_visible()
+    expect(page.get_by_text("9 Task runs").first).to_be_visible()  # the list has loaded its counts
+    _shot(page, stack, "prefect-runs")
+    page.goto(f"{stack.prefect.url}/runs/flow-run/{run['id']}")
+    expect(page.get_by_text(run["name"]).first).to_be_visible()
+    expect(page.get_by_text("prefect.flow_runs").first).to_be_visible()  # its logs have loaded
+    for tag in (f"pipeline:{FIRST}", "preset:smoke"):
+        expect(page.get_by_text(tag, exact=True).first).to_be_visible()
+    expect(page.get_by_text("Completed").first).to_be_visible()
+    _shot(page, stack, "prefect-flow-run")
+
+
+def test_prefect_report_shows_every_sample_grid_at_a_readable_size(stack: Stack, page) -> None:
+    from playwright.sync_api import expect
+
+    artifact = stack.artifact(f"{FIRST}-report")
+    page.goto(f"{stack.prefect.url}/artifacts/artifact/{artifact['id']}")
+    expect(page.get_by_text(f"Pipeline {FIRST}").first).to_be_visible()
+    expect(page.get_by_role("heading", name="Samples")).to_be_visible()
+    page.wait_for_function("Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0)"
+                           ".length >= 4")
+    grids = [i for i in _images(page) if "get-artifact" in i["src"]]
+    assert len(grids) == len(STEPS) + 1, grids  # every student and the teacher
+    for image in grids:
+        assert image["src"].startswith(f"{stack.mlflow.url}/get-artifact?path=samples/samples-ddim-"), image
+        assert image["width"] >= READABLE_PX, f"grid shown {image['width']} px wide: {image['src']}"
+    page.get_by_role("heading", name="Quality vs sampling steps").evaluate("e => e.scrollIntoView({block: 'start'})")
+    _shot(page, stack, "prefect-report")
+
+
+def test_prefect_quality_artifact_is_the_concise_table_the_cli_prints(stack: Stack, page) -> None:
+    from playwright.sync_api import expect
+
+    artifact = stack.artifact(f"{FIRST}-quality")
+    rows = json.loads(artifact["data"])
+    cli_header = next(line for line in stack.outputs[FIRST].stdout.splitlines() if line.strip().startswith("steps"))
+    assert list(rows[0]) == cli_header.split()  # the same columns, in the same order
+    assert [r["steps"] for r in rows] == [1, 2, 4, 8]
+    assert all(len(f"{v:g}".replace(".", "").replace("-", "").lstrip("0")) <= 4 for r in rows for v in r.values()
+               if isinstance(v, float)), rows
+    page.goto(f"{stack.prefect.url}/artifacts/artifact/{artifact['id']}")
+    expect(page.get_by_text("distilled_fd_digits", exact=True)).to_be_visible()
+    _shot(page, stack, "prefect-quality-table")
+
+
+def test_deployment_run_form_offers_the_presets_and_describes_parameters(stack: Stack, page) -> None:
+    from playwright.sync_api import expect
+
+    (deployment,) = _api(stack.prefect.url, "/api/deployments/filter",
+                         {"deployments": {"name": {"any_": ["pd-distill"]}}})
+    page.goto(f"{stack.prefect.url}/deployments/deployment/{deployment['id']}/run")
+    expect(page.get_by_text("The shipped settings to start from").first).to_be_visible()
+    expect(page.get_by_text("The pipeline name; its checkpoints live under pipelines/NAME").first).to_be_visible()
+    _shot(page, stack, "prefect-run-form")
+    select = page.locator(".p-select-button__control", has_text="smoke").first  # the preset, at its default
+    select.focus()
+    page.keyboard.press(" ")  # opens Prefect's select (a click toggles it twice in headless Chromium)
+    options = page.locator(".p-select-option__text")
+    expect(options.filter(has_text="fmnist-cpu").first).to_be_visible()
+    assert sorted(set(options.all_inner_texts())) == sorted(list_presets())
+    _shot(page, stack, "prefect-run-form-presets")
+
+
+# ----------------------------------------------------------------------------------------------- MLflow
+
+
+def test_printed_link_opens_the_runs_model_training_view_with_every_step_count(stack: Stack, page) -> None:
+    from playwright.sync_api import expect
+
+    parent = stack.parent(FIRST)
+    link = stack.printed_link(FIRST)
+    assert parent.info.run_id in link and link.endswith("workflowType=machine_learning")
+    page.goto(link)
+    expect(page.get_by_text(FIRST, exact=True).first).to_be_visible()
+    expect(page.get_by_text("Model training").first).to_be_visible()
+    expect(page.get_by_text("Metrics (").first).to_be_visible()
+    body = page.inner_text("body")
+    assert "Traces 0" not in body and "Token Usage" not in body  # not the GenAI view
+    page.get_by_placeholder("Search metrics").fill("fd_digits_")  # the per-step-count keys
+    for n in STEPS:
+        key = f"distilled_fd_digits_{n}steps"
+        expect(page.get_by_text(key, exact=True)).to_be_visible()
+        expect(page.get_by_text(f"{parent.data.metrics[key]}"[:6]).first).to_be_visible()
+    _shot(page, stack, "mlflow-run")
+
+
+def test_mlflow_shows_a_rounds_sample_grid_at_a_readable_size(stack: Stack, page) -> None:
+    from playwright.sync_api import expect
+
+    client = stack.mlflow_client()
+    parent = stack.parent(FIRST)
+    (child,) = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
+                                                f"attributes.run_name = '{FIRST}/round-03-2to1'")
+    base = f"{stack.mlflow.url}/#/experiments/{parent.info.experiment_id}/runs/{child.info.run_id}"
+    page.goto(f"{base}/artifacts?workflowType=machine_learning")
+    expect(page.get_by_text(f"{FIRST}/round-03-2to1").first).to_be_visible()
+    page.get_by_text("samples", exact=True).first.click()
+    page.get_by_text("samples-ddim-0001.png", exact=True).first.click()
+    page.wait_for_function("Array.from(document.images).some(i => i.src.startsWith('blob:') && i.naturalWidth > 0)")
+    shown = [i for i in _images(page) if i["src"].startswith("blob:")]
+    assert shown and all(i["width"] >= READABLE_PX for i in shown), shown
+    _shot(page, stack, "mlflow-sample-grid")
+
+
+_COMPARE_VALUES = """(name) => {
+  const cells = s => [...document.querySelectorAll(s + ' .ReactVirtualized__Grid__innerScrollContainer > div')];
+  const label = cells('').find(d => d.innerText.trim() === name);
+  if (!label) return null;
+  const own = label.closest('.ReactVirtualized__Grid');
+  let box = own.parentElement;
+  while (box && box.querySelectorAll('.ReactVirtualized__Grid').length < 2) box = box.parentElement;
+  const values = [];
+  for (const grid of box.querySelectorAll('.ReactVirtualized__Grid')) {
+    if (grid === own) continue;
+    for (const cell of grid.querySelectorAll('.ReactVirtualized__Grid__innerScrollContainer > div'))
+      if (cell.style.top === label.style.top) values.push([parseFloat(cell.style.left), cell.innerText.trim()]);
+  }
+  return values.sort((a, b) => a[0] - b[0]).map(v => v[1]);
+}"""
+
+
+def test_mlflow_compare_page_shows_every_step_counts_fd_of_both_pipelines(stack: Stack, page) -> None:
+    from playwright.sync_api import expect
+
+    from tasks.tracking.views import compare_url
+
+    runs = [stack.parent(FIRST), stack.parent(SECOND)]
+    page.goto(compare_url(stack.mlflow.url, experiment_id=runs[0].info.experiment_id,
+                          run_ids=[r.info.run_id for r in runs]))
+    expect(page.get_by_text("Comparing 2 Runs").first).to_be_visible()
+    for name in (FIRST, SECOND):
+        expect(page.get_by_text(name, exact=True).first).to_be_visible()
+    for n in STEPS:
+        key = f"distilled_fd_digits_{n}steps"
+        label = page.get_by_text(key, exact=True).first
+        label.scroll_into_view_if_needed()
+        values = page.evaluate(_COMPARE_VALUES, key)
+        assert values is not None and len(values) == 2, (key, values)
+        for shown, run in zip(values, runs, strict=True):
+            assert abs(float(shown) - run.data.metrics[key]) <= 0.01 * run.data.metrics[key], (key, shown, run.info)
+    # For the picture: only what differs (the pipelines' names, learning rate and teacher; their FDs).
+    for switch in page.get_by_role("switch").all():
+        if "Show diff only" in switch.locator("xpath=..").inner_text():
+            switch.click()
+    page.get_by_text("Run details").first.evaluate("e => e.scrollIntoView({block: 'start'})")
+    expect(page.get_by_text("distilled_fd_digits_1steps", exact=True).first).to_be_visible()
+    _shot(page, stack, "mlflow-compare")
+
+
+def test_saved_view_lists_the_pipelines_with_their_fd_per_step_count(stack: Stack, page) -> None:
+    from playwright.sync_api import expect
+
+    printed = next(line for line in stack.outputs[SECOND].stdout.splitlines() if line.strip().startswith("all runs"))
+    link = printed.split()[-1]
+    assert link.endswith("/runs?viewStateShareKey=pd-quality-by-steps&workflowType=machine_learning"), printed
+    page.goto(link)
+    expect(page.get_by_text("Pipelines: quality by sampling steps").first).to_be_visible()
+    for name in (FIRST, SECOND):
+        expect(page.get_by_role("link", name=name, exact=True).first).to_be_visible()
+    headers = page.evaluate("Array.from(document.querySelectorAll('.ag-header-cell'))"
+                            ".map(e => e.getAttribute('col-id'))")
+    for n in STEPS:
+        assert f"metrics.`distilled_fd_digits_{n}steps`" in headers, headers
+    _shot(page, stack, "mlflow-quality-view")
