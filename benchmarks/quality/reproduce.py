@@ -38,6 +38,7 @@ import pandas as pd
 from pd_core import jobs
 from pd_core.config import load_config
 from pd_core.evaluation import classifier_key, floor_key, grid_key, records_prefix, teacher_step_counts, write_grid
+from pd_core.malloc_env import with_malloc_tunables
 from pd_core.metrics import quality_long
 from pd_core.store import CheckpointStore
 
@@ -70,8 +71,8 @@ def pipeline_commands(*, preset: str, work: Path) -> dict[str, list[str]]:
 
 def run_pipelines(commands: Mapping[str, list[str]], *, log_dir: Path) -> None:
     """Run each command, its output teed to ``log_dir/<sampler>.log``; stop at the first failure."""
-    env = {**os.environ, "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = with_malloc_tunables({**os.environ, "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
+                                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     log_dir.mkdir(parents=True, exist_ok=True)
     for sampler, cmd in commands.items():
         log_path = log_dir / f"{sampler}.log"
