@@ -38,6 +38,7 @@ from pd_core.metrics import (
 from pd_core.models import LoadedModel, load_model
 from pd_core.store import CheckpointStore
 from pd_core.train.runtime import autocast_dtype_for, cpu_supports_bf16
+from pd_core.train.threads import adaptive_threads
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +209,15 @@ def evaluate_checkpoint(cfg: Config, store: CheckpointStore, ctx: FeatureContext
     def compute() -> dict:
         model = load_model(store, key, device=device)
         ev = cfg.eval
-        fn = make_sample_fn(model, sampler=sampler, steps=steps, gamma=gamma, seed=ev.seed, device=device,
-                            autocast_dtype=dtype, compile=ev.compile)
+        sample = make_sample_fn(model, sampler=sampler, steps=steps, gamma=gamma, seed=ev.seed, device=device,
+                                autocast_dtype=dtype, compile=ev.compile)
+        load = adaptive_threads() if cfg.runtime.threads is None and device.type == "cpu" else None
+
+        def fn(noise: Tensor) -> Tensor:
+            if load is not None:
+                load.update()  # threads follow the machine's load, batch by batch
+            return sample(noise)
+
         spec = model.denoiser.net.spec
         metrics = evaluate_sampler(fn, num_samples=ev.num_samples, batch_size=ev.batch_size, seed=ev.seed,
                                    feature_extractor=ctx.extractor, reference_stats=ctx.reference.stats,

@@ -71,14 +71,15 @@ def measure(preset: str, *, variants: list[str], num: int, steps: int, repeats: 
         return run
 
     runs = {v: evaluation(models[0], v) for v in variants}
-    compile_s = {}
+    compile_s, compile_cpu_s = {}, {}
     for v in variants:  # first call of each: compiles where asked, then one steady call of the same
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         runs[v]()
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
+        t0, c0 = time.perf_counter(), time.process_time()
         runs[v]()
         compile_s[v] = first - (time.perf_counter() - t0)
+        compile_cpu_s[v] = first_cpu - (time.process_time() - c0)
     fresh = {}
     for v in variants:
         if parse_variant(v)[2]:  # a second checkpoint of the same architecture: what it costs to compile again
@@ -89,8 +90,11 @@ def measure(preset: str, *, variants: list[str], num: int, steps: int, repeats: 
     wall, cpu = interleaved(runs, repeats=repeats, warmup=0)
     base = variants[0]
     ratios = {v: median([a / b for a, b in zip(wall[v], wall[base], strict=True)]) for v in variants}
+    cpu_ratios = {v: median([a / b for a, b in zip(cpu[v], cpu[base], strict=True)]) for v in variants}
     return {"workload": w, "seconds": {v: median(wall[v]) for v in variants},
-            "cpu_seconds": {v: median(cpu[v]) for v in variants}, "ratios": ratios, "first_call_extra_s": compile_s,
+            "cpu_seconds": {v: median(cpu[v]) for v in variants}, "ratios": ratios, "cpu_ratios": cpu_ratios,
+            "first_call_extra_s": compile_s,
+            "first_call_extra_cpu_s": compile_cpu_s,
             "fresh_model_first_call_s": fresh}
 
 
@@ -116,11 +120,13 @@ def main(argv: list[str] | None = None) -> None:
     print(r["workload"].describe().rsplit(", batch", 1)[0] + f", N={args.num}, DDIM {args.steps} steps")
     for v in variants:
         s = r["seconds"][v]
-        extra = f"; first call +{r['first_call_extra_s'][v]:.1f} s" if parse_variant(v)[2] else ""
+        extra = (f"; first call +{r['first_call_extra_s'][v]:.1f} s wall, +{r['first_call_extra_cpu_s'][v]:.1f} s CPU"
+                 if parse_variant(v)[2] else "")
         fresh = (f", a second model's first call {r['fresh_model_first_call_s'][v]:.1f} s"
                  if v in r["fresh_model_first_call_s"] else "")
         print(f"{v:20s} {s:7.2f} s wall ({r['cpu_seconds'][v]:.2f} s CPU), {s / (args.num * args.steps) * 1e3:.3f} "
-              f"ms per image-step, x{r['ratios'][v]:.3f} of {variants[0]}{extra}{fresh}")
+              f"ms per image-step, x{r['ratios'][v]:.3f} of {variants[0]} wall, x{r['cpu_ratios'][v]:.3f} CPU"
+              f"{extra}{fresh}")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     suffix = ("" if args.preset == "fmnist-cpu" else f"_{args.preset.replace('-', '_')}") + args.tag
     dev = device_name("cpu")
@@ -128,10 +134,17 @@ def main(argv: list[str] | None = None) -> None:
     for v in variants:
         name = v.replace("-", "_")
         rows.append(row(f"eval_sampling_ms_per_image_step_{name}_{args.threads}t{suffix}",
-                        r["seconds"][v] / (args.num * args.steps) * 1e3, "ms/(image x step)", device=dev))
+                        r["seconds"][v] / (args.num * args.steps) * 1e3, "ms/(image x step), wall", device=dev))
+        rows.append(row(f"eval_sampling_cpu_ms_per_image_step_{name}_{args.threads}t{suffix}",
+                        r["cpu_seconds"][v] / (args.num * args.steps) * 1e3, "ms/(image x step), CPU", device=dev))
         if v != variants[0]:
-            rows.append(row(f"eval_sampling_{name}_over_{variants[0].replace('-', '_')}_{args.threads}t{suffix}",
-                            r["ratios"][v], "ratio", device=dev))
+            base = f"{variants[0].replace('-', '_')}_{args.threads}t{suffix}"
+            rows.append(row(f"eval_sampling_{name}_over_{base}", r["ratios"][v], "ratio (wall)", device=dev))
+            rows.append(row(f"eval_sampling_{name}_over_{base}_cputime", r["cpu_ratios"][v], "ratio (CPU time)",
+                            device=dev))
+        if parse_variant(v)[2]:
+            rows.append(row(f"eval_sampling_{name}_first_call_extra_cpu_s_{args.threads}t{suffix}",
+                            r["first_call_extra_cpu_s"][v], "s (CPU; compilation)", device=dev))
         if v in r["fresh_model_first_call_s"]:
             rows.append(row(f"eval_sampling_{name}_second_model_first_call_s_{args.threads}t{suffix}",
                             r["fresh_model_first_call_s"][v], "s", device=dev))

@@ -4,9 +4,11 @@
     python -m benchmarks.speed.threads --variants 1,2,2p --rounds 2 --no-write
 
 A variant is a thread count, ``p`` appended for ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads sleep
-at a barrier instead of spinning). Each measurement is a fresh child process (OpenMP reads its
+at a barrier instead of spinning), or ``auto``: ``runtime.threads`` null, the threads following the
+measured load (pd_core.train.threads). Each measurement is a fresh child process (OpenMP reads its
 settings at start) that times teacher updates of the preset's U-Net (the production
-``train_step``, ``--precision`` autocast), after a warm-up. Condition ``busy``: the benchmark
+``train_step``, ``--precision`` autocast, the load re-checked before every update as the training
+loop does), after a warm-up. Condition ``busy``: the benchmark
 starts a second process that spins on one core (a Python busy loop) for the duration of the
 child; ``idle``: it starts nothing. Both conditions and all variants run within every round, the
 variants in swapped order every other round; medians over rounds.
@@ -40,9 +42,10 @@ def busy_jiffies() -> tuple[int, int]:
 
 
 def child_env(variant: str) -> dict[str, str]:
-    """Environment of a child for variant ``N`` or ``Np``: N OpenMP threads, passive waiting with ``p``."""
+    """Environment of a child for variant ``N``, ``Np`` (passive waiting) or ``auto`` (torch's own default)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
-    env["OMP_NUM_THREADS"] = variant.rstrip("p")
+    if variant != "auto":
+        env["OMP_NUM_THREADS"] = variant.rstrip("p")
     if variant.endswith("p"):
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     return env
@@ -59,7 +62,8 @@ def run_child(*, variant: str, busy: bool, preset: str, precision: str, updates:
             ours0, (b0, _) = resource.getrusage(resource.RUSAGE_CHILDREN), busy_jiffies()
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-m", "benchmarks.speed.threads", "--child", "--preset", preset,
-                            "--precision", precision, "--updates", str(updates), "--json", str(out)],
+                            "--precision", precision, "--updates", str(updates), "--json", str(out),
+                            "--variants", variant],
                            env=child_env(variant), check=True, timeout=1800)
             result = json.loads(out.read_text())
     finally:
@@ -73,7 +77,7 @@ def run_child(*, variant: str, busy: bool, preset: str, precision: str, updates:
     return result
 
 
-def child(preset: str, *, precision: str, updates: int, json_path: str) -> None:
+def child(preset: str, *, variant: str, precision: str, updates: int, json_path: str) -> None:
     """Time ``updates`` teacher updates (after 2 of warm-up) in this process; write the median to ``json_path``."""
     import torch
 
@@ -82,7 +86,8 @@ def child(preset: str, *, precision: str, updates: int, json_path: str) -> None:
     from pd_core.unet import UNet
 
     w = workload(preset)
-    runtime = resolve_runtime(w.cfg.runtime.model_copy(update={"precision": precision, "threads": None}))
+    threads = None if variant == "auto" else int(variant.rstrip("p"))
+    runtime = resolve_runtime(w.cfg.runtime.model_copy(update={"precision": precision, "threads": threads}))
     torch.manual_seed(0)
     net = UNet(w.spec)
     state = TrainState(model=net, optimizer=torch.optim.AdamW(net.parameters(), lr=1e-5), ema=None, step=0,
@@ -92,6 +97,7 @@ def child(preset: str, *, precision: str, updates: int, json_path: str) -> None:
     times = []
     for i in range(updates + 2):
         t0 = time.perf_counter()
+        runtime.follow_load()
         train_step(state=state, loss_fn=loss_fn, x=x, y=None, lr=1e-5, runtime=runtime, params=params, grad_clip=1.0)
         if i >= 2:
             times.append(time.perf_counter() - t0)
@@ -102,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="fmnist-cpu")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
-    p.add_argument("--variants", default="1,2,2p", help="thread counts, 'p' for OMP_WAIT_POLICY=PASSIVE")
+    p.add_argument("--variants", default="1,2,2p,auto",
+                   help="thread counts, 'p' for OMP_WAIT_POLICY=PASSIVE, auto for runtime.threads null")
     p.add_argument("--conditions", default="idle,busy")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--updates", type=int, default=8, help="timed teacher updates per child")
@@ -111,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        child(args.preset, precision=args.precision, updates=args.updates, json_path=args.json)
+        child(args.preset, variant=args.variants, precision=args.precision, updates=args.updates,
+              json_path=args.json)
         return
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
@@ -128,15 +136,16 @@ def main(argv: list[str] | None = None) -> None:
                 r = run_child(variant=v, busy=cond == "busy", preset=args.preset, precision=args.precision,
                               updates=args.updates)
                 got[(cond, v)].append(r)
-                print(f"round {i + 1}/{args.rounds} {cond:4s} threads {v:3s}: {r['s_per_update']:.3f} s/update "
-                      f"(others kept {r['others_cores']:.2f} cores busy)", flush=True)
+                print(f"round {i + 1}/{args.rounds} {cond:4s} threads {v:4s}: {r['s_per_update']:.3f} s/update "
+                      f"with {r['threads']} thread(s) at the end (others kept {r['others_cores']:.2f} cores busy)",
+                      flush=True)
     rows = []
     for cond in conditions:
         base = median([r["s_per_update"] for r in got[(cond, variants[0])]])
         for v in variants:
             s = median([r["s_per_update"] for r in got[(cond, v)]])
             others = median([r["others_cores"] for r in got[(cond, v)]])
-            print(f"{cond:4s} threads {v:3s}: {s:.3f} s/update (x{s / base:.2f} of {variants[0]} thread(s)); "
+            print(f"{cond:4s} threads {v:4s}: {s:.3f} s/update (x{s / base:.2f} of {variants[0]} thread(s)); "
                   f"others' load {others:.2f} cores (median)")
             rows.append(row(f"teacher_update_s_{args.precision}_threads_{v}_{cond}", s, "s", device=device_name("cpu")))
             rows.append(row(f"others_load_cores_threads_{v}_{cond}", others, "cores", device=device_name("cpu")))

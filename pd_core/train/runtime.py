@@ -13,6 +13,7 @@ from torch import nn
 
 from pd_core import dist
 from pd_core.config import RuntimeConfig
+from pd_core.train.threads import AdaptiveThreads, adaptive_threads
 
 log = logging.getLogger("pd_core.train")
 
@@ -59,6 +60,12 @@ class Runtime:
     compile: bool
     rank: int = 0  # this process's rank in a data-parallel job
     world_size: int = 1  # processes in the job (1: no DistributedDataParallel)
+    threads: AdaptiveThreads | None = None  # runtime.threads null on a CPU: threads follow the machine's load
+
+    def follow_load(self) -> None:
+        """Re-decide the thread count where it follows the load (a clock check until a window has passed)."""
+        if self.threads is not None:
+            self.threads.update()
 
     @property
     def is_cuda(self) -> bool:
@@ -86,7 +93,8 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_runtime(runtime_cfg: RuntimeConfig) -> Runtime:
     """Runtime from a RuntimeConfig: bf16 autocast where the hardware has it (see :func:`autocast_dtype_for`),
-    channels_last only on a GPU (on a CPU it is slower, with bf16 too).
+    channels_last only on a GPU (on a CPU it is slower, with bf16 too), ``runtime.threads`` torch threads
+    or, when null on a CPU, as many as the machine's load leaves free (:mod:`pd_core.train.threads`).
 
     Inside a process group (torchrun) the Runtime carries rank and world size, and on CUDA the
     device is GPU ``LOCAL_RANK``.
@@ -109,10 +117,13 @@ def resolve_runtime(runtime_cfg: RuntimeConfig) -> Runtime:
                     "bf16 needs none and is the default on GPUs")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest conv algorithms once
+    threads = None
     if runtime_cfg.threads:
         torch.set_num_threads(runtime_cfg.threads)
+    elif device.type == "cpu":
+        threads = adaptive_threads()
     return Runtime(device=device, autocast_dtype=autocast_dtype, channels_last=bool(channels_last),
-                   compile=runtime_cfg.compile, rank=info.rank, world_size=info.world_size)
+                   compile=runtime_cfg.compile, rank=info.rank, world_size=info.world_size, threads=threads)
 
 
 def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, runtime: Runtime) -> torch.optim.Optimizer:
