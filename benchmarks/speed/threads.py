@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from benchmarks.speed.common import device_name, machine, median, row, write_rows
+from pd_core.malloc_env import with_malloc_tunables
 
 SPIN = "while True:\n    pass\n"
 
@@ -42,8 +43,8 @@ def busy_jiffies() -> tuple[int, int]:
 
 
 def child_env(variant: str) -> dict[str, str]:
-    """Environment of a child for variant ``N``, ``Np`` (passive waiting) or ``auto`` (torch's own default)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    """Environment of a child for variant ``N``, ``Np`` (passive waiting) or ``auto``, with the malloc setting."""
+    env = with_malloc_tunables({k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")})
     if variant != "auto":
         env["OMP_NUM_THREADS"] = variant.rstrip("p")
     if variant.endswith("p"):
