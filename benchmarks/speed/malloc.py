@@ -2,6 +2,7 @@
 
     python -m benchmarks.speed.malloc                 # 3 rounds, fmnist-cpu U-Net, 1 thread per child
     python -m benchmarks.speed.malloc --rounds 1 --no-write
+    python -m benchmarks.speed.malloc --only reexec   # what `pd` re-executing itself to get the setting costs
 
 glibc reads GLIBC_TUNABLES only when a process starts, so each measurement is a fresh child
 process (``benchmarks.speed.eval_sampling`` and ``benchmarks.speed.precision`` with ``--json``),
@@ -23,6 +24,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from benchmarks.speed.common import device_name, machine, median, row, write_rows
@@ -56,6 +58,23 @@ def run_child(module_args: list[str], *, on: bool) -> dict:
     return result
 
 
+def reexec_cost(*, rounds: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds of ``pd presets`` started without the setting (so ``pd`` re-executes itself
+    to get it), opted out (``PD_MALLOC_TUNABLES=0``: no re-exec, no setting) and started with it."""
+    base = {k: v for k, v in os.environ.items() if k not in (VARIABLE, OPT_OUT)}
+    envs = {"reexec": base, "opted_out": {**base, OPT_OUT: "0"}, "set_at_start": with_malloc_tunables(base)}
+    got: dict[str, list[tuple[float, float]]] = {k: [] for k in envs}
+    with tempfile.TemporaryDirectory() as home:
+        for i in range(rounds):
+            for name in (list(envs) if i % 2 == 0 else list(envs)[::-1]):
+                before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+                subprocess.run([sys.executable, "-m", "flows.cli", "presets"], env={**envs[name], "PD_HOME": home},
+                               check=True, stdout=subprocess.DEVNULL, timeout=300)
+                wall, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+                got[name].append((wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)))
+    return {k: (median([w for w, _ in v]), median([c for _, c in v])) for k, v in got.items()}
+
+
 def measure(*, rounds: int, children: dict[str, list[str]]) -> dict:
     runs: dict[tuple[str, bool], list[dict]] = {(c, on): [] for c in children for on in (False, True)}
     for i in range(rounds):
@@ -86,14 +105,22 @@ def measure(*, rounds: int, children: dict[str, list[str]]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--only", choices=sorted(CHILDREN), help="one of the two workloads")
+    p.add_argument("--only", choices=[*sorted(CHILDREN), "reexec"],
+                   help="one workload; reexec: what `pd` re-executing itself costs (`pd presets`, 12 rounds)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     print(machine())
     print(f"setting: {VARIABLE}={MALLOC_TUNABLES}; load average at start {os.getloadavg()[0]:.2f}")
-    children = {k: v for k, v in CHILDREN.items() if args.only in (None, k)}
-    r = measure(rounds=args.rounds, children=children)
     rows = []
+    if args.only in (None, "reexec"):
+        cost = reexec_cost(rounds=max(12, args.rounds))
+        for name, (wall, cpu) in cost.items():
+            print(f"pd presets, {name:12s}: {wall * 1e3:.0f} ms wall, {cpu * 1e3:.0f} ms CPU (medians)")
+            rows.append(row(f"pd_presets_cpu_s_{name}", cpu, "s (CPU)", device=device_name("cpu")))
+        rows.append(row("pd_reexec_cost_cpu_s", cost["reexec"][1] - cost["set_at_start"][1], "s (CPU)",
+                        device=device_name("cpu")))
+    children = {k: v for k, v in CHILDREN.items() if args.only in (None, k)}
+    r = measure(rounds=args.rounds, children=children) if children else {}
     for (name, key), v in r.items():
         if key == "system_s":
             print(f"{name:9s} system CPU seconds per child: off {v['off']:.2f}, on {v['on']:.2f}")
