@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from pd_core.malloc_env import reexec_with_malloc_tunables
 from tasks.env import prepare_environment
 
 if TYPE_CHECKING:
@@ -246,6 +247,8 @@ COMMANDS = {"run": cmd_run, "sample": cmd_sample, "eval": cmd_eval, "presets": c
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # the `pd` command itself (not a call from Python): glibc reads its tunables only at start
+        reexec_with_malloc_tunables()
     prepare_environment()
     _setup_logging()
     from pd_core.config import ConfigError

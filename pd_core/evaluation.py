@@ -1,9 +1,13 @@
 """A pipeline's evaluations over the store: features, teacher baselines, distilled students, floors.
 
 Every measurement is a flat record (see ``metrics.table``) cached as JSON under ``evals/<weights
-sha256>/``, keyed by the evaluation settings, so a rerun of a finished pipeline, or another pipeline
-that imports the same teacher, re-measures nothing.
+sha256>/``, keyed by the evaluation settings and the sampling precision, so a rerun of a finished
+pipeline, or another pipeline that imports the same teacher, re-measures nothing.
 Same noise (seed), same N and the same reference split for every number that is compared.
+
+Sampling runs the network under the runtime's autocast (``runtime.precision``; bf16 where the
+hardware has it), optionally compiled (``eval.compile``); the denoiser casts the network's output
+back to fp32, so the sampler's arithmetic, the uint8 images and every statistic stay fp32.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import Tensor
 from pd_core import images, samplers
 from pd_core.config import Config, config_hash
 from pd_core.data import load_split
+from pd_core.denoiser import DenoiserFn
 from pd_core.metrics import (
     FeatureExtractor,
     ReferenceFeatures,
@@ -32,6 +37,8 @@ from pd_core.metrics import (
 )
 from pd_core.models import LoadedModel, load_model
 from pd_core.store import CheckpointStore
+from pd_core.train.runtime import autocast_dtype_for, cpu_supports_bf16
+from pd_core.train.threads import adaptive_threads
 
 log = logging.getLogger(__name__)
 
@@ -133,18 +140,52 @@ def floor_record(cfg: Config, store: CheckpointStore, ctx: FeatureContext) -> di
     return _cached(store, key, compute)
 
 
+def sampling_dtype(cfg: Config, *, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype evaluation samples under: ``runtime.precision`` resolved for ``device`` (None: fp32)."""
+    return autocast_dtype_for(cfg.runtime.precision, device=device,
+                              cpu_bf16=device.type == "cpu" and cpu_supports_bf16())
+
+
+def dtype_tag(dtype: torch.dtype | None) -> str:
+    """``fp32`` / ``bf16`` / ``fp16``: how a record's samples were computed."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def sampling_denoiser(model: LoadedModel, *, autocast_dtype: torch.dtype | None, compile: bool) -> DenoiserFn:
+    """The model's denoiser with its network under autocast to ``autocast_dtype`` (outputs fp32), compiled if asked.
+
+    ``compile`` wraps the whole denoiser in ``torch.compile`` (default mode, static shapes: one
+    graph per batch shape, reused by every checkpoint of the same architecture).
+    """
+    denoiser = model.denoiser
+    if autocast_dtype is not None:
+        device_type = next(denoiser.net.parameters()).device.type
+        plain = denoiser
+
+        def denoiser(z: Tensor, logsnr: Tensor) -> tuple[Tensor, Tensor]:
+            with torch.autocast(device_type=device_type, dtype=autocast_dtype):
+                return plain(z, logsnr)
+    return samplers.compiled(denoiser, mode=None) if compile else denoiser
+
+
 def make_sample_fn(model: LoadedModel, *, sampler: str, steps: int, gamma: float | None, seed: int,
-                   device: torch.device) -> Callable[[Tensor], Tensor]:
-    """noise (B, C, H, W) -> images in [-1, 1] with the given sampler (clipping on, as sampling does)."""
+                   device: torch.device, autocast_dtype: torch.dtype | None = None,
+                   compile: bool = False) -> Callable[[Tensor], Tensor]:
+    """noise (B, C, H, W) -> images in [-1, 1] (fp32) with the given sampler (clipping on, as sampling does).
+
+    The network runs under autocast to ``autocast_dtype`` (None: fp32) and, with ``compile``, under
+    ``torch.compile`` (see :func:`sampling_denoiser`).
+    """
     gen = torch.Generator(device=device).manual_seed(seed + 7919)  # stochastic sampler's own noise stream
+    denoiser = sampling_denoiser(model, autocast_dtype=autocast_dtype, compile=compile)
 
     def sample(noise: Tensor) -> Tensor:
         z = noise.to(device)
         with torch.inference_mode():
             if sampler == "ddim":
-                return samplers.ddim(model.denoiser, z, num_steps=steps, schedule=model.schedule)
+                return samplers.ddim(denoiser, z, num_steps=steps, schedule=model.schedule)
             if sampler == "stochastic":
-                return samplers.ancestral(model.denoiser, z, num_steps=steps, gamma=gamma, generator=gen,
+                return samplers.ancestral(denoiser, z, num_steps=steps, gamma=gamma, generator=gen,
                                           schedule=model.schedule)
             raise ValueError(f"sampler must be 'ddim' or 'stochastic'; got {sampler!r}")
 
@@ -154,20 +195,34 @@ def make_sample_fn(model: LoadedModel, *, sampler: str, steps: int, gamma: float
 def evaluate_checkpoint(cfg: Config, store: CheckpointStore, ctx: FeatureContext, *, key: str, label: str, sampler: str,
                         steps: int, gamma: float | None = None, device: torch.device | str = "cpu",
                         progress: Progress | None = None) -> dict:
-    """One record: the checkpoint at ``key`` sampled with ``sampler`` in ``steps`` steps; cached in the store."""
+    """One record: the checkpoint at ``key`` sampled with ``sampler`` in ``steps`` steps; cached in the store.
+
+    Sampled under ``runtime.precision`` resolved for ``device`` (:func:`sampling_dtype`); the record
+    says which (``sampling_dtype``), and records of other precisions are cached under other keys.
+    """
     g = f"-g{gamma:.2f}" if gamma is not None else ""
     manifest = store.read_manifest(key)
     if manifest is None:
         raise FileNotFoundError(f"no complete checkpoint at {store.uri(key)} to evaluate")
+    device = torch.device(device)
+    dtype = sampling_dtype(cfg, device=device)
+    precision = "" if dtype is None else f"-{dtype_tag(dtype)}"  # fp32 records keep their original keys
     # Keyed by the weights' sha256, not by the checkpoint's key: a teacher imported into another
     # pipeline (pd run --teacher-uri) reuses the measurements made on the same weights.
-    cache = f"{records_prefix(manifest['sha256'])}/{sampler}-{steps:04d}{g}-{eval_hash(cfg)}.json"
-    device = torch.device(device)
+    cache = f"{records_prefix(manifest['sha256'])}/{sampler}-{steps:04d}{g}-{eval_hash(cfg)}{precision}.json"
 
     def compute() -> dict:
         model = load_model(store, key, device=device)
         ev = cfg.eval
-        fn = make_sample_fn(model, sampler=sampler, steps=steps, gamma=gamma, seed=ev.seed, device=device)
+        sample = make_sample_fn(model, sampler=sampler, steps=steps, gamma=gamma, seed=ev.seed, device=device,
+                                autocast_dtype=dtype, compile=ev.compile)
+        load = adaptive_threads() if cfg.runtime.threads is None and device.type == "cpu" else None
+
+        def fn(noise: Tensor) -> Tensor:
+            if load is not None:
+                load.update()  # threads follow the machine's load, batch by batch
+            return sample(noise)
+
         spec = model.denoiser.net.spec
         metrics = evaluate_sampler(fn, num_samples=ev.num_samples, batch_size=ev.batch_size, seed=ev.seed,
                                    feature_extractor=ctx.extractor, reference_stats=ctx.reference.stats,
@@ -177,7 +232,7 @@ def evaluate_checkpoint(cfg: Config, store: CheckpointStore, ctx: FeatureContext
                                    progress=progress)
         log.info("%s %s %d steps%s: %s", label, sampler, steps, f" gamma {gamma}" if gamma is not None else "",
                  ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("n_samples",)))
-        return {"sampler": label, "steps": steps, "gamma": gamma, **metrics,
+        return {"sampler": label, "steps": steps, "gamma": gamma, **metrics, "sampling_dtype": dtype_tag(dtype),
                 "model_sha256": model.manifest["sha256"], "model_uri": store.uri(key)}
 
     return {**_cached(store, cache, compute), "model_uri": store.uri(key)}

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ import torch
 from pd_core.config import Config, ConfigError
 from pd_core.dist import DistributedJobError
 from pd_core.jobs import CheckpointInfo, PipelineMismatchError
+from pd_core.malloc_env import with_malloc_tunables
 from pd_core.store import StorageIOError, StoreError
 from pd_core.train import NonFiniteLossError, ProgressEvent
 
@@ -55,6 +56,16 @@ def torchrun_command(*, nproc: int, module: str, args: list[str]) -> list[str]:
     """``python -m torch.distributed.run --standalone --nproc-per-node N -m MODULE ARGS`` (this interpreter)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", module, *args]
+
+
+def child_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment torchrun and its ranks start with: ``environ``, plus this checkout on PYTHONPATH (works
+    without an install), unbuffered output, and the glibc malloc settings of :mod:`pd_core.malloc_env`."""
+    env = with_malloc_tunables(environ)
+    root = str(Path(__file__).resolve().parents[1])  # the folder holding pd_core
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
 
 
 def launch_job(cfg: Config, *, job: str, nproc: int | None = None, round_index: int | None = None,
@@ -90,10 +101,7 @@ def launch_job(cfg: Config, *, job: str, nproc: int | None = None, round_index: 
         if fault_at_step is not None:
             args += ["--fault-at-step", str(fault_at_step)]
         cmd = torchrun_command(nproc=nproc, module="pd_core.distributed_job", args=args)
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[1])  # the folder holding pd_core (works without an install)
-        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-        env.setdefault("PYTHONUNBUFFERED", "1")
+        env = child_env(os.environ)
         log.info("data-parallel %s on %d processes: %s", job, nproc, " ".join(cmd[:6]))
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1,
                                 start_new_session=True)

@@ -215,6 +215,18 @@ def test_worker_runs_a_process_worker_with_the_stack_env(services):
         assert (ROOT / svc["build"]["dockerfile"]).is_file()
 
 
+def test_workers_start_flow_runs_with_the_glibc_malloc_setting(services, deploy_plan):
+    """glibc reads GLIBC_TUNABLES at process start: the worker's environment (inherited by its flow runs) and
+    the deployments' job variables carry the project's value (pd_core.malloc_env)."""
+    from pd_core.malloc_env import MALLOC_TUNABLES
+
+    for name in ("worker", "worker-cpu"):
+        assert _env(services[name])["GLIBC_TUNABLES"] == MALLOC_TUNABLES, name
+    by_name = {d["name"]: d for d in deploy_plan}
+    for name in ("pd-teacher", "pd-distill"):
+        assert by_name[name]["job_variables"]["env"]["GLIBC_TUNABLES"] == MALLOC_TUNABLES, name
+
+
 def test_telemetry_is_off_everywhere(services):
     for name in ("prefect-server", "mlflow", "worker", "worker-cpu"):
         env = _env(services[name])

@@ -32,11 +32,17 @@ def _records():
     return main, fast
 
 
+def _floor(n: int = 400) -> dict:
+    return {"sampler": "floor", "steps": None, "fd_fashion_mnist": 1.5, "kid_fashion_mnist": 0.001,
+            "kid_fashion_mnist_std": 0.01, "precision": 0.85, "recall": 0.9, "n_samples": n,
+            "seconds_per_image": 0.0}
+
+
 def test_results_frame_has_exactly_the_issue_columns_and_samplers():
     main, fast = _records()
     df = rp.results_frame(preset="fmnist-cpu", main=main, fast=fast)
     assert list(df.columns) == ["preset", "sampler", "steps", "metric", "value", "n_samples", "seconds_per_image"]
-    assert set(df.sampler) == {"teacher_ddim", "teacher_stochastic", "distilled", "distilled_fast"}  # no floor rows
+    assert set(df.sampler) == {"teacher_ddim", "teacher_stochastic", "distilled", "distilled_fast"}  # no floor given
     assert (df.preset == "fmnist-cpu").all()
     fd = df[df.metric == "fd_fashion_mnist"]
     # best gamma per step count; the fast pipeline's (imported) teacher rows are not duplicated
@@ -46,18 +52,42 @@ def test_results_frame_has_exactly_the_issue_columns_and_samplers():
     assert fd[fd.sampler == "distilled_fast"].set_index("steps").value.to_dict() == {1: 25.0, 2: 19.0, 4: 15.0, 8: 11.0}
 
 
+def test_floor_rows_carry_every_floor_metric_at_the_same_n_with_empty_steps(tmp_path):
+    main, fast = _records()
+    df = rp.results_frame(preset="fmnist-cpu", main=main, fast=fast, floor=_floor())
+    floor = df[df.sampler == "real_data_floor"]
+    assert floor.set_index("metric").value.to_dict() == {
+        "fd_fashion_mnist": 1.5, "kid_fashion_mnist": 0.001, "kid_fashion_mnist_std": 0.01, "precision": 0.85,
+        "recall": 0.9}
+    assert floor.steps.isna().all() and floor.seconds_per_image.isna().all() and (floor.n_samples == 400).all()
+    assert list(df.sampler.unique())[-1] == "real_data_floor"  # after the samplers' rows
+    assert rp.floor_value(df, metric="fd_fashion_mnist") == 1.5
+    assert rp.floor_value(rp.results_frame(preset="p", main=main, fast=fast), metric="fd_fashion_mnist") is None
+    # the floor stays out of the steps x sampler table, also after a round trip through the CSV
+    df.to_csv(tmp_path / "r.csv", index=False)
+    back = pd.read_csv(tmp_path / "r.csv")
+    assert list(back.columns) == rp.COLUMNS and back[back.sampler == "real_data_floor"].steps.isna().all()
+    w = rp.wide(back, metric="fd_fashion_mnist")
+    assert list(w.columns) == ["teacher_ddim", "teacher_stochastic", "distilled", "distilled_fast"]
+    assert list(w.index) == [16, 8, 4, 2, 1] and w.index.dtype == "int64"
+
+
 def test_target_verdicts_follow_the_numbers():
     main, fast = _records()
-    df = rp.results_frame(preset="p", main=main, fast=fast)
+    df = rp.results_frame(preset="p", main=main, fast=fast, floor=_floor())
     w = rp.wide(df, metric=rp.fd_metric(df))
-    checks = {c["target"]: c for c in rp.target_checks(w, start_steps=16)}
+    checks = {c["target"]: c for c in rp.target_checks(w, start_steps=16, floor=1.5)}
     assert all(checks[f"distilled beats teacher DDIM at N={n}"]["met"] for n in (8, 4, 2, 1))
-    within = checks["distilled 4-step within 1.3x of teacher DDIM at 16 steps"]
+    within = checks["distilled 4-step within 1.2x of teacher DDIM at 16 steps"]
     assert math.isclose(within["ratio"], 12.0 / 11.0) and within["met"]
-    w.loc[4, "distilled"] = 11.0 * 1.31  # just outside 1.3x, and still better than DDIM at 4 steps
-    checks = {c["target"]: c for c in rp.target_checks(w, start_steps=16)}
-    assert not checks["distilled 4-step within 1.3x of teacher DDIM at 16 steps"]["met"]
+    near = checks["teacher DDIM at 16 steps within 4x of the real-data floor"]
+    assert math.isclose(near["ratio"], 11.0 / 1.5) and not near["met"]  # 7.3x the floor
+    assert rp.target_checks(w, start_steps=16, floor=2.75)[0]["met"]  # exactly 4x: met
+    w.loc[4, "distilled"] = 11.0 * 1.21  # just outside 1.2x, and still better than DDIM at 4 steps
+    checks = {c["target"]: c for c in rp.target_checks(w, start_steps=16, floor=None)}
+    assert not checks["distilled 4-step within 1.2x of teacher DDIM at 16 steps"]["met"]
     assert checks["distilled beats teacher DDIM at N=4"]["met"]
+    assert not any("floor" in name for name in checks)  # no floor measured: no verdict on it
 
 
 def test_headline_table_bolds_wins_and_names_the_metric_honestly():
@@ -113,7 +143,9 @@ def test_pipeline_commands_share_store_tracking_and_teacher(tmp_path):
 def test_committed_results_match_results_md_and_readme():
     df = pd.read_csv(QUALITY / "results.csv")
     assert list(df.columns) == rp.COLUMNS
-    assert set(df.sampler) <= set(rp.SAMPLERS)
+    assert set(df.sampler) <= {*rp.SAMPLERS, rp.FLOOR_SAMPLER}
+    floor = df[df.sampler == rp.FLOOR_SAMPLER]
+    assert len(floor) and floor.steps.isna().all() and (floor.n_samples == df.n_samples.max()).all()
     metric = rp.fd_metric(df)
     n = int(df.n_samples.max())
     table = rp.headline_markdown(df, metric=metric, floor=None, n_samples=n, gammas={}).split("\n\n")[0]
@@ -150,9 +182,10 @@ def test_reproduce_end_to_end_on_the_smoke_preset(tmp_path):
     df = pd.read_csv(out / "results.csv")
     assert list(df.columns) == rp.COLUMNS
     fd = df[df.metric == "fd_digits"]
+    assert len(fd[fd.sampler == "real_data_floor"]) == 1 and fd[fd.sampler == "real_data_floor"].steps.isna().all()
     assert sorted(fd[fd.sampler == "teacher_ddim"].steps) == [1, 2, 4, 8]
     assert sorted(fd[fd.sampler == "distilled"].steps) == sorted(fd[fd.sampler == "distilled_fast"].steps) == [1, 2, 4]
-    assert (fd.n_samples == 200).all()
+    assert (fd.n_samples == 200).all()  # the floor at the same N
     # the fast pipeline imported the main teacher and re-measured nothing of it: one record per measurement
     summary = json.loads((out / "results.json").read_text())
     assert summary["floor"] and summary["floor"][0]["n_samples"] == 200

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.speed.common import machine, row, write_rows
+from pd_core.malloc_env import with_malloc_tunables
 from tasks.prefect_server import EARLY_START_ENV
 
 VARIANTS = {"early_start": "1", "prefect_starts_server": "0"}
@@ -35,6 +36,7 @@ def pd_run_wall(*, home: Path, name: str, early_start: str, threads: int) -> flo
     """Seconds from launching ``pd run --preset smoke`` to its exit (exit status 0 required)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PD_STORAGE")}
     env.update({"PD_HOME": str(home), EARLY_START_ENV: early_start})
+    env = with_malloc_tunables(env)  # what `pd` would re-execute itself with
     pd = Path(sys.executable).with_name("pd")
     cmd = [str(pd)] if pd.exists() else [sys.executable, "-m", "flows.cli"]
     t0 = time.perf_counter()

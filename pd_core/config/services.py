@@ -62,12 +62,16 @@ class RuntimeConfig(_Section):
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Autocast precision; auto: bf16 on GPU, fp32 on CPU.")
-    channels_last: bool | None = Field(None, description="channels_last memory format; null = on GPU only.")
+        "auto", description="Autocast precision of training and evaluation sampling; auto: bf16 on GPUs and on "
+                            "CPUs with native bf16 (avx512_bf16 / amx_bf16), else fp32; fp32: no autocast.")
+    channels_last: bool | None = Field(None, description="channels_last memory format; null = on GPU only "
+                                                         "(slower on CPUs, with bf16 too).")
     compile: bool = Field(False, description="torch.compile the networks.")
     nproc: int = Field(1, ge=1, description="Processes (GPUs) per training job.")
     num_workers: int = Field(0, ge=0, description="Data-loading worker processes.")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads; null = torch's default.")
+    threads: int | None = Field(None, ge=1, le=1024,
+                                description="torch intra-op threads; null = on a CPU, the cores other processes "
+                                            "leave idle, re-decided as the load changes (on a GPU, torch's default).")
 
 
 class PipelineConfig(_Section):

@@ -202,6 +202,8 @@ class EvalConfig(_Section):
     enabled: bool = Field(True, description="Evaluate the teacher and every student.")
     num_samples: int = Field(10000, ge=2, description="Generated (and reference) images per evaluation.")
     batch_size: int = Field(500, ge=1, description="Sampling / feature batch size.")
+    compile: bool = Field(False, description="torch.compile the sampler's network (static shapes; needs a C++ "
+                                             "compiler on CPU). Samples run under runtime.precision either way.")
     seed: int = Field(0, ge=0, description="Seed of the sampling noise: the same for every compared model.")
     features: Literal["classifier", "inception"] = Field(
         "classifier", description="classifier: a small net trained on the dataset (offline, reported as "

@@ -3,9 +3,9 @@
 A round's randomness comes from (seed, step): batches are a stateless function of the step
 (``pd_core.data.BatchSampler``); noise and dropout draw from generators whose states are saved
 with every in-round checkpoint, so a killed run that resumes ends with exactly the weights of an
-uninterrupted one (CPU). Modules, lowest first: ``progress``, ``schedules``, ``optim_state``,
-``runtime``, ``state``, ``loop``, ``batches``, ``phases``. The GPU fast path and data parallelism
-are described in docs/design.md.
+uninterrupted one (CPU, fixed ``runtime.threads``). Modules, lowest first: ``progress``,
+``schedules``, ``optim_state``, ``threads``, ``runtime``, ``state``, ``loop``, ``batches``,
+``phases``. The GPU and CPU fast paths and data parallelism are described in docs/design.md.
 """
 
 from pd_core.train.batches import DeviceBatches, device_batches, rank_batches

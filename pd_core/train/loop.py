@@ -101,6 +101,7 @@ def run_loop(*, state: TrainState, spec: LoopSpec, loss_fn: LossFn, sample_batch
     loss_sum = torch.zeros((), device=runtime.device)
     window_start, window_steps = time.perf_counter(), 0
     for step, x, y in _batches(sample_batch, state.step, spec.total_steps):
+        runtime.follow_load()
         lr = spec.lr_fn(step)
         loss = train_step(state=state, loss_fn=loss_fn, x=x, y=y, lr=lr, runtime=runtime, params=params,
                           grad_clip=spec.grad_clip, ema_decay=spec.ema_decay,

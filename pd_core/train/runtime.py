@@ -6,14 +6,48 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from pd_core import dist
 from pd_core.config import RuntimeConfig
+from pd_core.train.threads import AdaptiveThreads, adaptive_threads
 
 log = logging.getLogger("pd_core.train")
+
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # native bf16 dot products / tiles on x86
+
+
+def cpu_flags(cpuinfo: str) -> frozenset[str]:
+    """The feature flags of the first processor in a ``/proc/cpuinfo`` text (empty when it lists none)."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_supports_bf16(cpuinfo_path: str | Path = "/proc/cpuinfo") -> bool:
+    """True when the CPU lists avx512_bf16 or amx_bf16; False when it does not, or when nothing says (never assumed)."""
+    try:
+        text = Path(cpuinfo_path).read_text()
+    except OSError:
+        return False
+    return bool(cpu_flags(text) & BF16_CPU_FLAGS)
+
+
+def autocast_dtype_for(precision: str, *, device: torch.device, cpu_bf16: bool) -> torch.dtype | None:
+    """The autocast dtype for ``runtime.precision`` on ``device`` (None: fp32, no autocast).
+
+    ``auto`` is bf16 on CUDA, and on a CPU with native bf16 (``cpu_bf16``: avx512_bf16 or
+    amx_bf16), where bf16 training and sampling measured faster than fp32 (benchmarks/speed);
+    fp32 on other CPUs, where bf16 is emulated. ``fp32`` turns autocast off everywhere.
+    """
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" or cpu_bf16 else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 @dataclass(frozen=True)
@@ -26,6 +60,12 @@ class Runtime:
     compile: bool
     rank: int = 0  # this process's rank in a data-parallel job
     world_size: int = 1  # processes in the job (1: no DistributedDataParallel)
+    threads: AdaptiveThreads | None = None  # runtime.threads null on a CPU: threads follow the machine's load
+
+    def follow_load(self) -> None:
+        """Re-decide the thread count where it follows the load (a clock check until a window has passed)."""
+        if self.threads is not None:
+            self.threads.update()
 
     @property
     def is_cuda(self) -> bool:
@@ -52,7 +92,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_runtime(runtime_cfg: RuntimeConfig) -> Runtime:
-    """Runtime from a RuntimeConfig: bf16 autocast and channels_last only where a GPU is present.
+    """Runtime from a RuntimeConfig: bf16 autocast where the hardware has it (see :func:`autocast_dtype_for`),
+    channels_last only on a GPU (on a CPU it is slower, with bf16 too), ``runtime.threads`` torch threads
+    or, when null on a CPU, as many as the machine's load leaves free (:mod:`pd_core.train.threads`).
 
     Inside a process group (torchrun) the Runtime carries rank and world size, and on CUDA the
     device is GPU ``LOCAL_RANK``.
@@ -65,11 +107,8 @@ def resolve_runtime(runtime_cfg: RuntimeConfig) -> Runtime:
     info = dist.current()
     if device.type == "cuda" and info.world_size > 1:
         device = torch.device("cuda", info.local_rank)
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if runtime_cfg.precision == "auto":
-        autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    else:
-        autocast_dtype = dtypes[runtime_cfg.precision]
+    autocast_dtype = autocast_dtype_for(runtime_cfg.precision, device=device,
+                                        cpu_bf16=device.type == "cpu" and cpu_supports_bf16())
     channels_last = runtime_cfg.channels_last
     if channels_last is None:
         channels_last = device.type == "cuda"
@@ -78,10 +117,13 @@ def resolve_runtime(runtime_cfg: RuntimeConfig) -> Runtime:
                     "bf16 needs none and is the default on GPUs")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest conv algorithms once
+    threads = None
     if runtime_cfg.threads:
         torch.set_num_threads(runtime_cfg.threads)
+    elif device.type == "cpu":
+        threads = adaptive_threads()
     return Runtime(device=device, autocast_dtype=autocast_dtype, channels_last=bool(channels_last),
-                   compile=runtime_cfg.compile, rank=info.rank, world_size=info.world_size)
+                   compile=runtime_cfg.compile, rank=info.rank, world_size=info.world_size, threads=threads)
 
 
 def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, runtime: Runtime) -> torch.optim.Optimizer:
