@@ -31,6 +31,22 @@ JOB_OVERRIDES = ["teacher.updates=20", "teacher.checkpoint_every=10", "teacher.l
                  "distill.updates_per_round=20", "distill.checkpoint_every=5", "distill.log_every=10"]
 
 
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """``pd ARGV`` in this process (flows.cli.main): (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from flows.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except SystemExit as exc:  # argparse --help: not an error path
+            rc = exc.code if isinstance(exc.code, int) else 1
+    return rc, out.getvalue(), err.getvalue()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
