@@ -245,17 +245,26 @@ def sampler_for(cfg: Config, data: ImageData, *, seed: int) -> BatchSampler:
     return BatchSampler(data, batch_size=cfg.distill.batch_size, seed=seed, random_flip=cfg.data.random_flip)
 
 
-def _teacher_source_sha256(cfg: Config) -> str | None:
-    """The sha256 of the checkpoint ``pipeline.teacher_uri`` names (its manifest's), None when training here."""
+def _teacher_source(cfg: Config, store: CheckpointStore) -> tuple[str | None, bool]:
+    """(the teacher's source sha256, whether ``pipeline.teacher_uri`` names this pipeline's own teacher).
+
+    No teacher_uri: (None, False), the teacher is trained here. A teacher_uri naming another checkpoint:
+    its sha256 (from its manifest), the parent an import records. One naming this pipeline's own teacher
+    (what the ``pd-distill`` deployment passes after ``train-teacher``): that teacher's own parent, so
+    it is reused as it is, never imported onto itself.
+    """
     uri = cfg.pipeline.teacher_uri
     if not uri:
-        return None
+        return None, False
     src_root, src_key = split_uri(uri)
-    manifest = CheckpointStore(src_root, storage_options=dict(cfg.storage.storage_options)).read_manifest(src_key)
+    src = CheckpointStore(src_root, storage_options=dict(cfg.storage.storage_options))
+    manifest = src.read_manifest(src_key)
     if manifest is None or not isinstance(manifest.get("sha256"), str):
         raise StoreError(f"pipeline.teacher_uri {uri}: no checkpoint there (no manifest.json); point it at a "
                          f"checkpoint folder as `pd run` prints it")
-    return manifest["sha256"]
+    if src.uri(src_key) == store.uri(teacher_key(cfg.pipeline.name)):
+        return manifest.get("parent_sha256"), True
+    return manifest["sha256"], False
 
 
 def _final_loss_watch(on_progress: ProgressCallback | None) -> tuple[ProgressCallback, list[float]]:
@@ -274,12 +283,16 @@ def ensure_teacher(cfg: Config, store: CheckpointStore, *, data: ImageData | Non
     """The pipeline's teacher checkpoint: reused (same lineage), imported (pipeline.teacher_uri), or trained."""
     key = teacher_key(cfg.pipeline.name)
     start = cfg.distill.start_steps
-    want = lineage.teacher_lineage(cfg, source_sha256=_teacher_source_sha256(cfg))
+    source_sha256, own = _teacher_source(cfg, store)
+    want = lineage.teacher_lineage(cfg, source_sha256=source_sha256)
     found = _reusable(store, cfg, key, want=want, label="teacher", steps=start, round_index=0)
     if found is not None:
         return found
-    if cfg.pipeline.teacher_uri:
+    if cfg.pipeline.teacher_uri and not own:
         return import_teacher(cfg, store, uri=cfg.pipeline.teacher_uri)
+    if own and source_sha256 is not None:
+        raise StoreError(f"pipeline.teacher_uri names this pipeline's own teacher ({store.uri(key)}), an import that "
+                         f"cannot be reused; point pipeline.teacher_uri at the checkpoint it was imported from")
     data = data if data is not None else load_train_data(cfg)
     runtime = resolve_runtime(cfg.runtime)
     spec = _model_spec(cfg, data)

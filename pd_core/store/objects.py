@@ -35,6 +35,9 @@ TMP_PREFIX = ".tmp-"
 # tried once by botocore and s3fs: the store's own retry (one log line per retry) is the only retry layer.
 S3_CONFIG_DEFAULTS = {"connect_timeout": 10, "read_timeout": 30, "retries": {"total_max_attempts": 1}}
 S3_LIBRARY_RETRIES = 1
+# An upload is a PUT whose client first waits for "100 Continue", a wait no socket timeout covers: every write
+# to an asynchronous (object) store gets a deadline of connect + read timeout + its size at this slowest rate.
+MIN_UPLOAD_BYTES_PER_S = 2**20
 
 
 def with_s3_defaults(root: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -67,8 +70,11 @@ class ObjectStore:
         except (ImportError, ValueError, TypeError) as err:
             raise StoreError(f"cannot open storage root {root!r}: {one_line(err)}; check storage.root (a path or "
                              f"file://, memory://, s3:// URL) and storage.storage_options") from err
+        self._write_deadline_base: float | None = None  # seconds; None: the filesystem has no deadline to pass
         if type(fs).__module__.split(".")[0] == "s3fs":
             fs.retries = S3_LIBRARY_RETRIES  # s3fs's silent retries would hide (and multiply) each timeout
+            config = dict(fs.config_kwargs)
+            self._write_deadline_base = float(config.get("connect_timeout", 10)) + float(config.get("read_timeout", 30))
         self.fs: fsspec.AbstractFileSystem = fs  # the filesystem (public for tests and advanced callers)
         self._root_path = path.rstrip("/") or path
         self._local = isinstance(fs, LocalFileSystem)  # local: rename is atomic and fsync matters
@@ -117,6 +123,13 @@ class ObjectStore:
             where = self._url(shown or path)
             cls = TransientStorageIOError if is_transient_error(err) else StorageIOError
             raise cls(f"cannot {action} {where}: {one_line(err)}; {storage_hint(err)}") from err
+
+    def _pipe(self, path: str, data: bytes) -> None:
+        """Write ``data`` at ``path`` in one call; on an object store within its deadline (FSTimeoutError past it)."""
+        if self._write_deadline_base is None:
+            self.fs.pipe_file(path, data)
+        else:
+            self.fs.pipe_file(path, data, timeout=self._write_deadline_base + len(data) / MIN_UPLOAD_BYTES_PER_S)
 
     def _remove_quietly(self, path: str) -> None:
         """Best-effort delete (cleanup on an error path must not replace the original error)."""
@@ -178,7 +191,7 @@ class ObjectStore:
         tmp, final = f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}", f"{folder}/{name}"
         want = (sha256_bytes(data), len(data))
         try:
-            self._io("write", tmp, lambda: self.fs.pipe_file(tmp, data), shown=final)
+            self._io("write", tmp, lambda: self._pipe(tmp, data), shown=final)
             self._fsync(tmp, shown=final)
             got = self._hash_file(tmp, shown=final)[:2]
         except BaseException:
@@ -216,7 +229,7 @@ class ObjectStore:
         final = f"{folder}/{name}"
         if not self._local:
             # One PUT: an object store shows the whole object or the previous one, never a mix.
-            self._io("write", final, lambda: self.fs.pipe_file(final, data))
+            self._io("write", final, lambda: self._pipe(final, data))
             self.fs.invalidate_cache(final)
             return
         tmp = f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"

@@ -82,6 +82,16 @@ def test_teacher_uri_on_a_complete_pipeline_is_refused_not_ignored(template: Pat
     assert jobs.ensure_teacher(other, store).trained is False  # the import is this pipeline's teacher now
 
 
+def test_teacher_uri_naming_the_pipelines_own_teacher_reuses_it(template: Path, tmp_path: Path) -> None:
+    """What the pd-distill deployment passes after train-teacher: the teacher is used as it is, not re-imported."""
+    cfg = _cfg("faults")
+    store, student = _copy_of(template, tmp_path, cfg)
+    own = _cfg("faults", f"pipeline.teacher_uri={store.uri(jobs.teacher_key('faults'))}")
+    teacher = jobs.ensure_teacher(own, store)
+    assert not teacher.trained and store.read_manifest(teacher.key)["parent_sha256"] is None
+    assert jobs.run_round(own, store, round_index=1, teacher=teacher).sha256 == student.sha256
+
+
 @pytest.mark.parametrize("override, changed", [("pipeline.seed=1", "pipeline.seed 0 -> 1"),
                                                ("teacher.lr=0.002", "teacher.lr 0.001 -> 0.002")])
 def test_a_teacher_of_other_settings_is_refused(template: Path, tmp_path: Path, override: str, changed: str) -> None:
