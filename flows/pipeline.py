@@ -22,7 +22,7 @@ from prefect.settings import get_current_settings
 
 from pd_core.config import flatten
 from pd_core.jobs import pipeline_prefix
-from pd_core.store import Lease, LeaseLostError, StoreError
+from pd_core.store import Lease, LeaseHeldError, LeaseLostError, StoreError
 from tasks.common import gpu_task_tags, open_store, resolve_config, tracker_for
 from tasks.evaluate import evaluate_round_task, evaluate_teacher_task
 from tasks.reconcile import FLOW_RUN_TAG, end_dead_run
@@ -84,8 +84,16 @@ def _flow_run_id() -> str:
         return "local"
 
 
-def _end_tracking_of_failed_run(_flow: Flow, flow_run: FlowRun, _state: State) -> None:
-    """Flow hook on failure/crash: the run's MLflow runs still RUNNING (its parent run) are marked FAILED."""
+def _end_tracking_of_failed_run(_flow: Flow, flow_run: FlowRun, state: State) -> None:
+    """Flow hook on failure/crash: the run's MLflow runs still RUNNING (its parent run) are marked FAILED.
+
+    A run refused its lease started no MLflow run: nothing to end, and MLflow is not even opened.
+    """
+    try:
+        if isinstance(state.result(raise_on_failure=False), LeaseHeldError):
+            return
+    except Exception:  # noqa: BLE001, S110 - the result is unreadable: end the runs anyway
+        pass
     params = dict(flow_run.parameters or {})
     try:
         cfg = resolve_config(preset=params.get("preset", "smoke"), config_path=params.get("config_path"),

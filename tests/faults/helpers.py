@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
 import re
@@ -29,6 +30,12 @@ FAKE_SECRET = "pd-faults-SeCrEt/9f3c+never-logged"
 # Jobs-level runs: the smoke preset, shortened (a few seconds each on 2 CPU cores).
 JOB_OVERRIDES = ["teacher.updates=20", "teacher.checkpoint_every=10", "teacher.log_every=10",
                  "distill.updates_per_round=20", "distill.checkpoint_every=5", "distill.log_every=10"]
+
+
+def log_lines(records: list[logging.LogRecord], contains: str, *, level: int = logging.DEBUG) -> list[str]:
+    """Distinct messages of ``records`` containing ``contains`` (with Prefect's logging set up by earlier tests in
+    the session, one record can reach caplog twice: a line is counted once)."""
+    return list(dict.fromkeys(r.getMessage() for r in records if contains in r.getMessage() and r.levelno >= level))
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:

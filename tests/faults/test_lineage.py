@@ -18,7 +18,7 @@ import pytest
 from pd_core import jobs
 from pd_core.store import CheckpointStore
 from pd_core.train import NonFiniteLossError
-from tests.faults.helpers import _cfg, _copy_of, _one_line, _round_key, _state_step
+from tests.faults.helpers import _cfg, _copy_of, _one_line, _round_key, _state_step, log_lines
 
 RESERVED = ("format", "sha256", "files", "status", "created_at")
 
@@ -174,7 +174,7 @@ def test_an_in_round_state_of_other_settings_is_discarded_never_resumed(
     assert not kept.trained and kept.sha256 == student.sha256  # before the restart: kept as it is
     info = jobs.run_round(lower, store, round_index=2, teacher=kept)
     assert info.trained and info.resumed_from == 0
-    lines = [r.getMessage() for r in caplog.records if "discarding the in-round state" in r.getMessage()]
+    lines = log_lines(caplog.records, "discarding the in-round state")
     assert len(lines) == 1 and "(update 5)" in lines[0] and "distill.lr 0.0005 -> 0.0002" in lines[0], lines
     assert any("kept as it is (--restart-from 2)" in r.getMessage() for r in caplog.records)
     assert store.read_manifest(key)["settings"]["distill"]["lr"] == 0.0002
@@ -206,7 +206,7 @@ def test_a_corrupt_round_is_retrained_saying_so(template: Path, tmp_path: Path,
     caplog.set_level(logging.INFO, logger="pd_core")
     info = jobs.run_round(cfg, store, round_index=1, teacher=jobs.ensure_teacher(cfg, store))
     assert info.trained and info.sha256 == student.sha256  # the same weights again (CPU, deterministic)
-    lines = [r.getMessage() for r in caplog.records if "is corrupt" in r.getMessage()]
+    lines = log_lines(caplog.records, "is corrupt")
     assert len(lines) == 1 and re.search(r"^round 1 \(8->4\): the checkpoint at \S+ is corrupt \(.*sha256.*\); "
                                          r"retraining it$", lines[0]), lines
     assert store.is_complete(student.key)

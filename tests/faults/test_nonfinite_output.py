@@ -18,7 +18,7 @@ from pd_core import jobs
 from pd_core.models import load_model
 from pd_core.store import CheckpointStore
 from pd_core.train import NonFiniteLossError
-from tests.faults.helpers import _cfg, _one_line, _round_key
+from tests.faults.helpers import _cfg, _one_line, _round_key, log_lines
 
 
 def test_a_student_that_samples_nan_is_not_saved_and_a_lower_lr_recovers(tmp_path: Path) -> None:
@@ -74,5 +74,5 @@ def test_a_teacher_with_a_huge_final_loss_gets_a_warning(tmp_path: Path, caplog:
     caplog.set_level(logging.INFO, logger="pd_core")
     jobs.ensure_teacher(cfg, CheckpointStore(str(tmp_path / "store")), on_progress=lambda e: losses.append(e.loss))
     assert losses[-1] > 1e6, losses  # the setup diverges (finite, huge)
-    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "final loss" in r.getMessage()]
+    lines = log_lines(caplog.records, "final loss", level=logging.WARNING)
     assert len(lines) == 1 and lines[0].startswith(f"teacher: final loss {losses[-1]:.3g} is huge"), lines

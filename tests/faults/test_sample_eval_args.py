@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.helpers import _cfg, _copy_of, run_cli
+from tests.faults.helpers import _cfg, _copy_of, log_lines, run_cli
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_other_steps_than_a_student_was_distilled_for_warn_and_the_grid_is_writt
     rc, stdout, err = run_cli(["sample", "--model", student_uri, "--steps", "3", "--num", "4", "--out", str(out)])
     assert rc == 0, err
     assert stdout.strip() == f"wrote 4 samples (ddim, 3 steps) to {out}"
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warnings = log_lines(caplog.records, "", level=logging.WARNING)
     assert warnings == ["--steps 3: this student was distilled to sample in 4 step(s); other step counts are "
                         "allowed but rarely what you want"], warnings
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(writes) == 1 and writes[0].startswith(".tmp-")
