@@ -142,9 +142,9 @@ def sample_to_grid(*, model: str, steps: int | None, num: int, out: str, sampler
 
 
 def _round_keys(store: CheckpointStore, name: str) -> list[str]:
-    """The round folders of pipeline ``name`` (not their ``.state`` / ``.eval`` companions), sorted."""
-    return sorted(k for k in store.list(f"pipelines/{name}/rounds")
-                  if k.count("/") == 3 and re.fullmatch(r"[0-9]{2}-[0-9]{4}", k.rsplit("/", 1)[1]))
+    """The rounds of pipeline ``name`` that have a folder or an in-round state (not ``.eval`` folders), sorted."""
+    found = (re.fullmatch(r"(.+/[0-9]{2}-[0-9]{4})(\.state)?", k) for k in store.list(f"pipelines/{name}/rounds"))
+    return sorted({m.group(1) for m in found if m is not None and m.group(1).count("/") == 3})
 
 
 def show_pipeline(name: str, *, storage: str | None) -> str:
@@ -182,6 +182,8 @@ def show_pipeline(name: str, *, storage: str | None) -> str:
         elif state is not None:
             lines.append(f"  {steps:>4d} steps   not complete (in training, update {state.get('step')}) "
                          f"{store.uri(key)}")
+        else:
+            lines.append(f"  {steps:>4d} steps   not complete (no manifest: its save did not finish) {store.uri(key)}")
     report = f"pipelines/{name}/report/quality.csv"
     if store.exists(report):
         from pd_core.metrics.table import summary_view

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from pd_core.config import ConfigError, load_config
-from pd_core.config.loading import MAX_DOCUMENT_BYTES, MAX_NODES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +54,7 @@ def test_a_billion_laughs_config_fails_fast_in_one_line_with_flat_memory(tmp_pat
     seconds, peak_rss_kb, message = proc.stdout.strip().split(" ", 2)
     assert float(seconds) < 1.0 and time.perf_counter() - t0 < 60
     assert int(peak_rss_kb) < 200_000, peak_rss_kb  # what importing pydantic/yaml/fsspec takes, nothing more
-    assert message == (f"config file {path}: it expands to more than {MAX_NODES} YAML nodes through aliases "
+    assert message == (f"config file {path}: it expands to more than 100000 YAML nodes through aliases "
                        f"(an alias bomb?); refusing it")
 
 
@@ -84,6 +83,8 @@ def test_ordinary_aliases_and_merge_keys_still_work(tmp_path: Path) -> None:
 
 
 def test_an_oversize_config_document_is_refused(tmp_path: Path) -> None:
+    from pd_core.config.loading import MAX_DOCUMENT_BYTES
+
     path = tmp_path / "big.yaml"
     path.write_text("# " + "x" * MAX_DOCUMENT_BYTES + "\n")
     with pytest.raises(ConfigError, match=r"is larger than the 1048576 bytes \(1 MiB\) a config may have"):

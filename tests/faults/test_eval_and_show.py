@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
 
 from pd_core import evaluation, jobs
 from pd_core.store import CheckpointStore
+from pd_core.train import NonFiniteLossError
 from tests.faults.helpers import _cfg, _copy_of, run_cli
 
 EVAL = ["eval.num_samples=64", "eval.kid_subset_size=32", "eval.kid_subsets=4", "eval.classifier_epochs=1"]
@@ -87,11 +89,14 @@ def test_pd_eval_takes_an_mlflow_model_uri(cli_home: Path, pipeline: tuple, tmp_
 def test_pd_show_lists_a_corrupt_round_as_corrupt_and_hides_its_metrics(cli_home: Path, template: Path,
                                                                         tmp_path: Path) -> None:
     store, student = _copy_of(template, tmp_path, _cfg("faults"))
+    with pytest.raises(NonFiniteLossError):  # round 2 stops after its update-5 state: a round in training
+        jobs.run_round(_cfg("faults"), store, round_index=2, teacher=student, fault_at_step=7)
     csv = ("steps,n_samples,teacher_ddim_fd_digits,distilled_fd_digits,floor_fd_digits\n"
            "8,64,11.5,,1.9\n4,64,12.25,9.875,1.9\n")
     store.put_bytes("pipelines/faults/report/quality.csv", csv.encode())
     rc, healthy, err = run_cli(["show", "faults", "--storage", str(Path(store._path("")))])  # noqa: SLF001
     assert rc == 0 and "9.875" in healthy and "CORRUPT" not in healthy, err
+    assert re.search(r"\n\s+2 steps\s+not complete \(in training, update 5\) \S+/rounds/02-0002\n", healthy), healthy
 
     weights = Path(store._path(student.key)) / store.read_manifest(student.key)["files"]["weights"]["path"]  # noqa: SLF001
     weights.write_bytes(weights.read_bytes()[:-10])  # truncated
