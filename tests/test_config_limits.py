@@ -32,15 +32,16 @@ def test_the_bomb_is_the_small_document_of_the_issue() -> None:
 def test_a_billion_laughs_config_fails_fast_in_one_line_with_flat_memory(tmp_path: Path) -> None:
     path = tmp_path / "bomb.yaml"
     path.write_text(billion_laughs())
-    # In a child process whose address space is capped at 1 GiB: expanding the 387M strings would need
-    # gigabytes, so anything but a refusal before expansion dies of MemoryError (or takes minutes).
+    # What `pd config` does (load, then print the resolved YAML), in a child process whose address space is
+    # capped at 1 GiB: expanding the 387M strings needs gigabytes, so anything but a refusal before expansion
+    # dies of MemoryError (or takes minutes).
     code = textwrap.dedent(f"""
         import resource, sys, time
         resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-        from pd_core.config import ConfigError, load_config
+        from pd_core.config import ConfigError, load_config, to_yaml
         t0 = time.perf_counter()
         try:
-            load_config(preset="smoke", path={str(path)!r})
+            to_yaml(load_config(preset="smoke", path={str(path)!r}))
         except ConfigError as err:
             peak_kb = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
             print(f"{{time.perf_counter() - t0:.3f}} {{peak_kb}} {{err}}")
