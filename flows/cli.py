@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from flows.cli_args import BadArgument, check_model, check_out, check_sampling, check_uri, restart_round
+from pd_core.config.secrets import redact_text
 from tasks.env import offline_environment
 
 if TYPE_CHECKING:
@@ -263,8 +264,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _print_error(err: BaseException) -> None:
-    from pd_core.config.secrets import redact_text
-
     text = str(err).strip()
     message = text.splitlines()[0] if text else type(err).__name__
     print(f"error: {redact_text(message)}", file=sys.stderr)
