@@ -1,6 +1,7 @@
 """The ``pd`` command line: run a pipeline, sample, evaluate, list presets, show a pipeline's table.
 
-Errors are one line on stderr: exit 2 for bad arguments or config, 1 for failures at run time.
+Errors are one line on stderr, credentials in URLs redacted: exit 2 for bad arguments or config
+(checked before anything heavy is imported, see :mod:`flows.cli_args`), 1 for failures at run time.
 Set PD_DEBUG=1 to see tracebacks.
 """
 
@@ -15,8 +16,10 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from flows.cli_args import BadArgument, check_model, check_out, check_sampling, check_uri, restart_round
+from pd_core.config.secrets import redact_text
 from pd_core.malloc_env import reexec_with_malloc_tunables
-from tasks.env import prepare_environment
+from tasks.env import offline_environment
 
 if TYPE_CHECKING:
     from tasks.prefect_server import EmbeddedServer
@@ -62,20 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole pipeline: teacher, every round, evaluation, report")
     _add_config_args(run)
     run.add_argument("--teacher-uri", help="import this teacher checkpoint instead of training one")
+    run.add_argument("--restart-from", type=restart_round, metavar="N",
+                     help="retrain round N and every later round, replacing their checkpoints (0 or 'teacher': "
+                          "the teacher too); what comes before N is kept as it is")
 
     sample = sub.add_parser("sample", help="draw samples from a checkpoint or an MLflow model into a PNG grid")
     sample.add_argument("--model", required=True,
                         help="checkpoint folder URI (as `pd run` prints) or models:/NAME@ALIAS")
     sample.add_argument("--steps", type=int, help="sampling steps (default: the steps the model was distilled for)")
-    sample.add_argument("--num", type=int, default=64, help="number of images")
-    sample.add_argument("--out", default="samples.png", help="output PNG (path or fsspec URL)")
+    sample.add_argument("--num", type=int, default=64, help="number of images (at most 100000)")
+    sample.add_argument("--out", default="samples.png", help="output PNG (path or fsspec URL), written atomically")
     sample.add_argument("--scale", type=_display_scale, default=None,
                         help="enlarge every sample N times (nearest neighbour, 1-32; default: the smallest N that "
                              "makes the grid at least 512 px wide)")
     sample.add_argument("--sampler", choices=("ddim", "stochastic", "heun"), default="ddim")
     sample.add_argument("--gamma", type=float, default=0.3, help="variance interpolation of the stochastic sampler")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--batch-size", type=int, default=256)
+    sample.add_argument("--batch-size", type=int, help="images per batch (default: min(256, --num))")
     sample.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     sample.add_argument("--throughput", action="store_true", help="also time sampling and print images/s")
     sample.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs (default: $MLFLOW_TRACKING_URI, "
@@ -83,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate one checkpoint at a step count with the config's metrics")
     _add_config_args(ev)
-    ev.add_argument("--model", required=True, help="checkpoint folder URI")
+    ev.add_argument("--model", required=True,
+                    help="checkpoint folder URI or models:/NAME@ALIAS, runs:/RUN/sampler (caches go to the store of "
+                         "the checkpoint's pipeline, or --storage)")
     ev.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     ev.add_argument("--sampler", choices=("ddim", "stochastic"), default="ddim")
     ev.add_argument("--gamma", type=float, default=0.3)
@@ -92,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show", help="print a pipeline's checkpoints and quality table from the store")
     show.add_argument("pipeline", help="pipeline name")
-    show.add_argument("--storage", help="checkpoint store root (default: ./.pd/store)")
+    show.add_argument("--storage", help="checkpoint store root (default: ./.pd/store or $PD_HOME/store)")
 
     cfg = sub.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(cfg)
@@ -188,7 +196,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # Validate before Prefect starts, so a bad config costs no server start and exits 2.
     cfg = resolve_config(preset=args.preset, config_path=args.config_path, overrides=args.overrides, name=args.name,
-                         storage=args.storage, tracking_uri=args.tracking_uri, teacher_uri=args.teacher_uri)
+                         storage=args.storage, tracking_uri=args.tracking_uri, teacher_uri=args.teacher_uri,
+                         restart_from=args.restart_from)
     t0 = time.perf_counter()
     server = start_prefect_and_warm_up(cfg)  # stops at exit, after Prefect has shipped its last logs
     from flows.pipeline import distillation_pipeline
@@ -198,7 +207,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     with server.flow_settings() if server else contextlib.nullcontext():
         result = distillation_pipeline(preset=args.preset, overrides=args.overrides, name=args.name,
                                        teacher_uri=args.teacher_uri, storage=args.storage,
-                                       tracking_uri=args.tracking_uri, config_path=args.config_path)
+                                       tracking_uri=args.tracking_uri, config_path=args.config_path,
+                                       restart_from=args.restart_from)
     print()
     print(f"pipeline {cfg.pipeline.name} finished in {time.perf_counter() - t0:.1f}s")
     print(f"  teacher     {result.teacher.uri}")
@@ -216,6 +226,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    batch_size = args.batch_size if args.batch_size is not None else max(1, min(256, args.num))
+    check_sampling(num=args.num, steps=args.steps, batch_size=batch_size, gamma=args.gamma, seed=args.seed)
+    check_uri("--tracking-uri", args.tracking_uri, storage=False)
+    check_out(args.out)
+    check_model(args.model)
+    args.batch_size = batch_size
     from flows.sampling import sample_to_grid
 
     out = sample_to_grid(model=args.model, steps=args.steps, num=args.num, out=args.out, sampler=args.sampler,
@@ -226,16 +242,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from flows.sampling import evaluate_model_cli
+    check_sampling(num=None, steps=args.steps, batch_size=None, gamma=args.gamma, seed=None)
+    check_uri("--storage", args.storage)
+    check_uri("--tracking-uri", args.tracking_uri, storage=False)
+    check_model(args.model)
     from tasks.common import resolve_config
 
     cfg = resolve_config(preset=args.preset, config_path=args.config_path, overrides=args.overrides, name=args.name,
                          storage=args.storage, tracking_uri=args.tracking_uri)
-    print(evaluate_model_cli(cfg, model=args.model, steps=args.steps, sampler=args.sampler, gamma=args.gamma))
+    from flows.sampling import evaluate_model_cli
+
+    print(evaluate_model_cli(cfg, model=args.model, steps=args.steps, sampler=args.sampler, gamma=args.gamma,
+                             storage=args.storage))
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    check_uri("--storage", args.storage)
     from flows.sampling import show_pipeline
 
     print(show_pipeline(args.pipeline, storage=args.storage))
@@ -246,18 +269,36 @@ COMMANDS = {"run": cmd_run, "sample": cmd_sample, "eval": cmd_eval, "presets": c
             "config": cmd_config}
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The parsed arguments; an unknown option before the command is named as such (not "command required")."""
+    try:
+        return build_parser().parse_args(argv)
+    except UsageError as err:
+        given = list(sys.argv[1:] if argv is None else argv)
+        unknown = [a for a in given if a.startswith("-") and a not in ("-h", "--help")]
+        if "required: command" in str(err) and unknown:
+            raise UsageError(f"pd: unrecognized arguments: {' '.join(unknown)} (see pd --help)") from None
+        raise
+
+
+def _print_error(err: BaseException) -> None:
+    text = str(err).strip()
+    message = text.splitlines()[0] if text else type(err).__name__
+    print(f"error: {redact_text(message)}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # the `pd` command itself (not a call from Python): glibc reads its tunables only at start
         reexec_with_malloc_tunables()
-    prepare_environment()
+    offline_environment()
     _setup_logging()
     from pd_core.config import ConfigError
 
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse(argv)
         return COMMANDS[args.command](args)
-    except (UsageError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (UsageError, ConfigError, BadArgument) as err:
+        _print_error(err)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
@@ -265,8 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # one clear line; the traceback only on request
         if os.environ.get("PD_DEBUG"):
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        _print_error(err)
         return EXIT_FAILURE
 
 

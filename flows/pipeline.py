@@ -14,16 +14,18 @@ import socket
 import threading
 from collections.abc import Iterator
 
-from prefect import flow, get_run_logger
+from prefect import Flow, State, flow, get_run_logger
+from prefect.client.schemas.objects import FlowRun
 from prefect.events import emit_event
 from prefect.settings import get_current_settings
 
 from flows.identity import PresetName, current_flow_run_id, pipeline_run_name, run_tags, tag_flow_run
 from pd_core.config import Config, flatten
 from pd_core.jobs import pipeline_prefix
-from pd_core.store import Lease, LeaseLostError, StoreError
+from pd_core.store import Lease, LeaseHeldError, LeaseLostError, StoreError
 from tasks.common import gpu_task_tags, open_store, resolve_config, tracker_for
 from tasks.evaluate import evaluate_round_task, evaluate_teacher_task
+from tasks.reconcile import FLOW_RUN_TAG, end_dead_run
 from tasks.report import publish_report_task
 from tasks.results import PipelineResult, RoundResult
 from tasks.training import distill_round_task, ensure_teacher_task, round_run_name
@@ -78,7 +80,7 @@ def _kept_alive(lease: Lease, *, logger) -> Iterator[LeaseGuard]:
 def parent_run(tracker, cfg: Config, *, continue_run: str | None, logger) -> str | None:
     """The pipeline's MLflow parent run: ``continue_run`` (the teacher flow's) reopened when MLflow has it,
     else a new one named after the pipeline."""
-    tags = {"pd.pipeline": cfg.pipeline.name, "pd.kind": "pipeline", "prefect.flow_run_id": current_flow_run_id()}
+    tags = {"pd.pipeline": cfg.pipeline.name, "pd.kind": "pipeline", FLOW_RUN_TAG: current_flow_run_id()}
     if continue_run:
         reopened = tracker.reopen_run(continue_run)
         if reopened is not None:
@@ -88,12 +90,35 @@ def parent_run(tracker, cfg: Config, *, continue_run: str | None, logger) -> str
     return tracker.start_run(run_name=cfg.pipeline.name, params=flatten(cfg), tags=tags)
 
 
-@flow(name="progressive-distillation", flow_run_name=pipeline_run_name)
+def _end_tracking_of_failed_run(_flow: Flow, flow_run: FlowRun, state: State) -> None:
+    """Flow hook on failure/crash: the run's MLflow runs still RUNNING (its parent run) are marked FAILED.
+
+    A run refused its lease started no MLflow run: nothing to end, and MLflow is not even opened.
+    """
+    try:
+        if isinstance(state.result(raise_on_failure=False), LeaseHeldError):
+            return
+    except Exception:  # noqa: BLE001, S110 - the result is unreadable: end the runs anyway
+        pass
+    params = dict(flow_run.parameters or {})
+    try:
+        cfg = resolve_config(preset=params.get("preset", "smoke"), config_path=params.get("config_path"),
+                             overrides=params.get("overrides") or [], name=params.get("name"),
+                             storage=params.get("storage"), tracking_uri=params.get("tracking_uri"),
+                             teacher_uri=params.get("teacher_uri"))
+        tracker_for(cfg).end_abandoned_runs(tags={FLOW_RUN_TAG: str(flow_run.id)}, status="FAILED")
+    except Exception:  # noqa: BLE001 - a config that failed the run has no MLflow run to end
+        return
+
+
+@flow(name="progressive-distillation", flow_run_name=pipeline_run_name, on_failure=[_end_tracking_of_failed_run],
+      on_crashed=[_end_tracking_of_failed_run])
 def distillation_pipeline(preset: PresetName = "smoke", overrides: list[str] | None = None, name: str | None = None,
                           teacher_uri: str | None = None, storage: str | None = None,
                           tracking_uri: str | None = None, config_path: str | None = None,
                           task_tags: list[str] | None = None,
-                          mlflow_parent_run_id: str | None = None) -> PipelineResult:
+                          mlflow_parent_run_id: str | None = None,
+                          restart_from: int | None = None) -> PipelineResult:
     """Distill a teacher round by round down to ``distill.final_steps``; evaluate, track and report each round.
 
     Args:
@@ -108,18 +133,28 @@ def distillation_pipeline(preset: PresetName = "smoke", overrides: list[str] | N
             worker's GPUs (default: gpu on a standing Prefect server, none on the embedded one).
         mlflow_parent_run_id: Continue this MLflow parent run (the teacher flow's, set by the trigger)
             instead of starting one.
+        restart_from: Retrain round N and every later round (0: the teacher too), replacing their
+            checkpoints; what comes before N is kept (`pd run --restart-from N`).
+
+    A previous run that died holding the lease gets its MLflow runs marked KILLED and its Prefect
+    flow run CRASHED.
     """
     logger = get_run_logger()
     cfg = resolve_config(preset=preset, config_path=config_path, overrides=overrides or [], name=name,
-                         storage=storage, tracking_uri=tracking_uri, teacher_uri=teacher_uri)
+                         storage=storage, tracking_uri=tracking_uri, teacher_uri=teacher_uri,
+                         restart_from=restart_from)
     name = cfg.pipeline.name
     tag_flow_run(run_tags(pipeline=name, preset=preset))
     store = open_store(cfg)
-    owner = f"{socket.gethostname()}:{os.getpid()}:flow-run-{current_flow_run_id()}"
+    flow_run_id = current_flow_run_id()
+    owner = f"{socket.gethostname()}:{os.getpid()}:flow-run-{flow_run_id}"
     gpu_tags = gpu_task_tags(task_tags, api_url=get_current_settings().api.url)
-    with store.acquire_lease(f"{pipeline_prefix(name)}/lease", owner=owner, ttl_s=LEASE_TTL_S) as lease, \
+    with store.acquire_lease(f"{pipeline_prefix(name)}/lease", owner=owner, ttl_s=LEASE_TTL_S,
+                             meta={"flow_run_id": flow_run_id}) as lease, \
             _kept_alive(lease, logger=logger) as guard:
         tracker = tracker_for(cfg)
+        if lease.taken_over is not None:
+            end_dead_run(lease.taken_over, tracker=tracker, logger=logger, current_flow_run_id=flow_run_id)
         parent = parent_run(tracker, cfg, continue_run=mlflow_parent_run_id, logger=logger)
         logger.info("pipeline %s: store %s, MLflow %s", name, cfg.storage.root, tracker.run_link(parent))
         teacher = ensure_teacher_task.with_options(tags=gpu_tags)(cfg, parent_run_id=parent)

@@ -1,26 +1,77 @@
-"""CLI helpers outside the pipeline flow: sample a model into a grid, evaluate one model, show a pipeline."""
+"""CLI helpers outside the pipeline flow: sample a model into a grid, evaluate one model, show a pipeline.
+
+The command line's own bounds are checked before this module is imported (:mod:`flows.cli_args`);
+what needs the model (its step count, its image size, the memory a sample takes) is checked here,
+each a :class:`~flows.cli_args.BadArgument` (exit 2) or a one-line warning.
+"""
 
 from __future__ import annotations
 
 import io
 import logging
 import os
+import re
 import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
 
+import fsspec
 import torch
 
-from pd_core import images, jobs, samplers
-from pd_core.models import LoadedModel, load_model_uri, model_from_files, split_uri
-from pd_core.store import CheckpointStore
+from flows.cli_args import BadArgument
+from pd_core import evaluation, images, jobs, samplers
+from pd_core.config import Config
+from pd_core.models import LoadedModel, load_model, load_model_uri, model_from_files, split_uri
+from pd_core.store import NOT_SAVED, CheckpointStore
 from pd_core.train import resolve_device, resolve_runtime
-from tasks.env import prepare_environment
+from tasks.env import offline_environment, project_home
 
 log = logging.getLogger("pd_core.sampling")
+
+MAX_SAMPLE_BYTES = 4 * 2**30  # the float32 images `pd sample` holds before writing the grid
+_PIPELINE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/(teacher|rounds/[0-9]{2}-[0-9]{4})$")
 
 
 def default_tracking_uri() -> str:
     """Where `pd run` tracks by default: $MLFLOW_TRACKING_URI, else the project's sqlite file."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{prepare_environment() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_home() / 'mlflow.db'}"
+
+
+def pipeline_location(uri: str) -> tuple[str, str] | None:
+    """``<root>/pipelines/<name>/rounds/03-0032`` -> (``<root>``, ``pipelines/<name>/rounds/03-0032``); same for a
+    teacher; None when ``uri`` is not a checkpoint of a pipeline (then it has no pipeline store)."""
+    head, sep, tail = uri.rstrip("/").rpartition("/pipelines/")
+    if not sep or not head or not _PIPELINE_KEY.match(tail):
+        return None
+    return head, f"pipelines/{tail}"
+
+
+def warn_other_steps(manifest: dict, steps: int) -> None:
+    """One warning line when a distilled student is sampled with another step count than it was trained for."""
+    trained = int(manifest.get("steps") or 0)
+    if manifest.get("kind") == "student" and trained and steps != trained:
+        log.warning("--steps %d: this student was distilled to sample in %d step(s); other step counts are allowed "
+                    "but rarely what you want", steps, trained)
+
+
+def write_atomically(url: str, data: bytes) -> None:
+    """Write ``data`` to a path (temp file in the same folder, fsync, rename) or fsspec URL (one PUT)."""
+    if "://" in url and not url.startswith("file://"):
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.pipe_file(path, data)  # an object store shows the whole object or none of it
+        return
+    final = Path(url.removeprefix("file://")).expanduser()
+    tmp = final.with_name(f".tmp-{uuid.uuid4().hex}-{final.name}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_any_model(model: str, *, device: torch.device, tracking_uri: str | None = None) -> LoadedModel:
@@ -61,36 +112,51 @@ def gen_for(device: torch.device, seed: int) -> torch.Generator:
 def sample_to_grid(*, model: str, steps: int | None, num: int, out: str, sampler: str, gamma: float, seed: int,
                    batch_size: int, device: str, throughput: bool, tracking_uri: str | None = None,
                    scale: int | None = None) -> str:
-    """``pd sample``: write a PNG grid of ``num`` samples for people (upscaled by ``scale``, default: to at
-    least 512 px wide, captioned with the model, steps and sampler); return a one-line summary."""
-    prepare_environment()
-    if num < 1:
-        raise ValueError(f"--num must be >= 1; got {num}")
-    if scale is not None and not 1 <= scale <= images.MAX_DISPLAY_SCALE:
-        raise ValueError(f"--scale must be from 1 to {images.MAX_DISPLAY_SCALE}; got {scale}")
-    if steps is not None and steps < 1:
-        raise ValueError(f"--steps must be >= 1; got {steps}")
+    """``pd sample``: write a PNG grid of ``num`` samples for people (atomically; upscaled by ``scale``, default:
+    to at least 512 px wide, captioned with the model, steps and sampler); return a one-line summary.
+
+    Bounds are checked by the CLI (:func:`flows.cli_args.check_sampling`); here: the memory the images
+    take, and a warning when a student is sampled with other steps than it was distilled for.
+    """
+    offline_environment()
     try:
         dev = resolve_device(device)
     except ValueError:
-        raise ValueError("--device cuda: no CUDA device is available; use --device cpu") from None
+        raise BadArgument("--device cuda: no CUDA device is available; use --device cpu") from None
     loaded = load_any_model(model, device=dev, tracking_uri=tracking_uri)
     steps = steps or loaded.steps
+    warn_other_steps(loaded.manifest, steps)
+    spec = loaded.denoiser.net.spec
+    need = num * spec.in_channels * spec.image_size ** 2 * 4
+    if need > MAX_SAMPLE_BYTES:
+        raise BadArgument(f"--num {num}: {num} images of {spec.in_channels}x{spec.image_size}x{spec.image_size} take "
+                          f"{need / 2**30:.1f} GiB, more than the {MAX_SAMPLE_BYTES / 2**30:.0f} GiB `pd sample` "
+                          f"holds; lower --num")
     t0 = time.perf_counter()
     x = sample_images(loaded, steps=steps, num=num, sampler=sampler, gamma=gamma, seed=seed, batch_size=batch_size,
                       device=dev)
     seconds = time.perf_counter() - t0
     caption = images.grid_caption(pipeline=str(loaded.manifest.get("pipeline") or model), manifest=loaded.manifest,
                                   sampler=sampler, steps=steps)
-    images.write_display_grid(x, out, caption=caption, scale=scale)
+    write_atomically(out, images.png_bytes(images.display_grid(x, caption=caption, scale=scale)))
     line = f"wrote {num} samples ({sampler}, {steps} steps) to {out}"
     if throughput:
         line += f"; {num / seconds:.1f} images/s ({seconds / num * 1e3:.2f} ms/image on {dev.type})"
     return line
 
 
+def _round_keys(store: CheckpointStore, name: str) -> list[str]:
+    """The rounds of pipeline ``name`` that have a folder or an in-round state (not ``.eval`` folders), sorted."""
+    found = (re.fullmatch(r"(.+/[0-9]{2}-[0-9]{4})(\.state)?", k) for k in store.list(f"pipelines/{name}/rounds"))
+    return sorted({m.group(1) for m in found if m is not None and m.group(1).count("/") == 3})
+
+
 def show_pipeline(name: str, *, storage: str | None) -> str:
-    """``pd show``: the pipeline's checkpoints and its quality table, read from the store."""
+    """``pd show``: the pipeline's checkpoints and its quality table, read from the store.
+
+    A round that is corrupt (its files do not verify) is listed as corrupt, one in training as such,
+    and the table hides the distilled metrics of every step count whose student is not complete.
+    """
     import pandas as pd
 
     from tasks.common import resolve_config
@@ -99,42 +165,87 @@ def show_pipeline(name: str, *, storage: str | None) -> str:
     store = CheckpointStore(cfg.storage.root, storage_options=dict(cfg.storage.storage_options))
     lines = [f"pipeline {name} in {cfg.storage.root}"]
     teacher = jobs.teacher_key(name)
-    if not store.is_complete(teacher):
+    problem = store.problem(teacher)
+    if problem == NOT_SAVED:
         raise FileNotFoundError(f"no pipeline named {name!r} in {cfg.storage.root} (no complete teacher at "
                                 f"{store.uri(teacher)}); check --storage and the name `pd run` printed")
-    lines.append(f"  teacher      {store.uri(teacher)}")
-    rounds = [k for k in store.list(f"pipelines/{name}/rounds") if k.count("/") == 3 and "." not in k.rsplit("/", 1)[1]]
-    for key in sorted(rounds):
-        if store.is_complete(key):
-            manifest = store.read_manifest(key)
-            lines.append(f"  {manifest['steps']:>4d} steps   {store.uri(key)}")
+    lines.append(f"  teacher      {store.uri(teacher)}" if problem is None else
+                 f"  teacher      CORRUPT {store.uri(teacher)}: {problem}")
+    invalid_steps: set[int] = set()
+    for key in _round_keys(store, name):
+        steps = int(key.rsplit("-", 1)[1])
+        problem = store.problem(key)
+        if problem is None:
+            lines.append(f"  {steps:>4d} steps   {store.uri(key)}")
+            continue
+        invalid_steps.add(steps)
+        state = store.read_state_meta(jobs.state_key(key))
+        if problem != NOT_SAVED:
+            lines.append(f"  {steps:>4d} steps   CORRUPT {store.uri(key)}: {problem}; its metrics are hidden (a rerun "
+                         f"retrains it)")
+        elif state is not None:
+            lines.append(f"  {steps:>4d} steps   not complete (in training, update {state.get('step')}) "
+                         f"{store.uri(key)}")
+        else:
+            lines.append(f"  {steps:>4d} steps   not complete (no manifest: its save did not finish) {store.uri(key)}")
     report = f"pipelines/{name}/report/quality.csv"
     if store.exists(report):
         from pd_core.metrics.table import summary_view
 
         df = pd.read_csv(io.BytesIO(store.get_bytes(report)))
+        hidden = df["steps"].isin(sorted(invalid_steps))
+        distilled = [c for c in df.columns if c.startswith("distilled_")]
+        df.loc[hidden, distilled] = float("nan")
         lines += ["", summary_view(df).to_string(index=False, float_format=lambda v: f"{v:.4g}"),
                   f"(all columns: {store.uri(report)})"]
+        if hidden.any():
+            lines.append(f"(distilled metrics hidden for {sorted(invalid_steps)} step(s): those students are not "
+                         f"complete)")
     else:
         lines.append("  (no quality table yet: the pipeline has not finished its report)")
     return "\n".join(lines)
 
 
-def evaluate_model_cli(cfg, *, model: str, steps: int | None, sampler: str, gamma: float) -> str:
-    """``pd eval``: one checkpoint's metrics with the config's evaluation settings (features cached in the store)."""
-    from pd_core import evaluation
+def _evaluated_model(cfg: Config, *, model: str, storage: str | None,
+                     device: torch.device) -> tuple[CheckpointStore, Callable[[], LoadedModel], dict]:
+    """(the store the evaluation caches go to, a loader of the model, its manifest) for `pd eval`.
 
-    if steps is not None and steps < 1:
-        raise ValueError(f"--steps must be >= 1; got {steps}")
-    root, key = split_uri(model)
-    model_store = CheckpointStore(root, storage_options=dict(cfg.storage.storage_options))
+    The cache store is ``--storage`` when given, else the store of the checkpoint's pipeline
+    (``<root>`` of ``<root>/pipelines/<name>/...``: its cached feature classifier and reference
+    features are reused), else ``storage.root``; caches never go into the checkpoint's folder.
+    """
+    options = dict(cfg.storage.storage_options)
+    config_store = lambda: CheckpointStore(cfg.storage.root, storage_options=options)  # noqa: E731
+    if model.startswith(("models:/", "runs:/")):
+        from tasks.tracking import load_sampler_from_mlflow
+
+        weights_path, manifest = load_sampler_from_mlflow(model, tracking_uri=cfg.tracking.tracking_uri)
+        return config_store(), lambda: model_from_files(weights_path=weights_path, manifest=manifest,
+                                                        device=device), manifest
+    located = pipeline_location(model)
+    root, key = located if located is not None else split_uri(model)
+    model_store = CheckpointStore(root, storage_options=options)
     manifest = model_store.read_manifest(key)
-    if manifest is None:
-        raise FileNotFoundError(f"no checkpoint at {model} (no manifest); "
-                                f"pass a checkpoint folder as `pd run` prints it")
+    if manifest is None or "sha256" not in manifest:
+        raise BadArgument(f"--model {model}: no checkpoint there (no manifest); pass a checkpoint folder as "
+                          f"`pd run` prints it")
+    cache_store = config_store() if storage or located is None else model_store
+    return cache_store, lambda: load_model(model_store, key, device=device), manifest
+
+
+def evaluate_model_cli(cfg: Config, *, model: str, steps: int | None, sampler: str, gamma: float,
+                       storage: str | None = None) -> str:
+    """``pd eval``: one model's metrics with the config's evaluation settings (caches: see _evaluated_model)."""
     device = resolve_runtime(cfg.runtime).device
-    ctx = evaluation.feature_context(cfg, model_store, device=device)
-    record = evaluation.evaluate_checkpoint(cfg, model_store, ctx, key=key, label=f"{sampler}", sampler=sampler,
-                                            steps=steps or int(manifest["steps"]),
-                                            gamma=gamma if sampler == "stochastic" else None, device=device)
+    store, load, manifest = _evaluated_model(cfg, model=model, storage=storage, device=device)
+    size = int((manifest.get("unet") or {}).get("image_size", cfg.data.image_size))
+    if size != cfg.data.image_size:
+        raise BadArgument(f"--model makes {size}x{size} images but the config's data ({cfg.data.name}) is "
+                          f"{cfg.data.image_size}x{cfg.data.image_size}; pass the pipeline's --preset/--config/--set")
+    steps = steps or int(manifest["steps"])
+    warn_other_steps(manifest, steps)
+    ctx = evaluation.feature_context(cfg, store, device=device)
+    record = evaluation.evaluate_model(cfg, store, ctx, load=load, sha256=manifest["sha256"], model_uri=model,
+                                       label=sampler, sampler=sampler, steps=steps,
+                                       gamma=gamma if sampler == "stochastic" else None, device=device)
     return "\n".join(f"{k:24s} {v}" for k, v in record.items())

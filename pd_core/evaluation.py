@@ -195,24 +195,34 @@ def make_sample_fn(model: LoadedModel, *, sampler: str, steps: int, gamma: float
 def evaluate_checkpoint(cfg: Config, store: CheckpointStore, ctx: FeatureContext, *, key: str, label: str, sampler: str,
                         steps: int, gamma: float | None = None, device: torch.device | str = "cpu",
                         progress: Progress | None = None) -> dict:
-    """One record: the checkpoint at ``key`` sampled with ``sampler`` in ``steps`` steps; cached in the store.
+    """One record: the checkpoint at ``key`` sampled with ``sampler`` in ``steps`` steps; cached in the store."""
+    manifest = store.read_manifest(key)
+    if manifest is None:
+        raise FileNotFoundError(f"no complete checkpoint at {store.uri(key)} to evaluate")
+    return evaluate_model(cfg, store, ctx, load=lambda: load_model(store, key, device=device),
+                          sha256=manifest["sha256"], model_uri=store.uri(key), label=label, sampler=sampler,
+                          steps=steps, gamma=gamma, device=device, progress=progress)
+
+
+def evaluate_model(cfg: Config, store: CheckpointStore, ctx: FeatureContext, *, load: Callable[[], LoadedModel],
+                   sha256: str, model_uri: str, label: str, sampler: str, steps: int, gamma: float | None = None,
+                   device: torch.device | str = "cpu", progress: Progress | None = None) -> dict:
+    """One record of the model ``load()`` gives (called on a cache miss only), cached in ``store`` under its
+    weights' ``sha256`` (which may live anywhere: another store, an MLflow model).
 
     Sampled under ``runtime.precision`` resolved for ``device`` (:func:`sampling_dtype`); the record
     says which (``sampling_dtype``), and records of other precisions are cached under other keys.
     """
     g = f"-g{gamma:.2f}" if gamma is not None else ""
-    manifest = store.read_manifest(key)
-    if manifest is None:
-        raise FileNotFoundError(f"no complete checkpoint at {store.uri(key)} to evaluate")
     device = torch.device(device)
     dtype = sampling_dtype(cfg, device=device)
     precision = "" if dtype is None else f"-{dtype_tag(dtype)}"  # fp32 records keep their original keys
     # Keyed by the weights' sha256, not by the checkpoint's key: a teacher imported into another
     # pipeline (pd run --teacher-uri) reuses the measurements made on the same weights.
-    cache = f"{records_prefix(manifest['sha256'])}/{sampler}-{steps:04d}{g}-{eval_hash(cfg)}{precision}.json"
+    cache = f"{records_prefix(sha256)}/{sampler}-{steps:04d}{g}-{eval_hash(cfg)}{precision}.json"
 
     def compute() -> dict:
-        model = load_model(store, key, device=device)
+        model = load()
         ev = cfg.eval
         sample = make_sample_fn(model, sampler=sampler, steps=steps, gamma=gamma, seed=ev.seed, device=device,
                                 autocast_dtype=dtype, compile=ev.compile)
@@ -233,9 +243,9 @@ def evaluate_checkpoint(cfg: Config, store: CheckpointStore, ctx: FeatureContext
         log.info("%s %s %d steps%s: %s", label, sampler, steps, f" gamma {gamma}" if gamma is not None else "",
                  ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("n_samples",)))
         return {"sampler": label, "steps": steps, "gamma": gamma, **metrics, "sampling_dtype": dtype_tag(dtype),
-                "model_sha256": model.manifest["sha256"], "model_uri": store.uri(key)}
+                "model_sha256": sha256, "model_uri": model_uri}
 
-    return {**_cached(store, cache, compute), "model_uri": store.uri(key)}
+    return {**_cached(store, cache, compute), "model_uri": model_uri}
 
 
 def write_grid(cfg: Config, store: CheckpointStore, *, key: str, sampler: str, steps: int,

@@ -27,9 +27,10 @@ import torch
 
 from pd_core.config import Config, ConfigError
 from pd_core.dist import DistributedJobError
+from pd_core.finite import NonFiniteOutputError
 from pd_core.jobs import CheckpointInfo, PipelineMismatchError
 from pd_core.malloc_env import with_malloc_tunables
-from pd_core.store import StorageIOError, StoreError
+from pd_core.store import StorageIOError, StoreError, TransientStorageIOError
 from pd_core.train import NonFiniteLossError, ProgressEvent
 
 log = logging.getLogger("pd_core.launch")
@@ -39,8 +40,9 @@ PROGRESS_PREFIX = "PD_PROGRESS "  # a torchrun child's progress line: PD_PROGRES
 
 # A child's error is re-raised as the same type where it is one of these (task retry conditions depend on it).
 _ERROR_TYPES: dict[str, type[BaseException]] = {
-    cls.__name__: cls for cls in (NonFiniteLossError, PipelineMismatchError, StoreError, StorageIOError, ConfigError,
-                                  ValueError, TimeoutError, ConnectionError)}
+    cls.__name__: cls for cls in (NonFiniteLossError, NonFiniteOutputError, PipelineMismatchError, StoreError,
+                                  StorageIOError, TransientStorageIOError, ConfigError, ValueError, TimeoutError,
+                                  ConnectionError)}
 
 
 def _rebuild_error(type_name: str, message: str) -> BaseException:

@@ -8,9 +8,10 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 from pd_core.config import Config, load_config
-from tasks.env import prepare_environment
+from tasks.env import prepare_environment, project_home, state_home
 from tasks.prefect_server import is_embedded
 
 if TYPE_CHECKING:
@@ -19,13 +20,15 @@ if TYPE_CHECKING:
 
 def resolve_config(*, preset: str | None = None, config_path: str | None = None, overrides: Sequence[str] = (),
                    name: str | None = None, storage: str | None = None, tracking_uri: str | None = None,
-                   teacher_uri: str | None = None) -> Config:
+                   teacher_uri: str | None = None, restart_from: int | None = None) -> Config:
     """The resolved config: preset, then file, then --set overrides, then the named CLI options.
 
     Embedded defaults are made concrete here: a relative storage root becomes an absolute path
-    under the project home, no tracking URI becomes ``sqlite:///<home>/mlflow.db``.
+    under the project home, no tracking URI becomes ``sqlite:///<home>/mlflow.db``. The process
+    environment is prepared after validation (a refused config creates no folder): Prefect's home
+    goes under ./.pd only when the run uses an embedded default there (see :func:`tasks.env.state_home`).
     """
-    home = prepare_environment()
+    home = project_home()
     # A worker configured by environment (docker-compose sets these) needs no per-run options.
     storage = storage or os.environ.get("PD_STORAGE") or None
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
@@ -38,7 +41,11 @@ def resolve_config(*, preset: str | None = None, config_path: str | None = None,
         extra.append(f"tracking.tracking_uri={tracking_uri}")
     if teacher_uri:
         extra.append(f"pipeline.teacher_uri={teacher_uri}")
+    if restart_from is not None:
+        extra.append(f"pipeline.restart_from={int(restart_from)}")
     cfg = load_config(preset=preset, path=config_path, overrides=extra)
+    embedded = cfg.storage.root.startswith(".pd/") or not cfg.tracking.tracking_uri
+    prepare_environment(local_state=embedded)
     updates: dict[str, Any] = {}
     root = cfg.storage.root
     if "://" not in root:
@@ -88,16 +95,38 @@ def open_store(cfg: Config) -> CheckpointStore:
     return jobs.open_store(cfg)
 
 
+def local_root(root: str) -> Path | None:
+    """The folder of a local storage root (a path or file:// URL); None for an object store."""
+    if "://" not in root:
+        return Path(root).expanduser().absolute()
+    if root.startswith("file://"):
+        return Path(unquote(urlsplit(root).path)).absolute()
+    return None
+
+
+def journal_folder(cfg: Config) -> Path:
+    """Where the run's MLflow outage journals live: with the run's state, never in the working folder.
+
+    ``<storage.root>/.mlflow-journals`` for a local store (a dot-folder: the store never lists it);
+    ``<state home>/mlflow-journals`` for an object store ($PD_HOME, else $XDG_STATE_HOME/pd).
+    """
+    local = local_root(cfg.storage.root)
+    return local / ".mlflow-journals" if local is not None else state_home(local=False) / "mlflow-journals"
+
+
 def tracker_for(cfg: Config):
     """The process's Tracker for ``cfg.tracking`` (imported lazily: MLflow is slow to import).
 
     One per (URI, experiment, journal) in a process: every task of a pipeline shares it, so an
-    MLflow outage is probed and reported once, not once per task.
+    MLflow outage is probed and reported once, not once per task. Its journal is the tracking
+    URI's own (:func:`tasks.tracking.journal.journal_name`) in :func:`journal_folder`.
     """
-    home = prepare_environment()
+    from tasks.tracking.journal import journal_name
+
     uri = cfg.tracking.tracking_uri
-    artifacts = (home / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-    return _tracker(uri, cfg.tracking.experiment, cfg.tracking.enabled, artifacts, str(home / "mlflow-journal.jsonl"))
+    journal = journal_folder(cfg) / journal_name(uri)
+    # artifacts None: next to a sqlite/file store (Tracker's default), on the server for a remote one
+    return _tracker(uri, cfg.tracking.experiment, cfg.tracking.enabled, None, str(journal))
 
 
 @functools.lru_cache(maxsize=8)

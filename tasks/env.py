@@ -1,7 +1,10 @@
-"""Process environment for the orchestration layer: offline hygiene and project-local state.
+"""Process environment for the orchestration layer: offline hygiene, the project home and the state home.
 
 Imported (and :func:`prepare_environment` called) before Prefect or MLflow are imported by the
-CLI, so their home folders and telemetry settings take effect.
+CLI, so their home folders and telemetry settings take effect. The project home ($PD_HOME or
+./.pd) holds the embedded defaults (MLflow's sqlite file, the local store); the state home holds
+Prefect's home and the outage journals of object stores: $PD_HOME when set, else ./.pd for runs
+that use an embedded default, else $XDG_STATE_HOME/pd (~/.local/state/pd).
 """
 
 from __future__ import annotations
@@ -20,18 +23,45 @@ OFFLINE_DEFAULTS = {
 
 
 def project_home() -> Path:
-    """Folder for embedded-default state (ephemeral Prefect DB, MLflow sqlite, local store): $PD_HOME or ./.pd."""
+    """Folder of the embedded defaults (MLflow sqlite, local store): $PD_HOME or ./.pd."""
     return Path(os.environ.get("PD_HOME", ".pd")).resolve()
 
 
-def prepare_environment() -> Path:
-    """Set telemetry off and a project-local PREFECT_HOME unless the user set them; returns the project home."""
-    home = project_home()
+def user_state_home() -> Path:
+    """Per-user state folder: $XDG_STATE_HOME/pd, else ~/.local/state/pd."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base).expanduser().resolve() / "pd"
+
+
+def state_home(*, local: bool = True) -> Path:
+    """Where machine-local run state lives (Prefect's home, the MLflow outage journals of object stores).
+
+    $PD_HOME when set; else ./.pd when ``local`` (the run keeps its embedded defaults there anyway);
+    else the per-user state folder, so a run with explicit storage and tracking writes nothing into
+    the working folder.
+    """
+    if os.environ.get("PD_HOME"):
+        return project_home()
+    return project_home() if local else user_state_home()
+
+
+def offline_environment() -> None:
+    """Telemetry off (unless the user set these variables) and pd_core's log lines routed to Prefect's run logs."""
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect does not create parents
     attach_pd_core_logs()
+
+
+def prepare_environment(*, local_state: bool = True) -> Path:
+    """:func:`offline_environment`, and PREFECT_HOME = ``state_home(local=local_state)/prefect`` unless set.
+
+    Returns the project home. ``local_state=False`` is for runs whose storage and tracking are both
+    explicit: nothing then goes to ./.pd.
+    """
+    home = project_home()
+    offline_environment()
+    os.environ.setdefault("PREFECT_HOME", str(state_home(local=local_state) / "prefect"))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect does not create parents
     return home
 
 

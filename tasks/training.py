@@ -27,13 +27,16 @@ NAN_AT_ENV = "PD_TEST_NAN_AT_STEP"
 
 
 def storage_error_only(_task: Any, _task_run: Any, state: Any) -> bool:
-    """Retry a task only when it failed on storage I/O.
+    """Retry a task only when it failed on transient storage I/O (unreachable, timed out, throttled).
 
-    A corrupt checkpoint (StoreError), a NaN loss or a bad config never heals by retrying.
+    A full disk, a permission error, a corrupt checkpoint (StoreError), a NaN loss or a bad config
+    never heals by retrying.
     """
     try:
         state.result()
-    except (StorageIOError, ConnectionError, TimeoutError):
+    except StorageIOError as err:
+        return err.transient
+    except (ConnectionError, TimeoutError):
         return True
     except Exception:  # noqa: BLE001 - any other failure is final: no retry
         return False

@@ -8,6 +8,7 @@ import torch
 
 from pd_core import evaluation, jobs
 from pd_core.config import load_config
+from pd_core.lineage import teacher_lineage
 from pd_core.schedule import COSINE
 from pd_core.store import CheckpointStore
 from pd_core.unet import UNet, unet_spec
@@ -25,9 +26,9 @@ def tiny(tmp_path_factory):
     # Perturbed: the output layer starts at zero, which would make every sample the same image.
     tensors = {k: v.detach() + 0.05 * torch.randn_like(v) for k, v in UNet(spec).state_dict().items()}
     for name in ("a", "b"):
-        manifest = jobs._manifest(cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"name": name})}),
-                                  kind="teacher", spec=spec, steps=8, round_index=0, parent_sha256=None,
-                                  schedule=COSINE)
+        named = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"name": name})})
+        manifest = jobs._manifest(named, kind="teacher", spec=spec, steps=8, round_index=0,
+                                  lineage_=teacher_lineage(named), schedule=COSINE)
         store.save_checkpoint(jobs.teacher_key(name), tensors=tensors, manifest=manifest)
     ctx = evaluation.feature_context(cfg, store)
     return cfg, store, ctx

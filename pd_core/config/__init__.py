@@ -11,10 +11,11 @@ Models are frozen: a validated config is a value (it is hashed into checkpoint m
 derive a changed one with ``cfg.model_copy(update=...)`` or through :func:`load_config`.
 
 The package imports only pydantic, yaml, fsspec and :mod:`pd_core.kinds` (never torch), so a
-config can be validated before anything heavy loads. Modules, lowest first: ``base`` (what
-sections share), ``training`` and ``services`` (the sections), ``schema`` (:class:`Config`),
-``errors`` (one-line messages, :func:`validate_config`), ``loading`` (YAML, presets, overrides)
-and ``views`` (hash, flat params, YAML text, descriptions).
+config can be validated before anything heavy loads. Modules, lowest first: ``secrets``
+(credentials in URLs), ``urls`` (protocols), ``base`` (what sections share), ``training`` and
+``services`` (the sections), ``schema`` (:class:`Config`), ``errors`` (one-line, redacted
+messages, :func:`validate_config`), ``loading`` (bounded YAML, presets, overrides) and ``views``
+(hash, flat params, YAML text, descriptions).
 """
 
 from pd_core.config.errors import ConfigError, validate_config

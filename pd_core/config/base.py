@@ -3,23 +3,23 @@
 A section is a frozen pydantic model that refuses unknown keys and NaN/inf. Validators report a
 problem with ``ValueError("must ..., got ...")``; a model validator that finds a problem at some
 other field raises :class:`_FieldProblem` so the message is attributed to that (dotted) field.
-Credentials never belong in a config: option names containing any of ``SECRET_KEY_PARTS`` and URLs
-with ``user:password@`` are refused, because a config is logged and hashed.
+Credentials never belong in a config: option names containing any of ``SECRET_KEY_PARTS``, and URLs
+(in any field or option value) with ``user:password@`` or a credential query parameter
+(:mod:`pd_core.config.secrets`) are refused, because a config is logged, hashed and stored.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from pd_core.config.secrets import credential_problem, no_credentials
+
 # Substrings of storage option names that carry credentials; such values belong in the
 # environment (AWS_ACCESS_KEY_ID, ...) or in fsspec's own config, never in a logged config.
 SECRET_KEY_PARTS = ("key", "secret", "token", "password", "passwd", "credential")
-# URL userinfo with a password ("scheme://user:pass@host") leaks credentials the same way.
-_URL_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*:[^/@\s]*@")
 
 
 class _FieldProblem(ValueError):
@@ -34,23 +34,33 @@ def _is_power_of_two(value: int) -> bool:
     return value >= 1 and value & (value - 1) == 0
 
 
-def _no_password_in_url(value: str | None) -> str | None:
-    if value is not None and _URL_PASSWORD.match(value):
-        raise ValueError("must not contain a password (user:password@...); pass credentials through "
-                         "environment variables (e.g. AWS_ACCESS_KEY_ID, MLFLOW_TRACKING_PASSWORD) instead")
-    return value
+def _no_credentials_in_url(value: str | None) -> str | None:
+    """A URL field's validator: ``value``, or ValueError saying what credential it holds (not the credential)."""
+    return no_credentials(value)
 
 
 def _secret_option_paths(options: Mapping[Any, Any], prefix: str = "") -> list[str]:
-    """Dotted names of (nested) option keys that look like credentials."""
+    """Dotted names of (nested) options that carry credentials: a secret-looking key, or a URL value with one.
+
+    Values are looked into at any depth, lists included (e.g. ``client_kwargs.endpoint_url``).
+    """
     found = []
     for key, value in options.items():
         name = f"{prefix}{key}"
         if any(part in str(key).lower() for part in SECRET_KEY_PARTS):
             found.append(name)
-        if isinstance(value, Mapping):
-            found.extend(_secret_option_paths(value, prefix=f"{name}."))
+        found.extend(_secret_value_paths(value, name))
     return found
+
+
+def _secret_value_paths(value: Any, name: str) -> list[str]:
+    if isinstance(value, Mapping):
+        return _secret_option_paths(value, prefix=f"{name}.")
+    if isinstance(value, (list, tuple)):
+        return [p for i, item in enumerate(value) for p in _secret_value_paths(item, f"{name}[{i}]")]
+    if isinstance(value, str) and credential_problem(value) is not None:
+        return [name]
+    return []
 
 
 class _Section(BaseModel):

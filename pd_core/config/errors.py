@@ -16,13 +16,17 @@ from pydantic import BaseModel, ValidationError
 
 from pd_core.config.base import _FieldProblem
 from pd_core.config.schema import Config
+from pd_core.config.secrets import redact_text
 
 
 class ConfigError(ValueError):
-    """An invalid configuration; the message is one line naming the dotted field and the fix."""
+    """An invalid configuration; the message is one line naming the dotted field and the fix.
+
+    Values echoed in it (``got ...``) have URL credentials redacted: a refused secret is never printed.
+    """
 
     def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))  # one line, whatever went in
+        super().__init__(redact_text(" ".join(str(message).split())))  # one line, whatever went in
 
 
 def _dotted(loc: Iterable[Any]) -> str:

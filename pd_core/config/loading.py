@@ -4,6 +4,11 @@ Presets are ``pd_core/presets/<name>.yaml`` (read through importlib.resources fr
 ``pd_core``; the first comment line describes the preset). Files may be local paths or fsspec URLs.
 YAML is read with a SafeLoader that also takes ``1e-4`` as a float; override values are parsed as
 YAML too (``model.ch_mult=[1,2,2]``, ``data.url=null``). Every problem is a one-line ConfigError.
+
+Parsing is bounded: a document (file, preset or override value) has at most ``MAX_DOCUMENT_BYTES``,
+and at most ``MAX_NODES`` YAML nodes once aliases are expanded (a node reached through n alias
+references counts n times), so a "billion laughs" alias bomb is refused after composing its few
+hundred bytes, before anything is built from it; a recursive alias is refused too.
 """
 
 from __future__ import annotations
@@ -23,13 +28,60 @@ from pd_core.config.errors import ConfigError, _short_repr, validate_config
 from pd_core.config.schema import Config
 
 _OVERRIDE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z0-9_][A-Za-z0-9_-]*)*$")
+MAX_DOCUMENT_BYTES = 1 << 20  # 1 MiB: a config is a few KB
+MAX_NODES = 100_000  # YAML nodes after alias expansion: a config has a few hundred
+
+
+class _Refused(yaml.YAMLError):
+    """A document that parses but is refused (too large once expanded, or recursive)."""
+
+
+def _expanded_size(root: yaml.Node, *, limit: int) -> int:
+    """Nodes of the tree under ``root`` with every alias expanded; stops counting past ``limit``.
+
+    Shared subtrees are sized once (memoised), so the walk costs the unique nodes, not the expansion.
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise _Refused("it has a recursive alias (an anchor used inside itself); refusing it")
+        open_nodes.add(key)
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = []
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(root)
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads 1e-4 (no dot) as a float, like YAML 1.2 and like users expect."""
+    """SafeLoader that also reads 1e-4 (no dot) as a float, like YAML 1.2 and like users expect, and refuses
+    documents that expand to more than ``MAX_NODES`` nodes through aliases."""
 
     # copy the resolver table (lists included) so SafeLoader itself is left untouched
     yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        if node is not None and _expanded_size(node, limit=MAX_NODES) > MAX_NODES:
+            raise _Refused(f"it expands to more than {MAX_NODES} YAML nodes through aliases (an alias bomb?); "
+                           f"refusing it")
+        return node
 
 
 _Loader.add_implicit_resolver(
@@ -40,8 +92,14 @@ _Loader.add_implicit_resolver(
 
 
 def _parse_yaml(text: str, *, source: str) -> Any:
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_DOCUMENT_BYTES:
+        raise ConfigError(f"{source} has {size} bytes, more than the {MAX_DOCUMENT_BYTES} bytes (1 MiB) a config "
+                          f"document may have; refusing it")
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except _Refused as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
@@ -127,14 +185,22 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, 
 
 
 def _read_text(path: str) -> str:
-    """Text of a local path or any fsspec URL."""
+    """Text of a local path or any fsspec URL (at most ``MAX_DOCUMENT_BYTES``; more is refused unread)."""
     local = os.path.expanduser(path) if "://" not in path else path
     try:
-        with fsspec.open(local, "rt", encoding="utf-8") as f:
-            return f.read()
+        with fsspec.open(local, "rb") as f:
+            data = f.read(MAX_DOCUMENT_BYTES + 1)
+        if len(data) > MAX_DOCUMENT_BYTES:
+            raise ConfigError(f"config file {path} is larger than the {MAX_DOCUMENT_BYTES} bytes (1 MiB) a config "
+                              f"may have; refusing it")
+        return data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; give an existing YAML path or URL") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder; give a YAML file") from None
     except (OSError, UnicodeDecodeError, ValueError, ImportError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
         raise ConfigError(f"config file {path} could not be read: {exc}") from None
 
 

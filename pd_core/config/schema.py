@@ -30,6 +30,10 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:
+        rounds = len(self.distill.rounds())
+        if self.pipeline.restart_from is not None and self.pipeline.restart_from > rounds:
+            raise _FieldProblem("pipeline.restart_from", f"must be a round of this pipeline, 0 (the teacher) to "
+                                                         f"{rounds}, got {self.pipeline.restart_from}")
         m, size = self.model, self.data.image_size
         factor = 2 ** (len(m.ch_mult) - 1)
         if size % factor:

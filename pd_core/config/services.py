@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from pd_core.config.base import _no_password_in_url, _secret_option_paths, _Section
+from pd_core.config.base import _no_credentials_in_url, _secret_option_paths, _Section
+from pd_core.config.urls import check_protocols
 
 _PIPELINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -29,7 +30,8 @@ class StorageConfig(_Section):
     def _root(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must be a non-empty path or URL, got ''")
-        return _no_password_in_url(value)  # type: ignore[return-value]
+        check_protocols(value)
+        return _no_credentials_in_url(value)  # type: ignore[return-value]
 
     @field_validator("storage_options")
     @classmethod
@@ -54,7 +56,7 @@ class TrackingConfig(_Section):
     @field_validator("tracking_uri")
     @classmethod
     def _uri(cls, value: str | None) -> str | None:
-        return _no_password_in_url(value)
+        return _no_credentials_in_url(value)
 
 
 class RuntimeConfig(_Section):
@@ -81,6 +83,9 @@ class PipelineConfig(_Section):
     seed: int = Field(0, ge=0, description="Pipeline-level seed (mixed into task seeds).")
     teacher_uri: str | None = Field(None, description="Import this teacher checkpoint (store key or URL) instead "
                                                       "of training one.")
+    restart_from: int | None = Field(None, ge=0, description="Retrain round N and every later round (0 or "
+                                                            "'teacher': the teacher too), replacing their checkpoints; "
+                                                            "what comes before N is kept as it is. null = resume.")
 
     @field_validator("name")
     @classmethod
@@ -93,5 +98,10 @@ class PipelineConfig(_Section):
     @field_validator("teacher_uri")
     @classmethod
     def _uri(cls, value: str | None) -> str | None:
-        return _no_password_in_url(value)
+        return _no_credentials_in_url(value)
+
+    @field_validator("restart_from", mode="before")
+    @classmethod
+    def _teacher_is_zero(cls, value: Any) -> Any:
+        return 0 if isinstance(value, str) and value.strip().lower() == "teacher" else value
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pd_core.config.base import _FieldProblem, _is_power_of_two, _no_password_in_url, _Section
+from pd_core.config.base import _FieldProblem, _is_power_of_two, _no_credentials_in_url, _Section
 from pd_core.kinds import check_combination
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -106,7 +106,7 @@ class DataConfig(_Section):
     def _url_ok(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
             raise ValueError("must be a non-empty path or URL, got ''")
-        return _no_password_in_url(value)
+        return _no_credentials_in_url(value)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -225,7 +225,7 @@ class EvalConfig(_Section):
     @field_validator("inception_weights")
     @classmethod
     def _weights_url(cls, value: str | None) -> str | None:
-        return _no_password_in_url(value)
+        return _no_credentials_in_url(value)
 
     @field_validator("inception_sha256")
     @classmethod

@@ -47,6 +47,7 @@ from pd_core.store.retry import one_line, storage_error_types
 log = logging.getLogger("pd_core.store")
 
 MANIFEST_NAME = "manifest.json"
+NOT_SAVED = "not saved"  # CheckpointStore.problem: no manifest, nothing published at the key
 STATE_NAME = "state.json"
 CHECKPOINT_FORMAT = "pd-checkpoint/1"
 STATE_FORMAT = "pd-state/1"
@@ -216,29 +217,43 @@ class CheckpointStore(LeasingStore):
         """The manifest at ``key`` as stored (not verified), or None if there is none."""
         return self._read_json(f"{self._path(key)}/{MANIFEST_NAME}", what=MANIFEST_NAME)
 
+    def problem(self, key: str) -> str | None:
+        """Why ``key`` holds no complete checkpoint: None when it does (every file verifies), ``NOT_SAVED``
+        when nothing was published there, otherwise what is wrong (one line: corrupt, truncated, ...).
+
+        An unreachable store raises StoreError (a storage failure says nothing about the checkpoint).
+        """
+        folder, uri = self._path(key), self.uri(key)
+        try:
+            doc = self.read_manifest(key)
+            if doc is None:
+                return NOT_SAVED
+            name, sha, size = self._entry(doc, "weights", uri=uri, pointer=MANIFEST_NAME)
+        except StorageIOError:
+            raise
+        except StoreError as err:
+            return str(err).removeprefix(f"{uri}: ")
+        path = f"{folder}/{name}"
+        info = self._io("read", path, lambda: self.fs.info(path), missing_ok=True)
+        if info is None:
+            return f"{name} listed in the manifest is missing"
+        if int(info.get("size", -1)) != size:
+            return f"{name} has {info.get('size')} bytes, the manifest says {size} (truncated or replaced)"
+        got_sha, got_size, head = self._hash_file(path)
+        if (got_sha, got_size) != (sha, size):
+            return f"{name} is corrupt (sha256 {got_sha[:12]}..., the manifest says {sha[:12]}...)"
+        # The header check makes a forged entry (a pickle with a matching hash) incomplete too.
+        if not looks_like_safetensors(head, got_size):
+            return f"{name} is not a safetensors file"
+        return None
+
     def is_complete(self, key: str) -> bool:
         """True if ``key`` holds a complete checkpoint whose files verify.
 
         A missing, unfinished or corrupt checkpoint gives False; an unreachable store raises
         StoreError (so a pipeline never retrains a round just because the store was down).
         """
-        folder, uri = self._path(key), self.uri(key)
-        try:
-            doc = self.read_manifest(key)
-            if doc is None:
-                return False
-            name, sha, size = self._entry(doc, "weights", uri=uri, pointer=MANIFEST_NAME)
-        except StorageIOError:
-            raise  # a storage failure says nothing about the checkpoint
-        except StoreError:
-            return False
-        path = f"{folder}/{name}"
-        info = self._io("read", path, lambda: self.fs.info(path), missing_ok=True)
-        if info is None or int(info.get("size", -1)) != size:
-            return False
-        got_sha, got_size, head = self._hash_file(path)
-        # The header check makes a forged entry (a pickle with a matching hash) incomplete too.
-        return (got_sha, got_size) == (sha, size) and looks_like_safetensors(head, got_size)
+        return self.problem(key) is None
 
     def delete_checkpoint(self, key: str) -> None:
         """Remove the checkpoint at ``key`` (manifest first); other files under the key stay."""
@@ -267,6 +282,14 @@ class CheckpointStore(LeasingStore):
         if not isinstance(meta, dict):
             raise StoreError(f"{self.uri(key)}: {STATE_NAME} has no meta object; clear the state to restart the round")
         return tensors, meta
+
+    def read_state_meta(self, key: str) -> dict[str, Any] | None:
+        """The JSON meta of the saved state at ``key`` without reading its tensors (None when there is none)."""
+        doc = self._read_json(f"{self._path(check_key(key))}/{STATE_NAME}", what=STATE_NAME)
+        if doc is None:
+            return None
+        meta = doc.get("meta")
+        return meta if isinstance(meta, dict) else {}
 
     def clear_state(self, key: str) -> None:
         """Delete the saved state at ``key`` (idempotent)."""

@@ -8,7 +8,19 @@ class StoreError(RuntimeError):
 
 
 class StorageIOError(StoreError):
-    """The storage itself failed (I/O, permissions, disk full, network); the original error is ``__cause__``."""
+    """The storage itself failed (I/O, permissions, disk full, network); the original error is ``__cause__``.
+
+    ``transient`` says whether retrying may help: False for this class (disk full, permission denied,
+    read-only folder: a retry only repeats the failure), True for :class:`TransientStorageIOError`.
+    """
+
+    transient = False
+
+
+class TransientStorageIOError(StorageIOError):
+    """The storage was unreachable or timed out (connection refused/reset, timeout, throttling): worth a retry."""
+
+    transient = True
 
 
 class LeaseHeldError(StoreError):

@@ -52,13 +52,17 @@ class Lease:
     """
 
     def __init__(self, *, store: LeasingStore, key: str, owner: str, token: str, ttl_s: float,
-                 expires_at: float) -> None:
+                 expires_at: float, meta: Mapping[str, str] | None = None) -> None:
         self.store = store
         self.key = key  # the leased key
         self.owner = owner
         self.token = token  # unique per acquisition: tells our lease from a later one by the same owner
         self.ttl_s = ttl_s
         self.expires_at = expires_at  # unix time
+        self.meta = dict(meta or {})  # what the owner records about itself (e.g. its flow-run id)
+        # The lease document of another owner this acquisition took over (its holder died or its lease
+        # expired without a release): whoever held it did not finish. None when the key was free.
+        self.taken_over: dict[str, Any] | None = None
         self.released = False
 
     @property
@@ -135,7 +139,7 @@ class LeasingStore(ObjectStore):
     def _lease_doc(self, lease: Lease) -> dict[str, Any]:
         return {"owner": lease.owner, "host": socket.gethostname(), "pid": os.getpid(), "token": lease.token,
                 "ttl_s": lease.ttl_s, "expires_at": utc_iso(lease.expires_at), "expires_at_unix": lease.expires_at,
-                "renewed_at": utc_iso(time.time())}
+                "renewed_at": utc_iso(time.time()), "meta": lease.meta}
 
     def _write_lease(self, key: str, doc: dict[str, Any]) -> None:
         """Write the lease; on object stores read it back to detect a concurrent writer."""
@@ -155,10 +159,12 @@ class LeasingStore(ObjectStore):
                                  f"name started at the same moment - wait for it or use another pipeline name",
                                  owner=other, expires_at=(back or {}).get("expires_at"))
 
-    def acquire_lease(self, key: str, *, owner: str, ttl_s: float) -> Lease:
+    def acquire_lease(self, key: str, *, owner: str, ttl_s: float, meta: Mapping[str, str] | None = None) -> Lease:
         """Take the lease on ``key`` for ``ttl_s`` seconds; LeaseHeldError if another owner holds it unexpired.
 
-        An expired lease is taken over; the same ``owner`` may re-acquire its own (a retried run).
+        An expired lease, or one whose holder died (same host, pid gone), is taken over; the lease
+        document found then is :attr:`Lease.taken_over`. The same ``owner`` may re-acquire its own (a
+        retried run). ``meta`` (small strings) is stored in the lease for the next owner to read.
         Expiry uses each host's wall clock, so keep ttl_s well above the clock skew between hosts.
         """
         check_key(key)
@@ -167,7 +173,7 @@ class LeasingStore(ObjectStore):
         if not ttl_s > 0:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
         lease = Lease(store=self, key=key, owner=owner, token=uuid.uuid4().hex, ttl_s=float(ttl_s),
-                      expires_at=time.time() + float(ttl_s))
+                      expires_at=time.time() + float(ttl_s), meta=meta)
         with self._lease_mutex(key):
             current = self._read_json(self._lease_path(key), what=LEASE_NAME)
             if current is not None and current.get("owner") != owner \
@@ -179,6 +185,10 @@ class LeasingStore(ObjectStore):
                     owner=current.get("owner"), expires_at=current.get("expires_at"))
             lease.expires_at = time.time() + lease.ttl_s
             self._write_lease(key, self._lease_doc(lease))
+        if current is not None and current.get("owner") != owner:
+            lease.taken_over = dict(current)
+            log.info("%s: took over the lease of %r (host %s, pid %s), which was never released", lease.uri,
+                     current.get("owner"), current.get("host"), current.get("pid"))
         return lease
 
     def _renew_lease(self, lease: Lease) -> float:

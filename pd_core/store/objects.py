@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pd_core.store.errors import StorageIOError, StoreError
+from pd_core.store.errors import StorageIOError, StoreError, TransientStorageIOError
 from pd_core.store.formats import check_key, sha256_bytes
-from pd_core.store.retry import one_line, retry, storage_error_types, storage_hint
+from pd_core.store.retry import is_transient_error, one_line, retry, storage_error_types, storage_hint
 
 log = logging.getLogger("pd_core.store")
 
@@ -31,6 +31,26 @@ T = TypeVar("T")
 
 CHUNK = 8 * 2**20  # hash files in 8 MiB pieces so verifying a large checkpoint does not double its memory
 TMP_PREFIX = ".tmp-"
+# Object-store requests time out instead of hanging on an endpoint that accepts but never answers, and are
+# tried once by botocore and s3fs: the store's own retry (one log line per retry) is the only retry layer.
+S3_CONFIG_DEFAULTS = {"connect_timeout": 10, "read_timeout": 30, "retries": {"total_max_attempts": 1}}
+S3_LIBRARY_RETRIES = 1
+# An upload is a PUT whose client first waits for "100 Continue", a wait no socket timeout covers: every write
+# to an asynchronous (object) store gets a deadline of connect + read timeout + its size at this slowest rate.
+MIN_UPLOAD_BYTES_PER_S = 2**20
+
+
+def with_s3_defaults(root: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` with :data:`S3_CONFIG_DEFAULTS` under ``config_kwargs`` for s3:// roots.
+
+    Keys the caller set (``config_kwargs.connect_timeout`` etc.) win; other protocols are left alone.
+    """
+    options = dict(storage_options or {})
+    if not root.split("::")[-1].lower().startswith(("s3://", "s3a://")):
+        return options
+    given = options.get("config_kwargs") or {}
+    options["config_kwargs"] = {**S3_CONFIG_DEFAULTS, **dict(given)}
+    return options
 
 
 class ObjectStore:
@@ -38,16 +58,23 @@ class ObjectStore:
 
     ``root`` is a path or URL (``/data/store``, ``file:///data/store``, ``memory://x``,
     ``s3://bucket/prefix``); ``storage_options`` go to fsspec (e.g. ``{"client_kwargs":
-    {"endpoint_url": "http://127.0.0.1:9000"}}``), credentials from the environment.
+    {"endpoint_url": "http://127.0.0.1:9000"}}``), credentials from the environment. On S3 the
+    connect/read timeouts default to 10 s / 30 s (:func:`with_s3_defaults`; override them with
+    ``config_kwargs`` in ``storage_options``).
     """
 
     def __init__(self, root: str, *, storage_options: Mapping[str, Any] | None = None, retry_attempts: int = 3,
                  retry_base_delay: float = 0.5) -> None:
         try:
-            fs, path = fsspec.core.url_to_fs(root, **dict(storage_options or {}))
+            fs, path = fsspec.core.url_to_fs(root, **with_s3_defaults(root, storage_options))
         except (ImportError, ValueError, TypeError) as err:
             raise StoreError(f"cannot open storage root {root!r}: {one_line(err)}; check storage.root (a path or "
                              f"file://, memory://, s3:// URL) and storage.storage_options") from err
+        self._write_deadline_base: float | None = None  # seconds; None: the filesystem has no deadline to pass
+        if type(fs).__module__.split(".")[0] == "s3fs":
+            fs.retries = S3_LIBRARY_RETRIES  # s3fs's silent retries would hide (and multiply) each timeout
+            config = dict(fs.config_kwargs)
+            self._write_deadline_base = float(config.get("connect_timeout", 10)) + float(config.get("read_timeout", 30))
         self.fs: fsspec.AbstractFileSystem = fs  # the filesystem (public for tests and advanced callers)
         self._root_path = path.rstrip("/") or path
         self._local = isinstance(fs, LocalFileSystem)  # local: rename is atomic and fsync matters
@@ -83,7 +110,8 @@ class ObjectStore:
         ``shown`` is the path to name in errors when ``path`` is an internal temporary file.
         """
         try:
-            return retry(fn, attempts=self._retry_attempts, base_delay=self._retry_base_delay)
+            return retry(fn, attempts=self._retry_attempts, base_delay=self._retry_base_delay,
+                         what=f"{action} {self._url(shown or path)}")
         except FileNotFoundError as err:
             if missing_ok:
                 return None
@@ -93,7 +121,15 @@ class ObjectStore:
             raise
         except storage_error_types() as err:
             where = self._url(shown or path)
-            raise StorageIOError(f"cannot {action} {where}: {one_line(err)}; {storage_hint(err)}") from err
+            cls = TransientStorageIOError if is_transient_error(err) else StorageIOError
+            raise cls(f"cannot {action} {where}: {one_line(err)}; {storage_hint(err)}") from err
+
+    def _pipe(self, path: str, data: bytes) -> None:
+        """Write ``data`` at ``path`` in one call; on an object store within its deadline (FSTimeoutError past it)."""
+        if self._write_deadline_base is None:
+            self.fs.pipe_file(path, data)
+        else:
+            self.fs.pipe_file(path, data, timeout=self._write_deadline_base + len(data) / MIN_UPLOAD_BYTES_PER_S)
 
     def _remove_quietly(self, path: str) -> None:
         """Best-effort delete (cleanup on an error path must not replace the original error)."""
@@ -155,7 +191,7 @@ class ObjectStore:
         tmp, final = f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}", f"{folder}/{name}"
         want = (sha256_bytes(data), len(data))
         try:
-            self._io("write", tmp, lambda: self.fs.pipe_file(tmp, data), shown=final)
+            self._io("write", tmp, lambda: self._pipe(tmp, data), shown=final)
             self._fsync(tmp, shown=final)
             got = self._hash_file(tmp, shown=final)[:2]
         except BaseException:
@@ -193,7 +229,7 @@ class ObjectStore:
         final = f"{folder}/{name}"
         if not self._local:
             # One PUT: an object store shows the whole object or the previous one, never a mix.
-            self._io("write", final, lambda: self.fs.pipe_file(final, data))
+            self._io("write", final, lambda: self._pipe(final, data))
             self.fs.invalidate_cache(final)
             return
         tmp = f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"

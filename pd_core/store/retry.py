@@ -71,11 +71,11 @@ def is_transient_error(exc: BaseException) -> bool:
 
 def retry(fn: Callable[[], T], *, attempts: int = 3, base_delay: float = 0.5, max_delay: float = 30.0,
           is_transient: Callable[[BaseException], bool] = is_transient_error,
-          sleep: Callable[[float], None] = time.sleep) -> T:
+          sleep: Callable[[float], None] = time.sleep, what: str | None = None) -> T:
     """Call ``fn()``; on a transient error wait base_delay * 2**i (capped at max_delay) and try again.
 
     Gives up after ``attempts`` calls and re-raises the last error; non-transient errors are
-    raised at once.
+    raised at once. Each retry is one warning line (naming ``what``, e.g. "write s3://b/k", when given).
     """
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
@@ -86,8 +86,8 @@ def retry(fn: Callable[[], T], *, attempts: int = 3, base_delay: float = 0.5, ma
             if attempt == attempts - 1 or not is_transient(err):
                 raise
             delay = min(max_delay, base_delay * 2**attempt)
-            log.warning("transient storage error (%s), retry %d/%d in %.2fs", one_line(err), attempt + 1,
-                        attempts - 1, delay)
+            log.warning("transient storage error%s (%s), retry %d/%d in %.2fs", f" on {what}" if what else "",
+                        one_line(err), attempt + 1, attempts - 1, delay)
             sleep(delay)
     raise AssertionError("unreachable")  # the loop either returns or raises
 

@@ -2,6 +2,8 @@
 
 While MLflow is unreachable a run creation hands out a placeholder id (``pending-...``); the replay
 records which real run each placeholder became, so callers still holding a placeholder reach the run.
+A journal belongs to one tracking URI: its file is named by :func:`journal_name` (a hash of the URI
+without credentials), so calls journaled for one backend never replay into another.
 """
 
 from __future__ import annotations
@@ -19,20 +21,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.tracking.uris import local_store_path
+from pd_core.config.secrets import strip_credentials
+from tasks.tracking.uris import local_store_path, normalise_uri
 
 log = logging.getLogger("tasks.tracking")  # the package's one logger: callers filter records on this name
 
 PENDING_PREFIX = "pending-"  # placeholder run ids handed out while MLflow is unreachable
 
 
+def journal_name(uri: str) -> str:
+    """``mlflow-journal-<16 hex>.jsonl``: the journal file of one tracking URI (credentials stripped first, so a
+    rotated token keeps its journal, and none is ever part of a file name)."""
+    digest = hashlib.sha256(strip_credentials(normalise_uri(uri)).encode("utf-8")).hexdigest()[:16]
+    return f"mlflow-journal-{digest}.jsonl"
+
+
 def default_journal_path(uri: str) -> Path:
-    """Next to a local store; in the temp dir (one file per server URI) for remote servers."""
+    """Next to a local store; in the temp dir for remote servers; one file per URI either way."""
     path = local_store_path(uri)
-    if path is not None:
-        return path.parent / "mlflow-journal.jsonl"
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"pd-mlflow-journal-{digest}.jsonl"
+    folder = path.parent if path is not None else Path(tempfile.gettempdir())
+    return folder / journal_name(uri)
 
 
 class Journal:

@@ -41,6 +41,14 @@ MAX_PARAMS_TAGS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 
 
+def _tag_clauses(tags: dict[str, str]) -> list[str]:
+    """``tags.`name` = 'value'`` search clauses (quotes and backslashes escaped)."""
+    def quoted(value: str) -> str:
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    return [f"tags.`{k}` = {quoted(v)}" for k, v in tags.items()]
+
+
 class MlflowOps:
     """Applies calls to one experiment through one ``MlflowClient`` with explicit run ids.
 
@@ -128,13 +136,18 @@ class MlflowOps:
 
     def search_run(self, tags: dict[str, str]) -> str | None:
         """Most recent run of the experiment carrying all ``tags``."""
-        def quoted(value: str) -> str:
-            return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-        clause = " and ".join(f"tags.`{k}` = {quoted(v)}" for k, v in tags.items())
+        clause = " and ".join(_tag_clauses(tags))
         runs = self.client.search_runs([self.experiment_id()], filter_string=clause, max_results=1,
                                        order_by=["attributes.start_time DESC"])
         return runs[0].info.run_id if runs else None
+
+    def search_runs(self, tags: dict[str, str], *, running_only: bool = False) -> list[str]:
+        """Ids of every run of the experiment carrying all ``tags`` (only RUNNING ones when ``running_only``)."""
+        clauses = _tag_clauses(tags)
+        if running_only:
+            clauses.append("attributes.status = 'RUNNING'")
+        runs = self.client.search_runs([self.experiment_id()], filter_string=" and ".join(clauses), max_results=1000)
+        return [r.info.run_id for r in runs]
 
     def _map_placeholders(self, tags: dict[str, str]) -> dict[str, str]:
         """Tag values that are placeholder run ids (e.g. a parent id tag) become the real ids."""

@@ -1,7 +1,8 @@
 """Nothing sent to MLflow is trusted to be clean: secret redaction, param/tag cleaning, truncation.
 
 Params, tags, metric names, run names and text artifacts go through :func:`redact`, which replaces the
-values of secret-looking environment variables (and URL passwords) with ``***``; params and tags whose
+values of secret-looking environment variables, URL passwords and credential query parameters
+(``?token=...``) with ``***``; params and tags whose
 name looks like a secret get ``***`` whatever the environment says; values longer than MLflow accepts
 are truncated with a note.
 """
@@ -17,6 +18,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+
+from pd_core.config.secrets import redact_query
 
 log = logging.getLogger("tasks.tracking")  # the package's one logger: callers filter records on this name
 
@@ -78,7 +81,7 @@ def redactor() -> Callable[[str], str]:
         for secret in secrets:
             if secret in text:
                 text = text.replace(secret, "***")
-        return _URL_PASSWORD.sub(r"\g<head>:***@", text)
+        return redact_query(_URL_PASSWORD.sub(r"\g<head>:***@", text))
 
     return apply
 

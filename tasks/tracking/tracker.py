@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
 from tasks.tracking.errors import Unresolved, is_transient, one_line
 from tasks.tracking.journal import PENDING_PREFIX, Journal, default_journal_path
 from tasks.tracking.ops import MlflowOps
@@ -205,6 +207,27 @@ class Tracker:
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"status must be FINISHED, FAILED or KILLED; got {status!r}")
         self._submit("end_run", {"run_id": run_id, "status": status, "end_time": _now_ms()})
+
+    def end_abandoned_runs(self, *, tags: dict[str, str], status: str = "KILLED") -> list[str]:
+        """End every RUNNING run of the experiment carrying ``tags``, and their RUNNING child runs, as ``status``.
+
+        For runs whose process died without ending them (a SIGKILL). Returns the ids ended; [] when
+        tracking is disabled or MLflow cannot be asked (one warning line; nothing is journaled).
+        """
+        if not self.enabled:
+            return []
+        if status not in ("FAILED", "KILLED"):
+            raise ValueError(f"status must be FAILED or KILLED; got {status!r}")
+        try:
+            parents = self._ops.search_runs(clean_tags(tags, redactor()), running_only=True)
+            children = [c for p in parents for c in self._ops.search_runs({MLFLOW_PARENT_RUN_ID: p},
+                                                                           running_only=True)]
+            for run_id in [*children, *parents]:
+                self._ops.apply("end_run", {"run_id": run_id, "status": status, "end_time": _now_ms()})
+        except Exception as err:  # noqa: BLE001 - bookkeeping of a dead run must not stop this one
+            self._warn_once(f"could not end the MLflow runs of a dead run ({one_line(err)}); they stay RUNNING")
+            return []
+        return [*children, *parents]
 
     def run_link(self, run_id: str | None) -> str:
         """Where to see a run: its page on a server; for a local store, the command that serves it and the page."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,18 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     teacher = jobs.ensure_teacher(cfg, store)
     jobs.run_round(cfg, store, round_index=1, teacher=teacher)
     return root
+
+
+@pytest.fixture
+def cli_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An isolated project home for in-process ``pd`` calls: $PD_HOME, no PD_STORAGE / MLFLOW_TRACKING_URI /
+    PD_DEBUG from the outside, the working folder a fresh one (so a write into ./.pd would show)."""
+    home = tmp_path / "pd-home"
+    monkeypatch.setenv("PD_HOME", str(home))
+    monkeypatch.setenv("PREFECT_HOME", str(home / "prefect"))
+    for name in ("PD_STORAGE", "MLFLOW_TRACKING_URI", "PD_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    yield home

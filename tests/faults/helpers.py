@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
 import re
@@ -29,6 +30,28 @@ FAKE_SECRET = "pd-faults-SeCrEt/9f3c+never-logged"
 # Jobs-level runs: the smoke preset, shortened (a few seconds each on 2 CPU cores).
 JOB_OVERRIDES = ["teacher.updates=20", "teacher.checkpoint_every=10", "teacher.log_every=10",
                  "distill.updates_per_round=20", "distill.checkpoint_every=5", "distill.log_every=10"]
+
+
+def log_lines(records: list[logging.LogRecord], contains: str, *, level: int = logging.DEBUG) -> list[str]:
+    """Distinct messages of ``records`` containing ``contains`` (with Prefect's logging set up by earlier tests in
+    the session, one record can reach caplog twice: a line is counted once)."""
+    return list(dict.fromkeys(r.getMessage() for r in records if contains in r.getMessage() and r.levelno >= level))
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """``pd ARGV`` in this process (flows.cli.main): (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from flows.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except SystemExit as exc:  # argparse --help: not an error path
+            rc = exc.code if isinstance(exc.code, int) else 1
+    return rc, out.getvalue(), err.getvalue()
 
 
 def _free_port() -> int:

@@ -46,10 +46,13 @@ def test_rerun_with_other_training_settings_is_refused(template: Path, tmp_path:
     cfg = _cfg("faults")
     store, student = _copy_of(template, tmp_path, cfg)
     changed = _cfg("faults", "distill.lr=1e-3")
+    teacher = jobs.ensure_teacher(changed, store)  # distill.lr decides the students, not the teacher
+    assert not teacher.trained
     with pytest.raises(jobs.PipelineMismatchError) as err:
-        jobs.ensure_teacher(changed, store)
+        jobs.run_round(changed, store, round_index=1, teacher=teacher)
     message = _one_line(err.value)
-    assert store.uri(jobs.teacher_key("faults")) in message and "--name" in message, message
-    with pytest.raises(jobs.PipelineMismatchError):
-        jobs.run_round(changed, store, round_index=1, teacher=jobs.ensure_teacher(cfg, store))
+    assert student.uri in message and "distill.lr 0.0005 -> 0.001" in message, message
+    assert "--restart-from 1" in message and "--name" in message, message
+    with pytest.raises(jobs.PipelineMismatchError, match=r"teacher at .* other settings \(teacher\.lr"):
+        jobs.ensure_teacher(_cfg("faults", "teacher.lr=1e-2"), store)
     assert store.read_manifest(student.key)["sha256"] == student.sha256

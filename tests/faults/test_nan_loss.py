@@ -11,7 +11,7 @@ import torch
 from pd_core import jobs
 from pd_core.config import ConfigError
 from pd_core.models import load_model
-from pd_core.store import StorageIOError, StoreError
+from pd_core.store import StorageIOError, StoreError, TransientStorageIOError
 from pd_core.train import NonFiniteLossError
 from tests.faults.helpers import _assert_nothing_partial, _cfg, _copy_of, _one_line, _round_key, _state_step
 
@@ -66,5 +66,6 @@ def test_nan_is_never_retried_but_storage_io_is() -> None:
     assert not retried(ConfigError("distill.lr must be > 0"))
     assert not retried(jobs.PipelineMismatchError("trained with different settings"))
     assert not retried(StoreError("file:///s/pipelines/x/teacher: model-0123.safetensors is corrupt (sha256 ...)"))
-    assert retried(StorageIOError("cannot write s3://b/x: EndpointConnectionError; the store is unreachable"))
+    assert retried(TransientStorageIOError("cannot write s3://b/x: EndpointConnectionError; the store is unreachable"))
+    assert not retried(StorageIOError("cannot write /s/x: OSError: [Errno 28] No space left on device; disk full"))
     assert retried(ConnectionResetError("reset"))

@@ -86,8 +86,9 @@ def test_mlflow_down_pipeline_trains_everything_and_reports_the_gap(mlflow_down_
     cfg = load_config(preset="smoke", overrides=["pipeline.name=down", *PIPELINE_FAST])
     keys = [jobs.teacher_key("down"), *[_round_key(cfg, i) for i in range(1, len(cfg.distill.rounds()) + 1)]]
     assert all(run.store.is_complete(k) for k in keys), "checkpoints must land while MLflow is down"
-    journal = run.proc.home / "mlflow-journal.jsonl"
-    entries = [json.loads(line) for line in journal.read_text().splitlines()]
+    journals = list((Path(run.store._path("")) / ".mlflow-journals").glob("mlflow-journal-*.jsonl"))  # noqa: SLF001
+    assert len(journals) == 1 and not (run.proc.home / "mlflow-journal.jsonl").exists(), journals
+    entries = [json.loads(line) for line in journals[0].read_text().splitlines()]
     pending = re.search(r"MLflow: (\d+) tracking calls still pending in the journal", run.proc.err())
     assert pending and int(pending.group(1)) == len(entries) > 0, run.proc.err()[-3000:]
     # nothing of a round is silently lost: every checkpoint's URI waits in the journal for MLflow

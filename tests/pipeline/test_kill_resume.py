@@ -147,3 +147,17 @@ def test_killed_run_resumes_in_the_round_it_was_killed_in(moto_server: MotoS3, p
     assert steps and min(steps) > killed_at and max(steps) == 40
     assert children["round-01-8to4"].data.tags["skipped"] == "true"
     assert not client.get_metric_history(children["round-01-8to4"].info.run_id, "train_loss")
+
+    # The killed run's records are ended by the rerun that took its lease, not left RUNNING forever: its MLflow
+    # parent run and the round it was in are KILLED, its Prefect flow run CRASHED.
+    killed_flow_run = lease["meta"]["flow_run_id"]
+    experiment = run2.info.experiment_id
+    killed_parents = client.search_runs([experiment], filter_string=f"tags.`prefect.flow_run_id` = '{killed_flow_run}'")
+    assert len(killed_parents) == 1 and killed_parents[0].info.status == "KILLED", killed_parents
+    killed_children = children_of(client, killed_parents[0].info.run_id)
+    assert killed_children["round-02-4to2"].info.status == "KILLED"
+    assert {r.info.status for r in killed_children.values()} <= {"FINISHED", "KILLED"}, killed_children
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:
+        assert prefect.read_flow_run(killed_flow_run).state.type.value == "CRASHED"

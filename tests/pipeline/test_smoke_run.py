@@ -355,10 +355,10 @@ def test_cli_sample_bad_model_is_one_line(pipeline: Pipeline) -> None:
     missing = f"s3://{pipeline.bucket}/runs/pipelines/{NAME}/rounds/09-0009"
     proc = pipeline.pd("sample", "--model", missing, "--steps", "1", "--num", "4", "--out",
                        str(pipeline.workdir / "never.png"), env=pipeline.s3_env)
-    assert_one_line_error(proc, code=1, mentions=missing)
+    assert_one_line_error(proc, code=2, mentions=missing)  # a checkpoint that is not there: a bad argument
     assert not (pipeline.workdir / "never.png").exists()
     proc = pipeline.pd("sample", "--model", "not-a-uri", "--num", "4", "--out", str(pipeline.workdir / "never.png"))
-    assert_one_line_error(proc, code=1, mentions="not-a-uri")
+    assert_one_line_error(proc, code=2, mentions="not-a-uri")
 
 
 def test_cli_show_prints_the_table(pipeline: Pipeline) -> None:
