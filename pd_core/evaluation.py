@@ -226,11 +226,11 @@ def evaluate_model(cfg: Config, store: CheckpointStore, ctx: FeatureContext, *, 
         ev = cfg.eval
         sample = make_sample_fn(model, sampler=sampler, steps=steps, gamma=gamma, seed=ev.seed, device=device,
                                 autocast_dtype=dtype, compile=ev.compile)
-        load = adaptive_threads() if cfg.runtime.threads is None and device.type == "cpu" else None
+        threads = adaptive_threads() if cfg.runtime.threads is None and device.type == "cpu" else None
 
         def fn(noise: Tensor) -> Tensor:
-            if load is not None:
-                load.update()  # threads follow the machine's load, batch by batch
+            if threads is not None:
+                threads.update()  # threads follow the machine's load, batch by batch
             return sample(noise)
 
         spec = model.denoiser.net.spec
