@@ -130,16 +130,26 @@ def floor_record(cfg: Config, store: CheckpointStore, ctx: FeatureContext) -> di
 
 def make_sample_fn(model: LoadedModel, *, sampler: str, steps: int, gamma: float | None, seed: int,
                    device: torch.device) -> Callable[[Tensor], Tensor]:
-    """noise (B, C, H, W) -> images in [-1, 1] with the given sampler (clipping on, as sampling does)."""
+    """noise (B, C, H, W) -> images in [-1, 1] with the given sampler (clipping on, as sampling does).
+
+    A class-conditional model draws classes 0, 1, ..., K - 1, 0, 1, ... in the order the noise comes
+    (calls are consecutive batches of one evaluation), so every class is sampled equally often.
+    """
     gen = torch.Generator(device=device).manual_seed(seed + 7919)  # stochastic sampler's own noise stream
+    drawn = [0]  # examples sampled so far (for the class labels)
 
     def sample(noise: Tensor) -> Tensor:
         z = noise.to(device)
+        denoiser = model.denoiser
+        if model.num_classes:
+            labels = torch.arange(drawn[0], drawn[0] + z.shape[0], device=device) % model.num_classes
+            denoiser = denoiser.with_labels(labels)
+        drawn[0] += z.shape[0]
         with torch.inference_mode():
             if sampler == "ddim":
-                return samplers.ddim(model.denoiser, z, num_steps=steps, schedule=model.schedule)
+                return samplers.ddim(denoiser, z, num_steps=steps, schedule=model.schedule)
             if sampler == "stochastic":
-                return samplers.ancestral(model.denoiser, z, num_steps=steps, gamma=gamma, generator=gen,
+                return samplers.ancestral(denoiser, z, num_steps=steps, gamma=gamma, generator=gen,
                                           schedule=model.schedule)
             raise ValueError(f"sampler must be 'ddim' or 'stochastic'; got {sampler!r}")
 
@@ -163,10 +173,9 @@ def evaluate_checkpoint(cfg: Config, store: CheckpointStore, ctx: FeatureContext
         model = load_model(store, key, device=device)
         ev = cfg.eval
         fn = make_sample_fn(model, sampler=sampler, steps=steps, gamma=gamma, seed=ev.seed, device=device)
-        spec = model.denoiser.net.spec
         metrics = evaluate_sampler(fn, num_samples=ev.num_samples, batch_size=ev.batch_size, seed=ev.seed,
                                    feature_extractor=ctx.extractor, reference_stats=ctx.reference.stats,
-                                   image_shape=(spec.in_channels, spec.image_size, spec.image_size),
+                                   image_shape=model.image_shape,
                                    reference_features=ctx.reference.features,
                                    kid_subsets=ev.kid_subsets, kid_subset_size=min(ev.kid_subset_size, ev.num_samples),
                                    progress=progress)
@@ -186,9 +195,7 @@ def write_grid(cfg: Config, store: CheckpointStore, *, key: str, sampler: str, s
     if not store.exists(out_key):
         device = torch.device(device)
         model = load_model(store, key, device=device)
-        spec = model.denoiser.net.spec
-        shape = (spec.in_channels, spec.image_size, spec.image_size)
-        noise = sample_noise(seed=cfg.eval.seed, start=0, count=n, shape=shape)
+        noise = sample_noise(seed=cfg.eval.seed, start=0, count=n, shape=model.image_shape)
         x = make_sample_fn(model, sampler=sampler, steps=steps, gamma=None, seed=cfg.eval.seed, device=device)(noise)
         store.put_bytes(out_key, images.png_bytes(images.make_grid(x.float().cpu(), nrow=cfg.eval.grid_size)))
     return store.uri(out_key)
