@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from pd_core import dist
-from pd_core.architecture import Architecture, DiffusersUNet2D, PdUNet, architecture_from_manifest
+from pd_core.architecture import Architecture, DiffusersUNet2D, architecture_from_manifest
 from pd_core.config import Config, config_hash
 from pd_core.data import BatchSampler, ImageData, load_split
 from pd_core.interop.diffusers import read_diffusers_model
@@ -38,7 +38,7 @@ from pd_core.train import (
     resolve_runtime,
     train_teacher,
 )
-from pd_core.unet import UNetSpec, unet_spec
+from pd_core.unet import UNetSpec, spec_to_dict, unet_spec
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def _model_spec(cfg: Config, data: ImageData) -> UNetSpec:
     return unet_spec(cfg, in_channels=data.images.shape[1], num_classes=data.num_classes)
 
 
-def _manifest(cfg: Config, *, kind: str, arch: Architecture, steps: int, round_index: int,
+def _manifest(cfg: Config, *, kind: str, spec: UNetSpec | None, steps: int, round_index: int,
               parent_sha256: str | None, schedule: Schedule, extra: dict | None = None) -> dict:
     return {
         "kind": kind,
@@ -116,7 +116,7 @@ def _manifest(cfg: Config, *, kind: str, arch: Architecture, steps: int, round_i
         "parent_sha256": parent_sha256,
         "config_hash": training_hash(cfg),
         "pipeline": cfg.pipeline.name,
-        **arch.manifest_fields(),
+        "unet": spec_to_dict(spec) if spec is not None else None,  # None: another architecture, named in extra
         "parameterization": cfg.diffusion.parameterization,
         "logsnr_min": cfg.diffusion.logsnr_min,
         "logsnr_max": cfg.diffusion.logsnr_max,
@@ -211,7 +211,7 @@ def ensure_teacher(cfg: Config, store: CheckpointStore, *, data: ImageData | Non
     result = train_teacher(state=state, teacher_cfg=cfg.teacher, diffusion_cfg=cfg.diffusion, runtime=runtime,
                            sample_batch=batches.batch, on_checkpoint=_state_saver(store, key), on_progress=on_progress,
                            fault_at_step=fault_at_step)
-    manifest = _manifest(cfg, kind="teacher", arch=PdUNet(spec), steps=start, round_index=0, parent_sha256=None,
+    manifest = _manifest(cfg, kind="teacher", spec=spec, steps=start, round_index=0, parent_sha256=None,
                          schedule=_config_schedule(cfg), extra={"updates": result.steps, **_timing(result)})
     info = _publish(store, key, weights=result.weights, manifest=manifest, is_main=runtime.is_main)
     log.info("teacher saved to %s (sha256 %s)", info.uri, info.sha256[:12])
@@ -233,9 +233,9 @@ def import_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -> Checkpoi
                                     f"{cfg.diffusion.parameterization!r}; set diffusion.parameterization to match")
     key = teacher_key(cfg.pipeline.name)
     start = cfg.distill.start_steps
-    new_manifest = _manifest(cfg, kind="teacher", arch=arch, steps=start, round_index=0,
+    new_manifest = _manifest(cfg, kind="teacher", spec=None, steps=start, round_index=0,
                              parent_sha256=manifest.get("sha256"), schedule=manifest_schedule(manifest),
-                             extra={"imported_from": uri})
+                             extra={"imported_from": uri, **arch.manifest_fields()})
     ref = dist.run_on_main(lambda: store.save_checkpoint(key, tensors=tensors, manifest=new_manifest))
     log.info("teacher imported from %s to %s", uri, ref.uri)
     return CheckpointInfo(key=key, uri=ref.uri, sha256=ref.sha256, steps=start, round=0, trained=False,
@@ -276,9 +276,10 @@ def import_diffusers_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -
     check_timesteps(steps=start, num_train_timesteps=model.num_train_timesteps, source=uri)
     arch = DiffusersUNet2D.of(model.unet_config, schedule=model.schedule, scheduler_config=model.scheduler_config)
     key = teacher_key(cfg.pipeline.name)
-    manifest = _manifest(cfg, kind="teacher", arch=arch, steps=start, round_index=0,
+    manifest = _manifest(cfg, kind="teacher", spec=None, steps=start, round_index=0,
                          parent_sha256=model.weights_sha256, schedule=model.schedule,
-                         extra={"imported_from": uri, "parameterization": model.parameterization,
+                         extra={"imported_from": uri, **arch.manifest_fields(),
+                                "parameterization": model.parameterization,
                                 "num_train_timesteps": model.num_train_timesteps})
     ref = dist.run_on_main(lambda: store.save_checkpoint(key, tensors=model.weights, manifest=manifest))
     log.info("teacher imported from %s (UNet2DModel, %s prediction, %d timesteps) to %s", uri,
@@ -327,9 +328,10 @@ def run_round(cfg: Config, store: CheckpointStore, *, round_index: int, teacher:
                            sample_batch=sampler_for(cfg, data, seed=seed).batch,
                            on_checkpoint=_state_saver(store, key), on_progress=on_progress,
                            fault_at_step=fault_at_step)
-    manifest = _manifest(cfg, kind="student", arch=arch.without_dropout(), steps=student_steps,
+    manifest = _manifest(cfg, kind="student", spec=None, steps=student_steps,
                          round_index=round_index, parent_sha256=teacher.sha256, schedule=schedule,
                          extra={"updates": updates, "teacher_steps": teacher_steps, **_timing(result),
+                                **arch.without_dropout().manifest_fields(),
                                 "parameterization": student_kind, "teacher_parameterization": teacher_kind})
     info = _publish(store, key, weights=result.weights, manifest=manifest, is_main=runtime.is_main)
     log.info("%s saved to %s (sha256 %s)", phase, info.uri, info.sha256[:12])

@@ -78,3 +78,25 @@ def diffusers_ddim(unet, z: torch.Tensor, *, steps: int, prediction_type: str, b
 def manifest_of(store_root: Path, key: str) -> dict:
     """The manifest.json of a checkpoint in a local store."""
     return json.loads((store_root / key / "manifest.json").read_text())
+
+
+def distilled_chain(root: Path, *, prediction_type: str = "epsilon", start_steps: int = 8, classes: int | None = None,
+                    overrides: tuple[str, ...] = ()):
+    """Import a tiny teacher through ``jobs`` and distill it down to 1 step in a few updates per round.
+
+    Returns (cfg, store, [teacher info, round infos...]); 8x8 digits, the smoke preset's round settings.
+    """
+    from pd_core import jobs
+    from pd_core.config import load_config
+    from pd_core.store import CheckpointStore
+
+    folder = save_teacher(root / "teacher", prediction_type=prediction_type, num_class_embeds=classes)
+    cfg = load_config(preset="smoke", overrides=[
+        f"pipeline.teacher_uri=diffusers:{folder}", f"storage.root={root / 'store'}",
+        f"distill.start_steps={start_steps}", "distill.updates_per_round=4", "distill.checkpoint_every=2",
+        "distill.log_every=2", *overrides])
+    store = CheckpointStore(cfg.storage.root)
+    infos = [jobs.ensure_teacher(cfg, store)]
+    for round_index, _ in enumerate(cfg.distill.rounds(), start=1):
+        infos.append(jobs.run_round(cfg, store, round_index=round_index, teacher=infos[-1]))
+    return cfg, store, infos

@@ -43,7 +43,7 @@ def teacher_cfg(folder: Path, store: Path, *overrides: str):
                                                   f"storage.root={store}", *overrides])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def imported(prediction_type: str, beta_schedule: str, layout: str = "pipeline", classes: int | None = None):
     """(diffusers UNet2DModel, our LoadedModel) of one saved tiny teacher, imported through a store (cached)."""
     import tempfile
