@@ -250,12 +250,18 @@ def _architecture(manifest: dict, *, source: str) -> Architecture:
         raise StoreError(f"{source}: the manifest does not describe a network this version can build ({err})") from err
 
 
-def _check_labels(data: ImageData, *, num_classes: int, source: str) -> None:
-    """A class-conditional teacher needs labelled data whose labels are its classes 0 .. num_classes - 1."""
+def _check_data_fits(data: ImageData, arch: Architecture, *, source: str) -> None:
+    """The teacher denoises images of the data's shape and, when class-conditional, knows the data's labels."""
+    shape = tuple(data.images.shape[1:])
+    if shape != tuple(arch.image_shape):
+        raise ValueError(f"{source} denoises images of shape {list(arch.image_shape)} (C, H, W) but data.name="
+                         f"{data.name!r} gives {list(shape)}: distill it on the images it was trained on "
+                         f"(data.image_size {arch.image_shape[1]}, {arch.image_shape[0]} channel(s))")
+    num_classes = arch.num_classes
     if num_classes == 0:
         return
     if data.labels is None:
-        raise ValueError(f"{source} is class-conditional ({num_classes} classes) but data.name={data.source!r} has "
+        raise ValueError(f"{source} is class-conditional ({num_classes} classes) but data.name={data.name!r} has "
                          f"no labels; distill it on labelled data")
     top = int(data.labels.max()) if len(data.labels) else -1
     if top >= num_classes:
@@ -306,7 +312,7 @@ def run_round(cfg: Config, store: CheckpointStore, *, round_index: int, teacher:
                          f"{teacher.sha256[:12]}); rerun the pipeline")
     arch = _architecture(teacher_manifest, source=teacher.uri)  # the student keeps its teacher's architecture
     check_weights_fit(teacher_weights, arch, source=teacher.uri)
-    _check_labels(data, num_classes=arch.num_classes, source=teacher.uri)
+    _check_data_fits(data, arch, source=teacher.uri)
     schedule = manifest_schedule(teacher_manifest)  # a round keeps its teacher's schedule
     teacher_kind = teacher_manifest["parameterization"]
     student_kind = student_parameterization(requested=cfg.distill.student_parameterization, teacher=teacher_kind)

@@ -120,3 +120,32 @@ def test_a_class_conditional_teacher_is_distilled_with_the_datasets_labels(tmp_p
 def test_a_class_conditional_teacher_with_fewer_classes_than_the_labels_is_refused(tmp_path):
     with pytest.raises(ValueError, match="knows 3 classes but the data has label 9"):
         distilled_chain(tmp_path, start_steps=2, classes=3)
+
+
+def test_a_teacher_is_not_distilled_on_images_of_another_shape(tmp_path):
+    with pytest.raises(ValueError, match=r"denoises images of shape \[1, 8, 8\] .* gives \[3, 8, 8\]"):
+        distilled_chain(tmp_path, start_steps=2, overrides=("data.name=npz", f"data.url={_rgb_npz(tmp_path)}"))
+
+
+def _rgb_npz(tmp_path: Path) -> Path:
+    import numpy as np
+
+    path = tmp_path / "rgb.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.integers(0, 255, (64, 8, 8, 3), dtype=np.uint8),
+             y_train=rng.integers(0, 10, 64), x_test=rng.integers(0, 255, (64, 8, 8, 3), dtype=np.uint8),
+             y_test=rng.integers(0, 10, 64))
+    return path
+
+
+def test_evaluation_samples_a_class_conditional_model_with_every_class_in_turn(tmp_path):
+    from pd_core import evaluation
+
+    _, store, infos = distilled_chain(tmp_path, start_steps=2, classes=10)
+    loaded = load_model(store, infos[1].key)
+    sample = evaluation.make_sample_fn(loaded, sampler="ddim", steps=1, gamma=None, seed=0, device=torch.device("cpu"))
+    noise = torch.randn(13, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = torch.cat([sample(noise[:8]), sample(noise[8:])])  # two batches of one evaluation
+    want = samplers.ddim(loaded.denoiser.with_labels(torch.arange(13) % 10), noise, num_steps=1,
+                         schedule=loaded.schedule)
+    torch.testing.assert_close(got, want)
