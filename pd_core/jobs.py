@@ -269,6 +269,19 @@ def _check_data_fits(data: ImageData, arch: Architecture, *, source: str) -> Non
                          f"labels are 0 .. {num_classes - 1}")
 
 
+def _check_same_student_parameterization(cfg: Config, store: CheckpointStore, *, key: str,
+                                         teacher: CheckpointInfo) -> None:
+    """A finished student is reused only with the parameterization this config gives it now (``auto`` resolves
+    through the teacher, so the config hash alone does not pin it)."""
+    have = store.read_manifest(key).get("parameterization")
+    teacher_kind = store.read_manifest(teacher.key)["parameterization"]
+    want = student_parameterization(requested=cfg.distill.student_parameterization, teacher=teacher_kind)
+    if have != want:
+        raise PipelineMismatchError(f"{store.uri(key)} predicts {have!r} but distill.student_parameterization="
+                                    f"{cfg.distill.student_parameterization!r} gives {want!r} for its {teacher_kind!r} "
+                                    f"teacher; use another pipeline name (--name) or set it to {have!r}")
+
+
 def import_diffusers_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -> CheckpointInfo:
     """Import a diffusers UNet2DModel and its scheduler config as this pipeline's teacher.
 
@@ -303,6 +316,7 @@ def run_round(cfg: Config, store: CheckpointStore, *, round_index: int, teacher:
     key = round_key(cfg.pipeline.name, round_index=round_index, student_steps=student_steps)
     found = _existing(store, cfg, key, steps=student_steps, round_index=round_index)
     if found is not None:
+        _check_same_student_parameterization(cfg, store, key=key, teacher=teacher)
         return found
     data = data if data is not None else load_train_data(cfg)
     runtime = resolve_runtime(cfg.runtime)

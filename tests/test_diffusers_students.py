@@ -101,6 +101,16 @@ def test_a_rerun_of_a_diffusers_pipeline_trains_nothing(chain):
     assert not any(a.trained for a in again)
 
 
+def test_a_finished_student_is_not_reused_for_another_resolved_parameterization(chain, monkeypatch):
+    cfg, store, infos = chain
+    now = kinds.EPS_TEACHER_STUDENT
+    other = "v" if now == "x" else "x"
+    monkeypatch.setattr(jobs, "student_parameterization", lambda *, requested, teacher: other)  # auto changed
+    with pytest.raises(jobs.PipelineMismatchError, match=f"predicts '{now}' but distill.student_parameterization="
+                                                         f"'auto' gives '{other}'"):
+        jobs.run_round(cfg, store, round_index=1, teacher=infos[0])
+
+
 def test_an_explicit_student_parameterization_is_used_and_recorded(tmp_path):
     _, store, infos = distilled_chain(tmp_path, start_steps=2, overrides=("distill.student_parameterization=v",))
     manifest = store.read_manifest(infos[1].key)

@@ -8,7 +8,7 @@
    --teacher-uri diffusers:<work>/teacher``: import, teacher baselines (our DDIM), rounds 16 -> 1 with the
    default student parameterization, evaluation, MLflow, report.
 3. The parameterization study: the same teacher distilled 4 -> 2 -> 1 with eps, x and v students
-   (pipelines ``param-eps``, ``param-x``, ``param-v``; 150 updates per round; eps with weighting ``snr``,
+   (pipelines ``param-eps``, ``param-x``, ``param-v``; 100 updates per round; eps with weighting ``snr``,
    its own MSE, since eps with truncated SNR diverges; x and v with ``snr_trunc``).
 4. ``diffusers_ddim``: the teacher sampled by diffusers itself (``baselines.py``), and our teacher DDIM
    with another noise seed, for the sampling noise of one number.
@@ -43,7 +43,7 @@ OUT = Path(__file__).resolve().parent
 CONFIG = OUT / "config.yaml"
 MAIN = "fmnist-diffusers"
 STUDY = {"eps": ["--set", "diffusion.weighting=snr"], "x": [], "v": []}
-STUDY_SETTINGS = ["--set", "distill.start_steps=4", "--set", "distill.updates_per_round=150"]
+STUDY_SETTINGS = ["--set", "distill.start_steps=4", "--set", "distill.updates_per_round=100"]
 COLUMNS = ["preset", "sampler", "steps", "metric", "value", "n_samples", "seconds_per_image"]
 NOTES = "## Notes"
 
@@ -83,7 +83,8 @@ def _run(cmd: list[str], *, log: Path) -> float:
     return seconds
 
 
-def run_all(work: Path, *, extra: list[str], teacher_args: list[str]) -> dict[str, float]:
+def run_all(work: Path, *, extra: list[str], teacher_args: list[str], only: list[str] | None = None
+            ) -> dict[str, float]:
     """Steps 1-3; wall seconds per stage (this invocation's)."""
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,8 @@ def run_all(work: Path, *, extra: list[str], teacher_args: list[str]) -> dict[st
         walls["train_teacher"] = _run(["benchmarks.your_model.train_teacher", "--out", str(work / "teacher"),
                                        *teacher_args], log=logs / "train_teacher.log")
     for name, cmd in commands(work, extra=extra).items():
-        walls[name] = _run(cmd, log=logs / f"{name}.log")
+        if only is None or name in only:
+            walls[name] = _run(cmd, log=logs / f"{name}.log")
     return walls
 
 
@@ -151,6 +153,15 @@ def _long(preset: str, records: list[dict]) -> pd.DataFrame:
     return long
 
 
+def _remember(work: Path, walls: dict[str, float]) -> dict[str, float]:
+    """Wall seconds per stage of the run that did its work (a rerun does none): kept in <work>/walls.json."""
+    recorded = work / "walls.json"
+    kept = json.loads(recorded.read_text()) if recorded.exists() else {}
+    kept.update({k: round(v, 1) for k, v in walls.items() if k not in kept})
+    recorded.write_text(json.dumps(kept, indent=2) + "\n")
+    return kept
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("runs/your_model"), help="teacher, store, MLflow, logs")
@@ -159,10 +170,18 @@ def main() -> None:
                    help="extra config override for every pipeline (e.g. a quick trial run); not for RESULTS.md")
     p.add_argument("--teacher-updates", type=int, help="updates of the teacher training (default: the script's)")
     p.add_argument("--out", type=Path, default=OUT, help="where results.csv, results.json, RESULTS.md go")
+    p.add_argument("--only", help="run only these pipelines (comma-separated names), then stop before the report")
     args = p.parse_args()
     work = args.work.resolve()
     teacher_args = ["--updates", str(args.teacher_updates)] if args.teacher_updates else []
-    walls = {} if args.report_only else run_all(work, extra=args.overrides, teacher_args=teacher_args)
+    only = args.only.split(",") if args.only else None
+    unknown = [n for n in only or [] if n not in commands(work, extra=[])]
+    if unknown:
+        p.error(f"--only: unknown pipeline {unknown[0]!r}; choose from {', '.join(commands(work, extra=[]))}")
+    walls = {} if args.report_only else run_all(work, extra=args.overrides, teacher_args=teacher_args, only=only)
+    if only:
+        _remember(work, walls)
+        return
     df, facts = collect(work, extra=args.overrides)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -172,10 +191,7 @@ def main() -> None:
 
     if facts["baseline_seconds"] > 10:  # measured now, not read from the cache
         walls["baselines"] = facts["baseline_seconds"]
-    recorded = work / "walls.json"  # the wall time of the run that did each stage's work (reruns do none)
-    kept = json.loads(recorded.read_text()) if recorded.exists() else {}
-    kept.update({k: round(v, 1) for k, v in walls.items() if k not in kept})
-    recorded.write_text(json.dumps(kept, indent=2) + "\n")
+    kept = _remember(work, walls)
     summary = {"machine": machine(), "commands": {k: shlex.join(v) for k, v in commands(work, extra=[]).items()},
                "walls": kept, "teacher_training": json.loads((work / "teacher" / "train.json").read_text()),
                **facts}
