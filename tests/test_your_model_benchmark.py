@@ -56,6 +56,7 @@ def test_the_report_judges_each_target_by_the_numbers(tmp_path):
     text = results_markdown(_frame(values), summary, store=Path(tmp_path))
     assert "| distilled below diffusers' DDIM at N=8 | 21 | 22 | yes |" in text
     assert "| distilled below diffusers' DDIM at N=2 | 65 | 60 | no |" in text
+    assert "pipeline defaults at N=" not in text  # not measured in this frame: no such target
     assert "N=16" not in text.split("## Targets")[1].split("DDIM within")[0]  # no distilled 16-step model
     assert "within sampling noise at N=4: abs difference vs the difference across noise seeds | 1 | 0.5 | no |" \
         in text

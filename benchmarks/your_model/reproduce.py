@@ -128,13 +128,13 @@ def collect(work: Path, *, extra: list[str]) -> tuple[pd.DataFrame, dict]:
     steps = [cfg.distill.start_steps] + [s for _, s in cfg.distill.rounds()]
     t0 = time.perf_counter()
     teacher_key = jobs.teacher_key(MAIN)
-    extra = diffusers_ddim_records(cfg, store, ctx, teacher_key=teacher_key, teacher_dir=work / "teacher",
-                                   steps=steps)
+    theirs = diffusers_ddim_records(cfg, store, ctx, teacher_key=teacher_key, teacher_dir=work / "teacher",
+                                    steps=steps)
     spread = seed_spread_records(cfg, store, ctx, teacher_key=teacher_key, steps=steps, seed=cfg.eval.seed + 1)
     baseline_seconds = time.perf_counter() - t0
     main = _records(store, cfg, pipeline=MAIN)
     floor = evaluation.floor_record(cfg, store, ctx)
-    frames = [_long(MAIN, main + extra + spread + [floor])]
+    frames = [_long(MAIN, main + theirs + spread + [floor])]
     for kind, overrides in STUDY.items():
         study_cfg = _cfg(work, f"param-{kind}", f"distill.student_parameterization={kind}",
                          *[o for o in (overrides + STUDY_SETTINGS) if o != "--set"], *extra)
