@@ -359,5 +359,4 @@ def run_round(cfg: Config, store: CheckpointStore, *, round_index: int, teacher:
 
 
 __all__ = ["CheckpointInfo", "PipelineMismatchError", "ensure_teacher", "import_diffusers_teacher", "import_teacher",
-           "open_store",
-           "round_key", "run_round", "state_key", "teacher_key", "training_hash"]
+           "open_store", "round_key", "run_round", "state_key", "teacher_key", "training_hash"]
