@@ -133,6 +133,30 @@ def test_the_imported_checkpoint_records_what_rebuilds_the_model_and_no_pickle()
     assert all(f.endswith((".safetensors", ".json")) for f in files), files
 
 
+def test_a_diffusers_folder_behind_an_fsspec_url_imports_like_a_local_one(tmp_path):
+    import fsspec
+
+    folder = save_teacher(tmp_path / "teacher", layout="model")
+    fs = fsspec.filesystem("memory")
+    for path in folder.iterdir():
+        fs.pipe_file(f"/pd-tests-teacher/{path.name}", path.read_bytes())
+    cfg = load_config(preset="smoke", overrides=["pipeline.teacher_uri=diffusers:memory://pd-tests-teacher",
+                                                  f"storage.root={tmp_path / 'store'}"])
+    store = CheckpointStore(cfg.storage.root)
+    info = jobs.ensure_teacher(cfg, store)
+    from safetensors.torch import load_file
+
+    tensors, manifest = store.load_checkpoint(info.key)
+    want = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    assert tensors.keys() == {f"unet.{k}" for k in want}
+    assert all(torch.equal(tensors[f"unet.{k}"], v) for k, v in want.items())
+    assert manifest["imported_from"] == "diffusers:memory://pd-tests-teacher"
+    loaded = load_model(store, info.key)
+    assert bool(torch.isfinite(samplers.ddim(loaded.denoiser, torch.randn(2, 1, 8, 8), num_steps=2,
+                                             schedule=loaded.schedule)).all())
+    assert preflight(cfg).num_train_timesteps == 1000
+
+
 def _armed_pickle(marker: Path) -> bytes:
     class Payload:
         def __reduce__(self):

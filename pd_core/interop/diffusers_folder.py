@@ -12,6 +12,7 @@ loads (:func:`preflight`).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import fsspec
@@ -57,7 +58,8 @@ class _Folder:
     def __init__(self, location: str, *, storage_options: dict | None):
         self.location = location
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(location, **(storage_options or {}))
+            local = os.path.expanduser(location) if "://" not in location else location
+            self.fs, self.root = fsspec.core.url_to_fs(local, **(storage_options or {}))
         except (ValueError, ImportError, OSError) as err:
             raise DiffusersImportError(f"{location}: cannot open this location ({err}); give a folder path or an "
                                        f"fsspec URL such as s3://bucket/model") from None
