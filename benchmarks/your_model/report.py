@@ -89,7 +89,7 @@ def results_markdown(df: pd.DataFrame, summary: Mapping, *, store: Path) -> str:
                      f"difference across noise seeds | {_fmt(gap)} | {_fmt(noise)} | "
                      f"{'yes' if gap <= noise else 'no'} |")
     lines += ["", "## Parameterization of the students of an eps teacher (1-2 steps)", "",
-              "The same teacher distilled 4 -> 2 -> 1 (100 updates per round) with eps, x and v students "
+              "The same teacher distilled 4 -> 2 -> 1 (80 updates per round) with eps, x and v students "
               "(eps with weighting `snr`, i.e. its own MSE; x and v with the paper's truncated SNR).", "",
               "| steps | eps | x | v |", "|---:|---:|---:|---:|"]
     study = {k: _wide(df, preset=f"param-{k}", metric=fd) for k in ("eps", "x", "v")}

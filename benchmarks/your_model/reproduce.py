@@ -8,7 +8,7 @@
    --teacher-uri diffusers:<work>/teacher``: import, teacher baselines (our DDIM), rounds 16 -> 1 with the
    default student parameterization, evaluation, MLflow, report.
 3. The parameterization study: the same teacher distilled 4 -> 2 -> 1 with eps, x and v students
-   (pipelines ``param-eps``, ``param-x``, ``param-v``; 100 updates per round; eps with weighting ``snr``,
+   (pipelines ``param-eps``, ``param-x``, ``param-v``; 80 updates per round; eps with weighting ``snr``,
    its own MSE, since eps with truncated SNR diverges; x and v with ``snr_trunc``).
 4. ``diffusers_ddim``: the teacher sampled by diffusers itself (``baselines.py``), and our teacher DDIM
    with another noise seed, for the sampling noise of one number.
@@ -43,7 +43,7 @@ OUT = Path(__file__).resolve().parent
 CONFIG = OUT / "config.yaml"
 MAIN = "fmnist-diffusers"
 STUDY = {"eps": ["--set", "diffusion.weighting=snr"], "x": [], "v": []}
-STUDY_SETTINGS = ["--set", "distill.start_steps=4", "--set", "distill.updates_per_round=100"]
+STUDY_SETTINGS = ["--set", "distill.start_steps=4", "--set", "distill.updates_per_round=80"]
 COLUMNS = ["preset", "sampler", "steps", "metric", "value", "n_samples", "seconds_per_image"]
 NOTES = "## Notes"
 
