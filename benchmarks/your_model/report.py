@@ -98,6 +98,9 @@ def results_markdown(df: pd.DataFrame, summary: Mapping, *, store: Path) -> str:
         best = min((v, k) for k, v in vals.items() if not math.isnan(v))[1] if vals else None
         lines.append(f"| {n} | " + " | ".join(f"**{_fmt(v)}**" if k == best else _fmt(v) for k, v in vals.items())
                      + " |")
+    if summary.get("grids"):
+        lines += ["", "## Samples (the evaluation's first 64 noises, the same for every grid)", ""]
+        lines += [f"![{g}](grids/{g})" for g in summary["grids"]]
     lines += ["", "## Training seconds (from the checkpoints' manifests)", "", "| pipeline | round | seconds |",
               "|---|---|---:|"]
     lines += [f"| {p} | {r} | {s:.0f} |" for p, r, s in _stage_seconds(store)]

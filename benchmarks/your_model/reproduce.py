@@ -153,6 +153,24 @@ def _long(preset: str, records: list[dict]) -> pd.DataFrame:
     return long
 
 
+def copy_grids(work: Path, out: Path) -> list[str]:
+    """The main pipeline's sample grids (teacher DDIM at 16 steps, each student at its steps) into ``out/grids``."""
+    store = CheckpointStore(str(work / "store"))
+    cfg = _cfg(work, MAIN)
+    keys = {cfg.distill.start_steps: jobs.teacher_key(MAIN)}
+    keys |= {s: jobs.round_key(MAIN, round_index=i, student_steps=s)
+             for i, (_, s) in enumerate(cfg.distill.rounds(), start=1)}
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    names = []
+    for steps, key in sorted(keys.items(), reverse=True):
+        grid = evaluation.grid_key(key, sampler="ddim", steps=steps)
+        if store.exists(grid):
+            name = f"{'teacher' if key.endswith('teacher') else 'distilled'}-{steps:02d}-steps.png"
+            (out / "grids" / name).write_bytes(store.get_bytes(grid))
+            names.append(name)
+    return names
+
+
 def _remember(work: Path, walls: dict[str, float]) -> dict[str, float]:
     """Wall seconds per stage of the run that did its work (a rerun does none): kept in <work>/walls.json."""
     recorded = work / "walls.json"
@@ -183,6 +201,7 @@ def main() -> None:
         _remember(work, walls)
         return
     df, facts = collect(work, extra=args.overrides)
+    facts["grids"] = copy_grids(work, args.out)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "results.csv", index=False)
