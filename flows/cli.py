@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the whole pipeline: teacher, every round, evaluation, report")
     _add_config_args(run)
-    run.add_argument("--teacher-uri", help="import this teacher checkpoint instead of training one")
+    run.add_argument("--teacher-uri", help="import this teacher instead of training one: a checkpoint folder URI, "
+                                           "or diffusers:<folder or URL> (a UNet2DModel + its scheduler config)")
     run.add_argument("--restart-from", type=restart_round, metavar="N",
                      help="retrain round N and every later round, replacing their checkpoints (0 or 'teacher': "
                           "the teacher too); what comes before N is kept as it is")
@@ -95,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     ev.add_argument("--sampler", choices=("ddim", "stochastic"), default="ddim")
     ev.add_argument("--gamma", type=float, default=0.3)
+
+    export = sub.add_parser("export", help="write a model's sampler as a diffusers folder or one ONNX graph")
+    export.add_argument("--model", required=True,
+                        help="checkpoint folder URI (as `pd run` prints) or models:/NAME@ALIAS")
+    export.add_argument("--format", dest="fmt", required=True, choices=("diffusers", "onnx"),
+                        help="diffusers: a folder UNet2DModel.from_pretrained loads (students of diffusers teachers); "
+                             "onnx: the whole N-step sampler, noise in, image out")
+    export.add_argument("--out", required=True, help="new output folder (diffusers) or .onnx file (onnx)")
+    export.add_argument("--steps", type=int, help="sampling steps (default: the steps the model was distilled for)")
+    export.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs")
 
     sub.add_parser("presets", help="list the shipped presets")
 
@@ -198,6 +209,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = resolve_config(preset=args.preset, config_path=args.config_path, overrides=args.overrides, name=args.name,
                          storage=args.storage, tracking_uri=args.tracking_uri, teacher_uri=args.teacher_uri,
                          restart_from=args.restart_from)
+    if (cfg.pipeline.teacher_uri or "").startswith("diffusers:"):
+        from pd_core.interop.diffusers_folder import preflight
+
+        preflight(cfg)  # the folder, its configs, the step count and image size; JSON only, before Prefect starts
     t0 = time.perf_counter()
     server = start_prefect_and_warm_up(cfg)  # stops at exit, after Prefect has shipped its last logs
     from flows.pipeline import distillation_pipeline
@@ -241,6 +256,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    check_sampling(num=None, steps=args.steps, batch_size=None, gamma=None, seed=None)
+    check_uri("--tracking-uri", args.tracking_uri, storage=False)
+    check_model(args.model)
+    from flows.export import export_model
+    from pd_core.export.files import ExportError
+    from pd_core.interop.diffusers_folder import DiffusersImportError
+
+    try:
+        print(export_model(model=args.model, fmt=args.fmt, out=args.out, steps=args.steps,
+                           tracking_uri=args.tracking_uri))
+    except (ExportError, DiffusersImportError) as err:  # bad arguments: exit 2
+        raise UsageError(str(err)) from None
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     check_sampling(num=None, steps=args.steps, batch_size=None, gamma=args.gamma, seed=None)
     check_uri("--storage", args.storage)
@@ -265,8 +296,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "sample": cmd_sample, "eval": cmd_eval, "presets": cmd_presets, "show": cmd_show,
-            "config": cmd_config}
+COMMANDS = {"run": cmd_run, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export, "presets": cmd_presets,
+            "show": cmd_show, "config": cmd_config}
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -22,7 +22,9 @@ import torch
 from flows.cli_args import BadArgument
 from pd_core import evaluation, images, jobs, samplers
 from pd_core.config import Config
+from pd_core.interop.diffusers_folder import check_timesteps
 from pd_core.models import LoadedModel, load_model, load_model_uri, model_from_files, split_uri
+from pd_core.schedule import DiscreteSchedule
 from pd_core.store import NOT_SAVED, CheckpointStore
 from pd_core.train import resolve_device, resolve_runtime
 from tasks.env import offline_environment, project_home
@@ -86,21 +88,27 @@ def load_any_model(model: str, *, device: torch.device, tracking_uri: str | None
 
 def sample_images(loaded: LoadedModel, *, steps: int, num: int, sampler: str, gamma: float, seed: int,
                   batch_size: int, device: torch.device) -> torch.Tensor:
-    """Draw ``num`` images in batches from noise seeded by ``seed``; returns (num, C, H, W) in [-1, 1] on CPU."""
-    spec = loaded.denoiser.net.spec
+    """Draw ``num`` images in batches from noise seeded by ``seed``; returns (num, C, H, W) in [-1, 1] on CPU.
+
+    A class-conditional model gets classes 0, 1, ..., K - 1, 0, ... in order (a grid row per class when
+    its width is K).
+    """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     with torch.inference_mode():
         for start in range(0, num, batch_size):
             b = min(batch_size, num - start)
-            z = torch.randn((b, spec.in_channels, spec.image_size, spec.image_size), generator=gen).to(device)
+            z = torch.randn((b, *loaded.image_shape), generator=gen).to(device)
+            denoiser = loaded.denoiser
+            if loaded.num_classes:
+                denoiser = denoiser.with_labels(torch.arange(start, start + b, device=device) % loaded.num_classes)
             if sampler == "ddim":
-                x = samplers.ddim(loaded.denoiser, z, num_steps=steps, schedule=loaded.schedule)
+                x = samplers.ddim(denoiser, z, num_steps=steps, schedule=loaded.schedule)
             elif sampler == "stochastic":
-                x = samplers.ancestral(loaded.denoiser, z, num_steps=steps, gamma=gamma,
+                x = samplers.ancestral(denoiser, z, num_steps=steps, gamma=gamma,
                                        generator=gen_for(device, seed + start), schedule=loaded.schedule)
             else:
-                x = samplers.heun(loaded.denoiser, z, num_steps=steps, schedule=loaded.schedule)
+                x = samplers.heun(denoiser, z, num_steps=steps, schedule=loaded.schedule)
             out.append(x.float().cpu())
     return torch.cat(out)
 
@@ -125,13 +133,14 @@ def sample_to_grid(*, model: str, steps: int | None, num: int, out: str, sampler
         raise BadArgument("--device cuda: no CUDA device is available; use --device cpu") from None
     loaded = load_any_model(model, device=dev, tracking_uri=tracking_uri)
     steps = steps or loaded.steps
+    if isinstance(loaded.schedule, DiscreteSchedule):
+        check_timesteps(steps=steps, num_train_timesteps=loaded.schedule.num_timesteps, source=model, field="--steps")
     warn_other_steps(loaded.manifest, steps)
-    spec = loaded.denoiser.net.spec
-    need = num * spec.in_channels * spec.image_size ** 2 * 4
+    c, h, w = loaded.image_shape
+    need = num * c * h * w * 4
     if need > MAX_SAMPLE_BYTES:
-        raise BadArgument(f"--num {num}: {num} images of {spec.in_channels}x{spec.image_size}x{spec.image_size} take "
-                          f"{need / 2**30:.1f} GiB, more than the {MAX_SAMPLE_BYTES / 2**30:.0f} GiB `pd sample` "
-                          f"holds; lower --num")
+        raise BadArgument(f"--num {num}: {num} images of {c}x{h}x{w} take {need / 2**30:.1f} GiB, more than the "
+                          f"{MAX_SAMPLE_BYTES / 2**30:.0f} GiB `pd sample` holds; lower --num")
     t0 = time.perf_counter()
     x = sample_images(loaded, steps=steps, num=num, sampler=sampler, gamma=gamma, seed=seed, batch_size=batch_size,
                       device=dev)

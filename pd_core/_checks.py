@@ -42,3 +42,17 @@ def as_tensor(value: Tensor | float, *, like: Tensor | None = None) -> Tensor:
     dtype = like.dtype if like is not None else torch.get_default_dtype()
     device = like.device if like is not None else None
     return torch.as_tensor(value, dtype=dtype, device=device)
+
+
+def state_misfit(tensors: dict[str, Tensor], want: dict[str, tuple[int, ...]]) -> str | None:
+    """None when ``tensors`` have exactly the names and shapes of ``want``; else the first misfit and a count."""
+    have = {k: tuple(v.shape) for k, v in tensors.items()}
+    wrong = [k for k in want if k in have and have[k] != want[k]]
+    missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    if not (wrong or missing or extra):
+        return None
+    if wrong:
+        first = f"{wrong[0]} has shape {list(have[wrong[0]])}, the architecture needs {list(want[wrong[0]])}"
+    else:
+        first = f"{missing[0]} is missing" if missing else f"{extra[0]} is not part of the architecture"
+    return f"{first}; {len(wrong) + len(missing) + len(extra)} tensor(s) differ"

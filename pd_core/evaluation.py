@@ -151,15 +151,17 @@ def dtype_tag(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-def sampling_denoiser(model: LoadedModel, *, autocast_dtype: torch.dtype | None, compile: bool) -> DenoiserFn:
-    """The model's denoiser with its network under autocast to ``autocast_dtype`` (outputs fp32), compiled if asked.
+def sampling_denoiser(model: LoadedModel, *, autocast_dtype: torch.dtype | None, compile: bool,
+                      labels: Tensor | None = None) -> DenoiserFn:
+    """The model's denoiser (with ``labels`` bound, for a class-conditional network) with its network under
+    autocast to ``autocast_dtype`` (outputs fp32), compiled if asked.
 
     ``compile`` wraps the whole denoiser in ``torch.compile`` (default mode, static shapes: one
     graph per batch shape, reused by every checkpoint of the same architecture).
     """
-    denoiser = model.denoiser
+    denoiser = model.denoiser if labels is None else model.denoiser.with_labels(labels)
     if autocast_dtype is not None:
-        device_type = next(denoiser.net.parameters()).device.type
+        device_type = next(model.denoiser.net.parameters()).device.type
         plain = denoiser
 
         def denoiser(z: Tensor, logsnr: Tensor) -> tuple[Tensor, Tensor]:
@@ -174,13 +176,22 @@ def make_sample_fn(model: LoadedModel, *, sampler: str, steps: int, gamma: float
     """noise (B, C, H, W) -> images in [-1, 1] (fp32) with the given sampler (clipping on, as sampling does).
 
     The network runs under autocast to ``autocast_dtype`` (None: fp32) and, with ``compile``, under
-    ``torch.compile`` (see :func:`sampling_denoiser`).
+    ``torch.compile`` (see :func:`sampling_denoiser`). A class-conditional model draws classes
+    0, 1, ..., K - 1, 0, 1, ... in the order the noise comes (calls are consecutive batches of one
+    evaluation), so every class is sampled equally often.
     """
     gen = torch.Generator(device=device).manual_seed(seed + 7919)  # stochastic sampler's own noise stream
-    denoiser = sampling_denoiser(model, autocast_dtype=autocast_dtype, compile=compile)
+    unconditional = None if model.num_classes else sampling_denoiser(model, autocast_dtype=autocast_dtype,
+                                                                       compile=compile)
+    drawn = [0]  # examples sampled so far (for the class labels)
 
     def sample(noise: Tensor) -> Tensor:
         z = noise.to(device)
+        denoiser = unconditional
+        if denoiser is None:
+            labels = torch.arange(drawn[0], drawn[0] + z.shape[0], device=device) % model.num_classes
+            denoiser = sampling_denoiser(model, autocast_dtype=autocast_dtype, compile=compile, labels=labels)
+        drawn[0] += z.shape[0]
         with torch.inference_mode():
             if sampler == "ddim":
                 return samplers.ddim(denoiser, z, num_steps=steps, schedule=model.schedule)
@@ -233,10 +244,9 @@ def evaluate_model(cfg: Config, store: CheckpointStore, ctx: FeatureContext, *, 
                 threads.update()  # threads follow the machine's load, batch by batch
             return sample(noise)
 
-        spec = model.denoiser.net.spec
         metrics = evaluate_sampler(fn, num_samples=ev.num_samples, batch_size=ev.batch_size, seed=ev.seed,
                                    feature_extractor=ctx.extractor, reference_stats=ctx.reference.stats,
-                                   image_shape=(spec.in_channels, spec.image_size, spec.image_size),
+                                   image_shape=model.image_shape,
                                    reference_features=ctx.reference.features,
                                    kid_subsets=ev.kid_subsets, kid_subset_size=min(ev.kid_subset_size, ev.num_samples),
                                    progress=progress)
@@ -262,9 +272,7 @@ def write_grid(cfg: Config, store: CheckpointStore, *, key: str, sampler: str, s
     if not (store.exists(out_key) and store.exists(raw_key)):
         device = torch.device(device)
         model = load_model(store, key, device=device)
-        spec = model.denoiser.net.spec
-        shape = (spec.in_channels, spec.image_size, spec.image_size)
-        noise = sample_noise(seed=cfg.eval.seed, start=0, count=n, shape=shape)
+        noise = sample_noise(seed=cfg.eval.seed, start=0, count=n, shape=model.image_shape)
         x = make_sample_fn(model, sampler=sampler, steps=steps, gamma=None, seed=cfg.eval.seed, device=device)(noise)
         u = images.to_uint8(x.float().cpu())
         caption = images.grid_caption(pipeline=cfg.pipeline.name, manifest=model.manifest, sampler=sampler, steps=steps)

@@ -36,13 +36,14 @@ def nonfinite_samples(model: LoadedModel, *, steps: int, num: int = CHECK_SAMPLE
     Counted are the network's raw outputs x_hat and eps_hat at every step (before the sampler clips
     x_hat, which would turn inf into 1) and the final images.
     """
-    spec = model.denoiser.net.spec
-    z = torch.randn((num, spec.in_channels, spec.image_size, spec.image_size),
-                    generator=torch.Generator().manual_seed(seed)).to(device)
+    z = torch.randn((num, *model.image_shape), generator=torch.Generator().manual_seed(seed)).to(device)
+    denoiser = model.denoiser
+    if model.num_classes:  # a class-conditional network: classes 0, 1, ... in turn
+        denoiser = denoiser.with_labels(torch.arange(num, device=z.device) % model.num_classes)
     counts = [0, 0]
 
     def watched(z_t: Tensor, logsnr: Tensor) -> tuple[Tensor, Tensor]:
-        x_hat, eps_hat = model.denoiser(z_t, logsnr)
+        x_hat, eps_hat = denoiser(z_t, logsnr)
         for t in (x_hat, eps_hat):
             counts[0] += int((~torch.isfinite(t)).sum())
             counts[1] += t.numel()

@@ -24,8 +24,12 @@ from dataclasses import dataclass
 import torch
 
 from pd_core import dist, finite, lineage
+from pd_core.architecture import Architecture, DiffusersUNet2D, architecture_from_manifest
 from pd_core.config import Config
 from pd_core.data import BatchSampler, ImageData, load_split
+from pd_core.interop.diffusers import read_diffusers_model, weights_sha256
+from pd_core.interop.diffusers_folder import check_timesteps, is_diffusers_uri
+from pd_core.kinds import student_parameterization
 from pd_core.lineage import Lineage, PipelineMismatchError
 from pd_core.models import check_weights_fit, manifest_schedule, model_from_tensors, split_uri
 from pd_core.schedule import CosineSchedule, Schedule
@@ -43,7 +47,7 @@ from pd_core.train import (
     resolve_runtime,
     train_teacher,
 )
-from pd_core.unet import UNetSpec, spec_from_dict, spec_to_dict, unet_spec
+from pd_core.unet import UNetSpec, spec_to_dict, unet_spec
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +107,7 @@ def _model_spec(cfg: Config, data: ImageData) -> UNetSpec:
     return unet_spec(cfg, in_channels=data.images.shape[1], num_classes=data.num_classes)
 
 
-def _manifest(cfg: Config, *, kind: str, spec: UNetSpec, steps: int, round_index: int, lineage_: Lineage,
+def _manifest(cfg: Config, *, kind: str, spec: UNetSpec | None, steps: int, round_index: int, lineage_: Lineage,
               schedule: Schedule, extra: dict | None = None) -> dict:
     return {
         "kind": kind,
@@ -111,7 +115,7 @@ def _manifest(cfg: Config, *, kind: str, spec: UNetSpec, steps: int, round_index
         "steps": steps,
         **lineage_.manifest_fields(),
         "pipeline": cfg.pipeline.name,
-        "unet": spec_to_dict(spec),
+        "unet": spec_to_dict(spec) if spec is not None else None,  # None: another architecture, named in extra
         "parameterization": cfg.diffusion.parameterization,
         "logsnr_min": cfg.diffusion.logsnr_min,
         "logsnr_max": cfg.diffusion.logsnr_max,
@@ -249,13 +253,15 @@ def _teacher_source(cfg: Config, store: CheckpointStore) -> tuple[str | None, bo
     """(the teacher's source sha256, whether ``pipeline.teacher_uri`` names this pipeline's own teacher).
 
     No teacher_uri: (None, False), the teacher is trained here. A teacher_uri naming another checkpoint:
-    its sha256 (from its manifest), the parent an import records. One naming this pipeline's own teacher
-    (what the ``pd-distill`` deployment passes after ``train-teacher``): that teacher's own parent, so
-    it is reused as it is, never imported onto itself.
+    its sha256 (from its manifest), the parent an import records; a diffusers folder: its weights file's.
+    One naming this pipeline's own teacher (what the ``pd-distill`` deployment passes after
+    ``train-teacher``): that teacher's own parent, so it is reused as it is, never imported onto itself.
     """
     uri = cfg.pipeline.teacher_uri
     if not uri:
         return None, False
+    if is_diffusers_uri(uri):  # a diffusers folder: the sha256 of its weights file
+        return weights_sha256(uri, storage_options=dict(cfg.storage.storage_options)), False
     src_root, src_key = split_uri(uri)
     src = CheckpointStore(src_root, storage_options=dict(cfg.storage.storage_options))
     manifest = src.read_manifest(src_key)
@@ -320,22 +326,79 @@ def ensure_teacher(cfg: Config, store: CheckpointStore, *, data: ImageData | Non
 
 
 def import_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -> CheckpointInfo:
-    """Copy a verified teacher checkpoint from any store URI into this pipeline (its sha256 becomes the parent)."""
+    """Copy a verified teacher checkpoint from any store URI into this pipeline (its sha256 becomes the parent),
+    or import a diffusers folder (``diffusers:<folder or fsspec URL>``, :func:`import_diffusers_teacher`)."""
+    if is_diffusers_uri(uri):
+        return import_diffusers_teacher(cfg, store, uri=uri)
     src_root, src_key = split_uri(uri)
     src = CheckpointStore(src_root, storage_options=dict(cfg.storage.storage_options))
     tensors, manifest = src.load_checkpoint(src_key)
-    spec = spec_from_dict(manifest["unet"])
-    check_weights_fit(tensors, spec, source=uri)
+    arch = _architecture(manifest, source=uri)
+    check_weights_fit(tensors, arch, source=uri)
     if manifest.get("parameterization") != cfg.diffusion.parameterization:
         raise PipelineMismatchError(f"{uri} uses parameterization {manifest.get('parameterization')!r}, the config "
                                     f"{cfg.diffusion.parameterization!r}; set diffusion.parameterization to match")
     key = teacher_key(cfg.pipeline.name)
     start = cfg.distill.start_steps
     want = lineage.teacher_lineage(cfg, source_sha256=manifest.get("sha256"))
-    new_manifest = _manifest(cfg, kind="teacher", spec=spec, steps=start, round_index=0, lineage_=want,
-                             schedule=manifest_schedule(manifest), extra={"imported_from": uri})
+    new_manifest = _manifest(cfg, kind="teacher", spec=None, steps=start, round_index=0, lineage_=want,
+                             schedule=manifest_schedule(manifest),
+                             extra={"imported_from": uri, **arch.manifest_fields()})
     ref = dist.run_on_main(lambda: store.save_checkpoint(key, tensors=tensors, manifest=new_manifest))
     log.info("teacher imported from %s to %s", uri, ref.uri)
+    return CheckpointInfo(key=key, uri=ref.uri, sha256=ref.sha256, steps=start, round=0, trained=False,
+                          train_seconds=0.0, resumed_from=0)
+
+
+def _architecture(manifest: dict, *, source: str) -> Architecture:
+    """The network a checkpoint's manifest describes, or StoreError naming the checkpoint."""
+    try:
+        return architecture_from_manifest(manifest)
+    except (ValueError, TypeError, KeyError) as err:
+        raise StoreError(f"{source}: the manifest does not describe a network this version can build ({err})") from err
+
+
+def _check_data_fits(data: ImageData, arch: Architecture, *, source: str) -> None:
+    """The teacher denoises images of the data's shape and, when class-conditional, knows the data's labels."""
+    shape = tuple(data.images.shape[1:])
+    if shape != tuple(arch.image_shape):
+        raise ValueError(f"{source} denoises images of shape {list(arch.image_shape)} (C, H, W) but data.name="
+                         f"{data.name!r} gives {list(shape)}: distill it on the images it was trained on "
+                         f"(data.image_size {arch.image_shape[1]}, {arch.image_shape[0]} channel(s))")
+    num_classes = arch.num_classes
+    if num_classes == 0:
+        return
+    if data.labels is None:
+        raise ValueError(f"{source} is class-conditional ({num_classes} classes) but data.name={data.name!r} has "
+                         f"no labels; distill it on labelled data")
+    top = int(data.labels.max()) if len(data.labels) else -1
+    if top >= num_classes:
+        raise ValueError(f"{source} knows {num_classes} classes but the data has label {top}; use data whose "
+                         f"labels are 0 .. {num_classes - 1}")
+
+
+def import_diffusers_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -> CheckpointInfo:
+    """Import a diffusers UNet2DModel and its scheduler config as this pipeline's teacher.
+
+    The checkpoint holds the model's tensors (safetensors, read without unpickling), its config,
+    its scheduler config and discrete schedule, and the parameterization its ``prediction_type``
+    names; the sha256 of the source weights file becomes the parent. The first round's grid
+    (``distill.start_steps`` steps) must not be finer than the model's training timesteps.
+    """
+    model = read_diffusers_model(uri, storage_options=dict(cfg.storage.storage_options))
+    start = cfg.distill.start_steps
+    check_timesteps(steps=start, num_train_timesteps=model.num_train_timesteps, source=uri)
+    arch = DiffusersUNet2D.of(model.unet_config, schedule=model.schedule, scheduler_config=model.scheduler_config)
+    key = teacher_key(cfg.pipeline.name)
+    want = lineage.teacher_lineage(cfg, source_sha256=model.weights_sha256)
+    manifest = _manifest(cfg, kind="teacher", spec=None, steps=start, round_index=0, lineage_=want,
+                         schedule=model.schedule,
+                         extra={"imported_from": uri, **arch.manifest_fields(),
+                                "parameterization": model.parameterization,
+                                "num_train_timesteps": model.num_train_timesteps})
+    ref = dist.run_on_main(lambda: store.save_checkpoint(key, tensors=model.weights, manifest=manifest))
+    log.info("teacher imported from %s (UNet2DModel, %s prediction, %d timesteps) to %s", uri,
+             model.parameterization, model.num_train_timesteps, ref.uri)
     return CheckpointInfo(key=key, uri=ref.uri, sha256=ref.sha256, steps=start, round=0, trained=False,
                           train_seconds=0.0, resumed_from=0)
 
@@ -348,8 +411,11 @@ def run_round(cfg: Config, store: CheckpointStore, *, round_index: int, teacher:
     student_steps = teacher_steps // 2
     key = round_key(cfg.pipeline.name, round_index=round_index, student_steps=student_steps)
     phase = round_phase(round_index=round_index, teacher_steps=teacher_steps, student_steps=student_steps)
+    # ``auto`` resolves through the teacher's parameterization: the lineage records what it resolved to.
+    teacher_kind = (store.read_manifest(teacher.key) or {}).get("parameterization", cfg.diffusion.parameterization)
+    student_kind = student_parameterization(requested=cfg.distill.student_parameterization, teacher=teacher_kind)
     want = lineage.round_lineage(cfg, round_index=round_index, teacher_steps=teacher_steps,
-                                 parent_sha256=teacher.sha256)
+                                 parent_sha256=teacher.sha256, student_parameterization=student_kind)
     found = _reusable(store, cfg, key, want=want, label=phase, steps=student_steps, round_index=round_index)
     if found is not None:
         return found
@@ -359,33 +425,37 @@ def run_round(cfg: Config, store: CheckpointStore, *, round_index: int, teacher:
     if teacher_manifest["sha256"] != teacher.sha256:
         raise StoreError(f"{teacher.uri} changed since it was produced (sha256 {teacher_manifest['sha256'][:12]} != "
                          f"{teacher.sha256[:12]}); rerun the pipeline")
-    spec = spec_from_dict(teacher_manifest["unet"])
-    check_weights_fit(teacher_weights, spec, source=teacher.uri)
+    arch = _architecture(teacher_manifest, source=teacher.uri)  # the student keeps its teacher's architecture
+    check_weights_fit(teacher_weights, arch, source=teacher.uri)
+    _check_data_fits(data, arch, source=teacher.uri)
     schedule = manifest_schedule(teacher_manifest)  # a round keeps its teacher's schedule
     seed = cfg.pipeline.seed + 1000 * round_index  # each round sees its own noise and batches
     # Student dropout draws from torch's global RNG: seed it per round, so the masks do not depend on what
     # this process ran before (a rerun that skips the teacher would otherwise draw other masks).
     torch.manual_seed(seed)
-    state = new_student_state(teacher_weights=teacher_weights, spec=spec, distill_cfg=cfg.distill, runtime=runtime,
+    state = new_student_state(teacher_weights=teacher_weights, arch=arch, distill_cfg=cfg.distill, runtime=runtime,
                               seed=seed)
     # Build every network BEFORE resuming: a network's init draws from the global RNG, which _resume restores.
-    teacher_net = frozen_teacher(weights=teacher_weights, spec=spec, runtime=runtime)
+    teacher_net = frozen_teacher(weights=teacher_weights, arch=arch, runtime=runtime)
     _resume(store, key, state, want=want, label=phase, is_main=runtime.is_main)
     updates = cfg.distill.updates_for(student_steps)
     result = distill_round(state=state, teacher_net=teacher_net, student_steps=student_steps, updates=updates,
                            phase=phase, distill_cfg=cfg.distill, diffusion_cfg=cfg.diffusion, schedule=schedule,
-                           runtime=runtime,
+                           runtime=runtime, teacher_parameterization=teacher_kind,
+                           student_parameterization=student_kind,
                            sample_batch=sampler_for(cfg, data, seed=seed).batch,
                            on_checkpoint=_state_saver(store, key, want), on_progress=on_progress,
                            fault_at_step=fault_at_step)
-    manifest = _manifest(cfg, kind="student", spec=dataclasses.replace(spec, dropout=0.0), steps=student_steps,
+    manifest = _manifest(cfg, kind="student", spec=None, steps=student_steps,
                          round_index=round_index, lineage_=want, schedule=schedule,
-                         extra={"updates": updates, "teacher_steps": teacher_steps, **_timing(result)})
+                         extra={"updates": updates, "teacher_steps": teacher_steps, **_timing(result),
+                                **arch.without_dropout().manifest_fields(),
+                                "parameterization": student_kind, "teacher_parameterization": teacher_kind})
     _check_finite_student(result.weights, manifest, label=phase, round_index=round_index, device=runtime.device)
     info = _publish(store, key, weights=result.weights, manifest=manifest, is_main=runtime.is_main)
     log.info("%s saved to %s (sha256 %s)", phase, info.uri, info.sha256[:12])
     return dataclasses.replace(info, train_seconds=result.seconds)
 
 
-__all__ = ["CheckpointInfo", "PipelineMismatchError", "ensure_teacher", "import_teacher", "open_store",
-           "round_key", "run_round", "state_key", "teacher_key"]
+__all__ = ["CheckpointInfo", "PipelineMismatchError", "ensure_teacher", "import_diffusers_teacher", "import_teacher",
+           "open_store", "round_key", "run_round", "state_key", "teacher_key"]

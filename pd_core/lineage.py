@@ -6,8 +6,9 @@ from, the source checkpoint of an imported teacher, None for a teacher trained h
 only those (kept next to it as ``settings``):
 
     teacher   model, diffusion, data, teacher (without log_every, checkpoint_every), pipeline.seed
-    round r   diffusion, data, the round's distill settings (batch_size, lr, grad_clip, dropout and the
-              round's update count), pipeline.seed, r and the round's step counts
+    round r   diffusion, data, the round's distill settings (batch_size, lr, grad_clip, dropout, the
+              round's update count and the student's resolved parameterization), pipeline.seed, r and
+              the round's step counts
 
 Evaluation, storage, tracking and runtime settings, log and checkpoint cadences, ``teacher.seed``
 and ``distill.seed`` (the pipeline seed is what seeds the training) change no weights and are left
@@ -69,12 +70,18 @@ def teacher_lineage(cfg: Config, *, source_sha256: str | None = None) -> Lineage
     return _lineage(settings, source_sha256)
 
 
-def round_lineage(cfg: Config, *, round_index: int, teacher_steps: int, parent_sha256: str) -> Lineage:
-    """Round ``round_index``'s lineage: distilling the ``teacher_steps``-step parent into a student of half that."""
+def round_lineage(cfg: Config, *, round_index: int, teacher_steps: int, parent_sha256: str,
+                  student_parameterization: str | None = None) -> Lineage:
+    """Round ``round_index``'s lineage: distilling the ``teacher_steps``-step parent into a student of half that.
+
+    ``student_parameterization`` is what ``distill.student_parameterization`` resolved to for this teacher
+    (``auto`` depends on the teacher, so the setting alone does not decide it); default: the diffusion's.
+    """
     dump = cfg.model_dump(mode="json")
     student_steps = teacher_steps // 2
     distill = {k: dump["distill"][k] for k in ROUND_DISTILL_FIELDS}
     distill["updates"] = cfg.distill.updates_for(student_steps)
+    distill["student_parameterization"] = student_parameterization or cfg.diffusion.parameterization
     settings = {"kind": "student", "round": round_index, "teacher_steps": teacher_steps,
                 "student_steps": student_steps, "diffusion": dump["diffusion"], "data": dump["data"],
                 "distill": distill, "pipeline_seed": cfg.pipeline.seed}

@@ -1,14 +1,13 @@
 """Checkpoints made ready to sample: an eval-mode network from a manifest's architecture, as a Denoiser.
 
-A checkpoint describes its network (``unet`` in the manifest) and its parameterization, so loading
-needs no config. Weights are checked against the architecture tensor by tensor before loading,
-so a mismatch is one line naming the first misfit.
+A checkpoint describes its network (:func:`pd_core.architecture.architecture_from_manifest`: the
+project's U-Net or a diffusers UNet2DModel) and its parameterization, so loading needs no config.
+Weights are checked against the architecture tensor by tensor before loading, so a mismatch is one
+line naming the first misfit.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import posixpath
 from dataclasses import dataclass
 
@@ -16,10 +15,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from pd_core._checks import state_misfit
+from pd_core.architecture import Architecture, PdUNet, architecture_from_manifest
 from pd_core.denoiser import Denoiser
 from pd_core.schedule import CosineSchedule, Schedule, schedule_from_dict
 from pd_core.store import CheckpointStore, StoreError
-from pd_core.unet import UNet, UNetSpec, spec_from_dict
+from pd_core.unet import UNetSpec
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -32,28 +33,12 @@ def split_uri(uri: str) -> tuple[str, str]:
     return root, key
 
 
-@functools.lru_cache(maxsize=16)
-def _state_shapes(spec: UNetSpec) -> dict[str, tuple[int, ...]]:
-    """Parameter and buffer shapes of UNet(spec) (cached: an evaluation checks every checkpoint it loads)."""
-    with torch.device("meta"):  # shapes only: nothing allocated, nothing drawn from the RNG
-        return {k: tuple(v.shape) for k, v in UNet(spec).state_dict().items()}
-
-
-def check_weights_fit(tensors: dict, spec: UNetSpec, *, source: str) -> None:
-    """StoreError (one line, naming the first misfit) unless ``tensors`` are exactly the state dict of UNet(spec)."""
-    want = _state_shapes(spec)
-    have = {k: tuple(v.shape) for k, v in tensors.items()}
-    wrong = [k for k in want if k in have and have[k] != want[k]]
-    missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
-    if not (wrong or missing or extra):
-        return
-    if wrong:
-        first = f"{wrong[0]} has shape {list(have[wrong[0]])}, the architecture needs {list(want[wrong[0]])}"
-    else:
-        first = f"{missing[0]} is missing" if missing else f"{extra[0]} is not part of the architecture"
-    raise StoreError(f"{source}: weights do not fit the architecture in its manifest ({first}; "
-                     f"{len(wrong) + len(missing) + len(extra)} tensor(s) differ); the checkpoint or its manifest was "
-                     f"altered - re-export it or point at the right checkpoint")
+def check_weights_fit(tensors: dict, arch: Architecture | UNetSpec, *, source: str) -> None:
+    """StoreError (one line, naming the first misfit) unless ``tensors`` are exactly the state dict of ``arch``."""
+    misfit = state_misfit(tensors, (PdUNet(arch) if isinstance(arch, UNetSpec) else arch).state_shapes())
+    if misfit is not None:
+        raise StoreError(f"{source}: weights do not fit the architecture in its manifest ({misfit}); the checkpoint "
+                         f"or its manifest was altered - re-export it or point at the right checkpoint")
 
 
 @dataclass(frozen=True)
@@ -64,6 +49,17 @@ class LoadedModel:
     manifest: dict
     steps: int
     schedule: Schedule
+    architecture: Architecture
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images it samples."""
+        return self.architecture.image_shape
+
+    @property
+    def num_classes(self) -> int:
+        """Class labels it is conditioned on (0: unconditional)."""
+        return self.architecture.num_classes
 
 
 def manifest_schedule(manifest: dict) -> Schedule:
@@ -76,10 +72,13 @@ def manifest_schedule(manifest: dict) -> Schedule:
 
 def model_from_tensors(tensors: dict, manifest: dict, *, source: str,
                        device: torch.device | str = "cpu") -> LoadedModel:
-    """An eval-mode U-Net built from the manifest's architecture, loaded with ``tensors`` (strict)."""
-    spec = dataclasses.replace(spec_from_dict(manifest["unet"]), dropout=0.0)
-    check_weights_fit(tensors, spec, source=source)
-    net: nn.Module = UNet(spec)
+    """An eval-mode network built from the manifest's architecture, loaded with ``tensors`` (strict)."""
+    try:
+        arch = architecture_from_manifest(manifest)
+    except (ValueError, TypeError, KeyError) as err:
+        raise StoreError(f"{source}: the manifest does not describe a network this version can build ({err})") from err
+    check_weights_fit(tensors, arch, source=source)
+    net: nn.Module = arch.build(dropout=0.0)
     try:
         net.load_state_dict(tensors)
     except RuntimeError as err:
@@ -87,7 +86,7 @@ def model_from_tensors(tensors: dict, manifest: dict, *, source: str,
         raise StoreError(f"{source}: weights do not fit the architecture in its manifest ({first})") from err
     net = net.to(device).eval().requires_grad_(False)
     return LoadedModel(denoiser=Denoiser(net, parameterization=manifest["parameterization"]), manifest=manifest,
-                       steps=int(manifest["steps"]), schedule=manifest_schedule(manifest))
+                       steps=int(manifest["steps"]), schedule=manifest_schedule(manifest), architecture=arch)
 
 
 def load_model(store: CheckpointStore, key: str, *, device: torch.device | str = "cpu") -> LoadedModel:

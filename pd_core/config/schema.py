@@ -2,7 +2,9 @@
 
 Cross-section rules: ``data.image_size`` is divisible by 2^(len(model.ch_mult) - 1);
 ``model.attn_resolutions`` are resolutions of the U-Net (image_size / 2^level); at every attended
-level (and the middle block) the channels ``model.ch * mult`` split into whole heads.
+level (and the middle block) the channels ``model.ch * mult`` split into whole heads; a
+``distill.student_parameterization`` that is not ``auto`` goes with ``diffusion.weighting`` (the
+students' loss weighting).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pydantic import Field, model_validator
 from pd_core.config.base import _FieldProblem, _Section
 from pd_core.config.services import PipelineConfig, RuntimeConfig, StorageConfig, TrackingConfig
 from pd_core.config.training import DataConfig, DiffusionConfig, DistillConfig, EvalConfig, ModelConfig, TeacherConfig
+from pd_core.kinds import check_combination
 
 
 class Config(_Section):
@@ -52,5 +55,13 @@ class Config(_Section):
                 name, value = ("model.head_dim", m.head_dim) if m.head_dim else ("model.num_heads", m.num_heads)
                 raise _FieldProblem(name, f"must split the {channels} attention channels (model.ch * ch_mult at "
                                           f"an attended level) into whole heads, got {value}")
+        student = self.distill.student_parameterization
+        if student != "auto":
+            try:
+                check_combination(parameterization=student, weighting=self.diffusion.weighting)
+            except ValueError as exc:
+                raise _FieldProblem("distill.student_parameterization",
+                                    f"must not be '{student}' with diffusion.weighting "
+                                    f"'{self.diffusion.weighting}': {exc}") from None
         return self
 

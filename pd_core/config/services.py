@@ -81,8 +81,9 @@ class PipelineConfig(_Section):
 
     name: str = Field("default", description="Pipeline name: letters, digits, '.', '_', '-' (used in store keys).")
     seed: int = Field(0, ge=0, description="Pipeline-level seed (mixed into task seeds).")
-    teacher_uri: str | None = Field(None, description="Import this teacher checkpoint (store key or URL) instead "
-                                                      "of training one.")
+    teacher_uri: str | None = Field(None, description="Import this teacher instead of training one: a checkpoint "
+                                                      "folder URL, or diffusers:<folder or fsspec URL> for a "
+                                                      "diffusers UNet2DModel with its scheduler config.")
     restart_from: int | None = Field(None, ge=0, description="Retrain round N and every later round (0 or "
                                                             "'teacher': the teacher too), replacing their checkpoints; "
                                                             "what comes before N is kept as it is. null = resume.")
@@ -98,6 +99,11 @@ class PipelineConfig(_Section):
     @field_validator("teacher_uri")
     @classmethod
     def _uri(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("diffusers:"):
+            if not value[len("diffusers:"):].strip():
+                raise ValueError("must name a folder after 'diffusers:' (diffusers:<folder or fsspec URL>), "
+                                 f"got {value!r}")
+            _no_credentials_in_url(value[len("diffusers:"):])
         return _no_credentials_in_url(value)
 
     @field_validator("restart_from", mode="before")

@@ -152,6 +152,10 @@ class DistillConfig(_Section):
     lr: float = Field(gt=0.0, description="Initial learning rate, annealed linearly to 0 over each round.")
     grad_clip: float | None = Field(None, gt=0.0, description="Global grad-norm clip; null = off (paper).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Student dropout (paper: none).")
+    student_parameterization: Literal["auto", "eps", "x", "v", "both"] = Field(
+        "auto", description="What the students predict: eps, x, v or both; auto = the teacher's, except x for "
+                            "an eps teacher (eps students break down at 1-2 steps). The loss weighting is "
+                            "diffusion.weighting.")
     log_every: int = Field(100, ge=1, description="Updates between progress/metric reports.")
     checkpoint_every: int = Field(1000, ge=1, description="Updates between resumable in-round checkpoints.")
     seed: int = Field(0, ge=0, description="Seed for batches, times and noise (round index is mixed in).")

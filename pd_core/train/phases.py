@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from pd_core import dist
+from pd_core.architecture import Architecture
 from pd_core.config import DiffusionConfig, DistillConfig, TeacherConfig
 from pd_core.denoiser import Denoiser
 from pd_core.distill import DistillationLoss
@@ -45,18 +45,22 @@ def teacher_loss_fn(*, net: nn.Module, diffusion_cfg: DiffusionConfig, generator
 
 
 def distill_loss_fn(*, net: nn.Module, teacher_net: nn.Module, student_steps: int, diffusion_cfg: DiffusionConfig,
-                    schedule: Schedule, generator: torch.Generator) -> LossFn:
+                    schedule: Schedule, generator: torch.Generator, teacher_parameterization: str | None = None,
+                    student_parameterization: str | None = None) -> LossFn:
     """(x, y) -> per-example distillation loss of the student ``net`` against ``teacher_net``'s 2-step DDIM.
 
-    ``schedule`` is the teacher's (a round never changes it).
+    ``schedule`` is the teacher's (a round never changes it). Teacher and student read their
+    outputs with their own parameterizations (default: diffusion.parameterization); the loss
+    weighting is diffusion.weighting over the student's x-error.
     """
-    param = diffusion_cfg.parameterization
+    teacher_kind = teacher_parameterization or diffusion_cfg.parameterization
+    student_kind = student_parameterization or diffusion_cfg.parameterization
 
     def loss_fn(x: Tensor, y: Tensor | None) -> Tensor:
-        teacher = Denoiser(teacher_net, parameterization=param, y=y)
+        teacher = Denoiser(teacher_net, parameterization=teacher_kind, y=y)
         loss = DistillationLoss(teacher, num_steps=student_steps, weighting=diffusion_cfg.weighting,
                                 schedule=schedule)
-        return loss(Denoiser(net, parameterization=param, y=y), x, generator=generator)
+        return loss(Denoiser(net, parameterization=student_kind, y=y), x, generator=generator)
     return loss_fn
 
 
@@ -115,10 +119,11 @@ def train_teacher(*, state: TrainState, teacher_cfg: TeacherConfig, diffusion_cf
                   fault_at_step=fault_at_step)
 
 
-def new_student_state(*, teacher_weights: dict[str, Tensor], spec: UNetSpec, distill_cfg: DistillConfig,
+def new_student_state(*, teacher_weights: dict[str, Tensor], arch: Architecture, distill_cfg: DistillConfig,
                       runtime: Runtime, seed: int) -> TrainState:
-    """Student = copy of the teacher's weights (dropout per distill config), fresh AdamW, no EMA (paper)."""
-    model = UNet(dataclasses.replace(spec, dropout=distill_cfg.dropout))
+    """Student = copy of the teacher (same architecture and weights, dropout per distill config), fresh AdamW,
+    no EMA (paper)."""
+    model = arch.build(dropout=distill_cfg.dropout)
     model.load_state_dict(teacher_weights)
     model = prepare_module(model, runtime)
     _seed_rank_rng(seed, runtime)
@@ -127,9 +132,9 @@ def new_student_state(*, teacher_weights: dict[str, Tensor], spec: UNetSpec, dis
     return TrainState(model=model, optimizer=opt, ema=None, step=0, noise_generator=gen)
 
 
-def frozen_teacher(*, weights: dict[str, Tensor], spec: UNetSpec, runtime: Runtime) -> nn.Module:
+def frozen_teacher(*, weights: dict[str, Tensor], arch: Architecture, runtime: Runtime) -> nn.Module:
     """The teacher network for target computation: eval mode (no dropout), no gradients."""
-    net = UNet(dataclasses.replace(spec, dropout=0.0))
+    net = arch.build(dropout=0.0)
     net.load_state_dict(weights)
     net = prepare_module(net, runtime).eval().requires_grad_(False)
     return maybe_compile(net, runtime)
@@ -137,15 +142,18 @@ def frozen_teacher(*, weights: dict[str, Tensor], spec: UNetSpec, runtime: Runti
 
 def distill_round(*, state: TrainState, teacher_net: nn.Module, student_steps: int, updates: int, phase: str,
                   distill_cfg: DistillConfig, diffusion_cfg: DiffusionConfig, schedule: Schedule, runtime: Runtime,
-                  sample_batch: BatchFn, on_checkpoint: CheckpointHook | None = None,
-                  on_progress: ProgressCallback | None = None, fault_at_step: int | None = None) -> TrainResult:
+                  sample_batch: BatchFn, teacher_parameterization: str, student_parameterization: str,
+                  on_checkpoint: CheckpointHook | None = None, on_progress: ProgressCallback | None = None,
+                  fault_at_step: int | None = None) -> TrainResult:
     """One round of Algorithm 2: the student (N = student_steps) learns the teacher's 2-step DDIM target.
 
     lr is annealed linearly from distill.lr to 0 over the round's ``updates``.
     """
     net = maybe_compile(data_parallel(state.model, runtime), runtime)
     loss_fn = distill_loss_fn(net=net, teacher_net=teacher_net, student_steps=student_steps,
-                              diffusion_cfg=diffusion_cfg, schedule=schedule, generator=state.noise_generator)
+                              diffusion_cfg=diffusion_cfg, schedule=schedule, generator=state.noise_generator,
+                              teacher_parameterization=teacher_parameterization,
+                              student_parameterization=student_parameterization)
     spec = LoopSpec(phase=phase, total_steps=updates,
                     lr_fn=lambda s: linear_anneal_lr(s, base_lr=distill_cfg.lr, total_steps=updates),
                     grad_clip=distill_cfg.grad_clip, ema_decay=None,

@@ -52,24 +52,22 @@ class SamplerModel(PythonModel):
     """DDIM sampling from a distilled student, rebuilt from safetensors + manifest."""
 
     def load_context(self, context: PythonModelContext) -> None:
-        """Build the U-Net described by the manifest and load the safetensors weights (no pickle)."""
+        """Rebuild the network the manifest describes and load the safetensors weights (no pickle).
+
+        The project's U-Net, or a diffusers UNet2DModel for students of imported diffusers teachers
+        (then the model's environment needs ``diffusers``).
+        """
         # Imported here, not at module level: MLflow executes this file at save time too, and the
         # heavy imports are only needed to sample.
         import torch
-        from safetensors.torch import load_file
 
-        from pd_core.denoiser import Denoiser
-        from pd_core.unet import UNet, spec_from_dict
+        from pd_core.models import model_from_files
 
         with open(context.artifacts["manifest"], encoding="utf-8") as f:
             self.manifest = json.load(f)
-        spec = spec_from_dict({**self.manifest["unet"], "dropout": 0.0})  # sampling: no dropout
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        net = UNet(spec)
-        net.load_state_dict(load_file(context.artifacts["weights"]))
-        self.net = net.to(self.device).eval().requires_grad_(False)
-        self.spec = spec
-        self.denoiser = Denoiser(self.net, parameterization=self.manifest["parameterization"])
+        self.model = model_from_files(weights_path=context.artifacts["weights"], manifest=self.manifest,
+                                      device=self.device)
 
     # The pd.DataFrame hint is one MLflow does not validate against (a dict works just as well); without
     # a hint MLflow warns on every save.
@@ -79,7 +77,6 @@ class SamplerModel(PythonModel):
         import torch
 
         from pd_core.images import to_uint8
-        from pd_core.models import manifest_schedule
         from pd_core.samplers import ddim
 
         request = {**_first_row(model_input), **(params or {})}
@@ -88,15 +85,14 @@ class SamplerModel(PythonModel):
         seed = _as_int(request.get("seed"), name="seed", default=0)
         clip = bool(request.get("clip", True))
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        shape = (num, self.spec.in_channels, self.spec.image_size, self.spec.image_size)
-        z = torch.randn(shape, generator=gen).to(self.device)  # (B, C, H, W); CPU draw: same on any device
-        denoiser = self.denoiser
-        if self.spec.num_classes > 0:
+        z = torch.randn((num, *self.model.image_shape), generator=gen).to(self.device)  # CPU draw: same anywhere
+        denoiser = self.model.denoiser
+        if self.model.num_classes > 0:
             labels = request.get("labels")
             y = (torch.as_tensor(labels, dtype=torch.long) if labels is not None
-                 else torch.randint(0, self.spec.num_classes, (num,), generator=gen))
+                 else torch.randint(0, self.model.num_classes, (num,), generator=gen))
             denoiser = denoiser.with_labels(y.to(self.device))
-        x = ddim(denoiser, z, num_steps=steps, clip=clip, schedule=manifest_schedule(self.manifest))
+        x = ddim(denoiser, z, num_steps=steps, clip=clip, schedule=self.model.schedule)
         return to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()  # (B, C, H, W) -> (B, H, W, C)
 
 

@@ -45,6 +45,15 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _extra_requirements(manifest: dict) -> list[str]:
+    """What the model's environment needs beyond torch: diffusers for a diffusers UNet2DModel student."""
+    if manifest.get("diffusers_unet2d") is None:
+        return []
+    import diffusers
+
+    return [f"diffusers=={diffusers.__version__}"]
+
+
 def _sampler_signature() -> ModelSignature:
     """predict() input: optional num_images, steps, seed; param clip; output uint8 (N, H, W, C) images."""
     import numpy as np
@@ -73,7 +82,7 @@ def _write_model_dir(tmp: Path, *, weights_path: str, manifest: dict, sha256: st
     mlflow.pyfunc.save_model(
         path=str(local), python_model=str(MODEL_CODE_PATH),
         artifacts={"weights": str(weights), "manifest": str(manifest_file)},
-        pip_requirements=[f"mlflow=={mlflow.__version__}", *_PIP_REQUIREMENTS],
+        pip_requirements=[f"mlflow=={mlflow.__version__}", *_PIP_REQUIREMENTS, *_extra_requirements(manifest)],
         metadata={"weights_sha256": sha256, "weights_format": "safetensors"},
         signature=_sampler_signature(), input_example=_sampler_example(manifest), mlflow_model=mlflow_model)
     return local

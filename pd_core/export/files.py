@@ -1,0 +1,31 @@
+"""What every export shares: its one-line error, a fresh local output path, the step-count check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pd_core.interop.diffusers_folder import check_timesteps
+from pd_core.schedule import DiscreteSchedule, Schedule
+
+
+class ExportError(ValueError):
+    """An export that cannot be made; one line naming what and the fix."""
+
+
+def new_output_path(out: str, *, what: str) -> Path:
+    """A local path that does not exist yet (its parent is created); ExportError otherwise."""
+    if "://" in out and not out.startswith("file://"):
+        raise ExportError(f"--out {out}: {what} is written to a local path; copy it to remote storage afterwards")
+    path = Path(out.removeprefix("file://")).expanduser()
+    if path.exists():
+        raise ExportError(f"--out {path} already exists; choose a new path (an export never overwrites anything)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_steps(schedule: Schedule, *, steps: int, most: int) -> None:
+    """ExportError unless 1 <= steps <= most and, on a discrete schedule, steps <= its T timesteps."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= most:
+        raise ExportError(f"--steps must be an integer between 1 and {most}, got {steps!r}")
+    if isinstance(schedule, DiscreteSchedule):
+        check_timesteps(steps=steps, num_train_timesteps=schedule.num_timesteps, source="the model", field="--steps")

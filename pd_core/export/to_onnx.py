@@ -1,0 +1,98 @@
+"""The whole N-step DDIM sampler as one ONNX graph: noise (B, C, H, W) in, images in [-1, 1] out.
+
+The loop is unrolled: step i = N - 1 .. 0 evaluates the network at the grid constants of
+:func:`pd_core.export.grid.sampler_grid` (lambda_{i+1}, or the fractional timestep tau_{i+1} of a
+diffusers UNet2DModel), reads (x_hat, eps_hat) with the student's parameterization, clips x_hat
+to [-1, 1] and recomputes eps_hat (``parameterization.to_x_eps(clip=True)``), then takes the DDIM
+step z <- alpha_i x_hat + sigma_i eps_hat (``distill.ddim_step``); the last step returns x_hat.
+That is ``samplers.ddim``, so onnxruntime reproduces ``pd sample`` on the same noise. A
+class-conditional network takes a second input ``labels`` (B,) int64. The batch dimension is
+dynamic. Steps, parameterization and the source checkpoint are recorded in the graph's metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from pd_core.distill import ddim_step
+from pd_core.export.files import check_steps, new_output_path
+from pd_core.export.grid import sampler_grid
+from pd_core.interop.diffusers import DiffusersUNetNet
+from pd_core.models import LoadedModel
+from pd_core.parameterization import to_x_eps
+
+MAX_STEPS = 64  # the graph holds one copy of the network call per step
+OPSET = 17
+
+
+class UnrolledDDIM(nn.Module):
+    """``samplers.ddim`` with the grid baked in as constants (see the module docstring)."""
+
+    def __init__(self, model: LoadedModel, *, steps: int):
+        super().__init__()
+        grid = sampler_grid(model.schedule, steps=steps)
+        self.net = model.denoiser.net
+        self.kind = model.denoiser.parameterization
+        self.steps = steps
+        self.conditional = model.num_classes > 0
+        self.register_buffer("logsnr", grid.logsnr.clone(), persistent=False)  # (N + 1,)
+        if isinstance(self.net, DiffusersUNetNet):  # the UNet2DModel's input: fractional timesteps
+            self.register_buffer("timestep", grid.timestep.clone(), persistent=False)
+
+    def _network(self, z: Tensor, i: int, per_example: Tensor, labels: Tensor | None) -> Tensor:
+        """The network at grid point i, as a (B,) vector of its time input."""
+        if isinstance(self.net, DiffusersUNetNet):
+            return self.net.at_timestep(z, self.timestep[i] * per_example, labels)
+        lam = self.logsnr[i] * per_example
+        return self.net(z, lam, labels) if labels is not None else self.net(z, lam)
+
+    def forward(self, noise: Tensor, labels: Tensor | None = None) -> Tensor:
+        z = noise
+        per_example = torch.ones_like(noise[:, 0, 0, 0])  # (B,): keeps the batch dimension dynamic
+        for i in reversed(range(self.steps)):
+            lam_t = self.logsnr[i + 1] * per_example
+            out = self._network(z, i + 1, per_example, labels)
+            x_hat, eps_hat = to_x_eps(out, z=z, logsnr=lam_t, kind=self.kind, clip=True)
+            z = x_hat if i == 0 else ddim_step(x_hat=x_hat, eps_hat=eps_hat, logsnr_s=self.logsnr[i] * per_example)
+        return z
+
+
+def export_onnx(model: LoadedModel, *, out: str, steps: int | None = None) -> Path:
+    """Write the ``steps``-step sampler of ``model`` (default: its own step count) as one ONNX file at ``out``."""
+    import onnx  # the optional [onnx] extra
+
+    steps = steps or model.steps
+    check_steps(model.schedule, steps=steps, most=MAX_STEPS)  # the graph holds one network call per step
+    target = new_output_path(out, what="an ONNX file")
+    graph = UnrolledDDIM(model, steps=steps).eval().cpu().float()
+    shape = model.image_shape
+    noise = torch.randn(2, *shape)
+    inputs: tuple[Tensor, ...] = (noise,)
+    names, axes = ["noise"], {"noise": {0: "batch"}, "images": {0: "batch"}}
+    if graph.conditional:
+        inputs = (noise, torch.zeros(2, dtype=torch.long))
+        names.append("labels")
+        axes["labels"] = {0: "batch"}
+    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer notes about Python-side shape checks: the shapes are fixed
+            torch.onnx.export(graph, inputs, str(tmp), input_names=names, output_names=["images"],
+                              dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+        proto = onnx.load(str(tmp))
+        meta = {"pd.steps": steps, "pd.parameterization": graph.kind, "pd.sample_shape": list(shape),
+                "pd.num_classes": model.num_classes, "pd.source_sha256": model.manifest.get("sha256"),
+                "pd.output": "images in [-1, 1]; uint8 = round((x + 1) * 127.5)"}
+        for key, value in meta.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, str(value)
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
