@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, help="sampling steps (default: the steps the model was distilled for)")
     sample.add_argument("--num", type=int, default=64, help="number of images")
     sample.add_argument("--out", default="samples.png", help="output PNG (path or fsspec URL)")
-    sample.add_argument("--sampler", choices=("ddim", "stochastic", "heun"), default="ddim")
+    sample.add_argument("--sampler", choices=("ddim", "stochastic", "two-step", "heun"), default="ddim",
+                        help="two-step: a 2/N DDIM step then a stochastic step back (Meng et al.), N calls")
     sample.add_argument("--gamma", type=float, default=0.3, help="variance interpolation of the stochastic sampler")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--batch-size", type=int, default=256)
@@ -65,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--throughput", action="store_true", help="also time sampling and print images/s")
     sample.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs (default: $MLFLOW_TRACKING_URI, "
                                                "else the sqlite file `pd run` uses)")
+    sample.add_argument("--label", type=int, help="class-conditional models: the class of every image "
+                                                  "(default: image i is class i mod K, one class per column)")
+    sample.add_argument("--guidance", type=float, help="class-conditional models: the guidance weight w "
+                                                       "(default 0, the conditional model)")
 
     ev = sub.add_parser("eval", help="evaluate one checkpoint at a step count with the config's metrics")
     _add_config_args(ev)
@@ -72,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     ev.add_argument("--sampler", choices=("ddim", "stochastic"), default="ddim")
     ev.add_argument("--gamma", type=float, default=0.3)
+    ev.add_argument("--guidance", type=float, help="class-conditional models: the guidance weight w (default 0)")
 
     sub.add_parser("presets", help="list the shipped presets")
 
@@ -202,7 +208,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     out = sample_to_grid(model=args.model, steps=args.steps, num=args.num, out=args.out, sampler=args.sampler,
                          gamma=args.gamma, seed=args.seed, batch_size=args.batch_size, device=args.device,
-                         throughput=args.throughput, tracking_uri=args.tracking_uri)
+                         throughput=args.throughput, tracking_uri=args.tracking_uri, label=args.label,
+                         guidance=args.guidance)
     print(out)
     return 0
 
@@ -213,7 +220,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(preset=args.preset, config_path=args.config_path, overrides=args.overrides, name=args.name,
                          storage=args.storage, tracking_uri=args.tracking_uri)
-    print(evaluate_model_cli(cfg, model=args.model, steps=args.steps, sampler=args.sampler, gamma=args.gamma))
+    print(evaluate_model_cli(cfg, model=args.model, steps=args.steps, sampler=args.sampler, gamma=args.gamma,
+                             guidance=args.guidance))
     return 0
 
 

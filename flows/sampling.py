@@ -10,6 +10,7 @@ import time
 import torch
 
 from pd_core import images, jobs, samplers
+from pd_core.guidance import guided
 from pd_core.models import LoadedModel, load_model_uri, model_from_files, split_uri
 from pd_core.store import CheckpointStore
 from pd_core.train import resolve_device, resolve_runtime
@@ -33,9 +34,28 @@ def load_any_model(model: str, *, device: torch.device, tracking_uri: str | None
     return load_model_uri(model, device=device)
 
 
+def sample_labels(loaded: LoadedModel, *, num: int, label: int | None, guidance: float | None) -> torch.Tensor | None:
+    """The class of each image for a class-conditional model (``label``, else image i asks for class i mod K);
+    None for an unconditional one, which refuses ``--label`` and ``--guidance``."""
+    spec = loaded.denoiser.net.spec
+    if spec.num_classes < 1:
+        if label is not None or guidance is not None:
+            raise ValueError("--label and --guidance need a class-conditional model; this one is unconditional")
+        return None
+    if label is not None and not 0 <= label < spec.num_classes:
+        raise ValueError(f"--label must be a class in [0, {spec.num_classes - 1}]; got {label}")
+    if label is not None:
+        return torch.full((num,), label, dtype=torch.long)
+    return torch.arange(num, dtype=torch.long) % spec.num_classes
+
+
 def sample_images(loaded: LoadedModel, *, steps: int, num: int, sampler: str, gamma: float, seed: int,
-                  batch_size: int, device: torch.device) -> torch.Tensor:
-    """Draw ``num`` images in batches from noise seeded by ``seed``; returns (num, C, H, W) in [-1, 1] on CPU."""
+                  batch_size: int, device: torch.device, labels: torch.Tensor | None = None,
+                  guidance: float = 0.0) -> torch.Tensor:
+    """Draw ``num`` images in batches from noise seeded by ``seed``; returns (num, C, H, W) in [-1, 1] on CPU.
+
+    ``labels`` (num,): the classes a class-conditional model samples, at guidance weight ``guidance``.
+    """
     spec = loaded.denoiser.net.spec
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []
@@ -43,13 +63,19 @@ def sample_images(loaded: LoadedModel, *, steps: int, num: int, sampler: str, ga
         for start in range(0, num, batch_size):
             b = min(batch_size, num - start)
             z = torch.randn((b, spec.in_channels, spec.image_size, spec.image_size), generator=gen).to(device)
+            denoiser = loaded.denoiser
+            if labels is not None:
+                denoiser = guided(denoiser, spec=spec, y=labels[start:start + b].to(device), w=guidance)
             if sampler == "ddim":
-                x = samplers.ddim(loaded.denoiser, z, num_steps=steps, schedule=loaded.schedule)
+                x = samplers.ddim(denoiser, z, num_steps=steps, schedule=loaded.schedule)
             elif sampler == "stochastic":
-                x = samplers.ancestral(loaded.denoiser, z, num_steps=steps, gamma=gamma,
+                x = samplers.ancestral(denoiser, z, num_steps=steps, gamma=gamma,
                                        generator=gen_for(device, seed + start), schedule=loaded.schedule)
+            elif sampler == "two-step":
+                x = samplers.stochastic_two_step(denoiser, z, num_steps=steps, generator=gen_for(device, seed + start),
+                                                 schedule=loaded.schedule)
             else:
-                x = samplers.heun(loaded.denoiser, z, num_steps=steps, schedule=loaded.schedule)
+                x = samplers.heun(denoiser, z, num_steps=steps, schedule=loaded.schedule)
             out.append(x.float().cpu())
     return torch.cat(out)
 
@@ -58,26 +84,40 @@ def gen_for(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+MAX_SAMPLES = 100_000  # --num: bounded like every input
+
+
 def sample_to_grid(*, model: str, steps: int | None, num: int, out: str, sampler: str, gamma: float, seed: int,
-                   batch_size: int, device: str, throughput: bool, tracking_uri: str | None = None) -> str:
-    """``pd sample``: write a PNG grid of ``num`` samples; return a one-line summary."""
+                   batch_size: int, device: str, throughput: bool, tracking_uri: str | None = None,
+                   label: int | None = None, guidance: float | None = None) -> str:
+    """``pd sample``: write a PNG grid of ``num`` samples; return a one-line summary.
+
+    A class-conditional model samples class ``label`` (default: image i asks for class i mod K, so with
+    K columns each column is one class) at guidance weight ``guidance`` (default 0).
+    """
     prepare_environment()
-    if num < 1:
-        raise ValueError(f"--num must be >= 1; got {num}")
+    if not 1 <= num <= MAX_SAMPLES:
+        raise ValueError(f"--num must be in [1, {MAX_SAMPLES}]; got {num}")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be >= 1; got {steps}")
+    if guidance is not None and not 0.0 <= guidance <= 100.0:
+        raise ValueError(f"--guidance must be a weight in [0, 100]; got {guidance}")
     try:
         dev = resolve_device(device)
     except ValueError:
         raise ValueError("--device cuda: no CUDA device is available; use --device cpu") from None
     loaded = load_any_model(model, device=dev, tracking_uri=tracking_uri)
     steps = steps or loaded.steps
+    labels = sample_labels(loaded, num=num, label=label, guidance=guidance)
     t0 = time.perf_counter()
     x = sample_images(loaded, steps=steps, num=num, sampler=sampler, gamma=gamma, seed=seed, batch_size=batch_size,
-                      device=dev)
+                      device=dev, labels=labels, guidance=guidance or 0.0)
     seconds = time.perf_counter() - t0
-    images.write_grid(x, out)
-    line = f"wrote {num} samples ({sampler}, {steps} steps) to {out}"
+    nrow = loaded.denoiser.net.spec.num_classes if labels is not None and label is None else None
+    images.write_grid(x, out, nrow=nrow)
+    what = "" if labels is None else f", {'class ' + str(label) if label is not None else 'every class'}, " \
+                                     f"guidance w = {guidance or 0.0:g}"
+    line = f"wrote {num} samples ({sampler}, {steps} steps{what}) to {out}"
     if throughput:
         line += f"; {num / seconds:.1f} images/s ({seconds / num * 1e3:.2f} ms/image on {dev.type})"
     return line
@@ -97,6 +137,9 @@ def show_pipeline(name: str, *, storage: str | None) -> str:
         raise FileNotFoundError(f"no pipeline named {name!r} in {cfg.storage.root} (no complete teacher at "
                                 f"{store.uri(teacher)}); check --storage and the name `pd run` printed")
     lines.append(f"  teacher      {store.uri(teacher)}")
+    guided_student = jobs.guided_key(name)
+    if store.is_complete(guided_student):
+        lines.append(f"  guided       {store.uri(guided_student)}  (stage 1: takes the guidance weight w)")
     rounds = [k for k in store.list(f"pipelines/{name}/rounds") if k.count("/") == 3 and "." not in k.rsplit("/", 1)[1]]
     for key in sorted(rounds):
         if store.is_complete(key):
@@ -114,7 +157,8 @@ def show_pipeline(name: str, *, storage: str | None) -> str:
     return "\n".join(lines)
 
 
-def evaluate_model_cli(cfg, *, model: str, steps: int | None, sampler: str, gamma: float) -> str:
+def evaluate_model_cli(cfg, *, model: str, steps: int | None, sampler: str, gamma: float,
+                       guidance: float | None = None) -> str:
     """``pd eval``: one checkpoint's metrics with the config's evaluation settings (features cached in the store)."""
     from pd_core import evaluation
 
@@ -130,5 +174,6 @@ def evaluate_model_cli(cfg, *, model: str, steps: int | None, sampler: str, gamm
     ctx = evaluation.feature_context(cfg, model_store, device=device)
     record = evaluation.evaluate_checkpoint(cfg, model_store, ctx, key=key, label=f"{sampler}", sampler=sampler,
                                             steps=steps or int(manifest["steps"]),
-                                            gamma=gamma if sampler == "stochastic" else None, device=device)
+                                            gamma=gamma if sampler == "stochastic" else None, device=device,
+                                            w=guidance)
     return "\n".join(f"{k:24s} {v}" for k, v in record.items())

@@ -1,4 +1,5 @@
-"""The units of work of a pipeline, over the checkpoint store: ensure the teacher, run one round.
+"""The units of work of a pipeline, over the checkpoint store: ensure the teacher, guided distillation's
+stage 1 (when guidance.enabled), run one round.
 
 Each job is idempotent and resumable: a complete, verified checkpoint at its key means "done"
 (skipped); an in-round state next to it means "continue from there". In a data-parallel job every
@@ -29,6 +30,8 @@ from pd_core.train import (
     copy_weights,
     distill_round,
     frozen_teacher,
+    guide_distill,
+    new_guided_student_state,
     new_student_state,
     new_teacher_state,
     resolve_runtime,
@@ -65,8 +68,14 @@ class CheckpointInfo:
 
 
 def training_hash(cfg: Config) -> str:
-    """Hash of the settings that decide the weights (not evaluation/storage/tracking)."""
-    return config_hash(cfg, sections=TRAINING_SECTIONS)
+    """Hash of the settings that decide the weights (not evaluation/storage/tracking).
+
+    The guidance section counts only when guided distillation is on, and teacher.label_dropout only
+    when it is not 0: a config that uses neither hashes as one without these fields.
+    """
+    sections = TRAINING_SECTIONS + (("guidance",) if cfg.guidance.enabled else ())
+    omit = () if cfg.teacher.label_dropout else ("teacher.label_dropout",)
+    return config_hash(cfg, sections=sections, omit=omit)
 
 
 def pipeline_prefix(name: str) -> str:
@@ -82,6 +91,11 @@ def teacher_key(name: str) -> str:
 def round_key(name: str, *, round_index: int, student_steps: int) -> str:
     """``pipelines/<name>/rounds/03-0032``: round 3 trains the 32-step student."""
     return f"{pipeline_prefix(name)}/rounds/{round_index:02d}-{student_steps:04d}"
+
+
+def guided_key(name: str) -> str:
+    """``pipelines/<name>/guided``: the stage-1 student of guided distillation."""
+    return f"{pipeline_prefix(name)}/guided"
 
 
 def state_key(key: str) -> str:
@@ -206,7 +220,7 @@ def ensure_teacher(cfg: Config, store: CheckpointStore, *, data: ImageData | Non
     batches = BatchSampler(data, batch_size=cfg.teacher.batch_size, seed=seed, random_flip=cfg.data.random_flip)
     result = train_teacher(state=state, teacher_cfg=cfg.teacher, diffusion_cfg=cfg.diffusion, runtime=runtime,
                            sample_batch=batches.batch, on_checkpoint=_state_saver(store, key), on_progress=on_progress,
-                           fault_at_step=fault_at_step)
+                           fault_at_step=fault_at_step, null_label=spec.num_classes if spec.null_class else None)
     manifest = _manifest(cfg, kind="teacher", spec=spec, steps=start, round_index=0, parent_sha256=None,
                          schedule=_config_schedule(cfg), extra={"updates": result.steps, **_timing(result)})
     info = _publish(store, key, weights=result.weights, manifest=manifest, is_main=runtime.is_main)
@@ -235,6 +249,61 @@ def import_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -> Checkpoi
                           train_seconds=0.0, resumed_from=0)
 
 
+def _load_parent(store: CheckpointStore, parent: CheckpointInfo) -> tuple[dict[str, torch.Tensor], dict, UNetSpec]:
+    """The weights, manifest and architecture of the checkpoint a job starts from, checked against ``parent``."""
+    weights, manifest = store.load_checkpoint(parent.key)
+    if manifest["sha256"] != parent.sha256:
+        raise StoreError(f"{parent.uri} changed since it was produced (sha256 {manifest['sha256'][:12]} != "
+                         f"{parent.sha256[:12]}); rerun the pipeline")
+    spec = spec_from_dict(manifest["unet"])
+    check_weights_fit(weights, spec, source=parent.uri)
+    return weights, manifest, spec
+
+
+GUIDE_SEED_OFFSET = 500  # stage 1 draws from pipeline.seed + 500 (the teacher from the seed, round r from + 1000 r)
+
+
+def run_guide_distill(cfg: Config, store: CheckpointStore, *, teacher: CheckpointInfo,
+                      data: ImageData | None = None, on_progress: ProgressCallback | None = None,
+                      fault_at_step: int | None = None) -> CheckpointInfo:
+    """Stage 1 of guided distillation (pd_core.guidance): a student that takes w learns the guided teacher.
+
+    The student is the teacher's net plus a zero-initialised guidance embedding; it samples in the
+    teacher's step count and becomes round 1's teacher. Skipped when complete, resumable.
+    """
+    key = guided_key(cfg.pipeline.name)
+    steps = teacher.steps
+    found = _existing(store, cfg, key, steps=steps, round_index=0)
+    if found is not None:
+        return found
+    teacher_weights, teacher_manifest, teacher_spec = _load_parent(store, teacher)
+    if teacher_spec.num_classes < 1 or not teacher_spec.null_class or teacher_spec.guidance_embedding:
+        raise PipelineMismatchError(f"{teacher.uri} is not a class-conditional teacher with a null class; guided "
+                                    f"distillation needs one (model.class_conditional, teacher.label_dropout > 0)")
+    data = data if data is not None else load_train_data(cfg)
+    runtime = resolve_runtime(cfg.runtime)
+    schedule = manifest_schedule(teacher_manifest)
+    seed = cfg.pipeline.seed + GUIDE_SEED_OFFSET
+    spec = dataclasses.replace(teacher_spec, guidance_embedding=True)
+    state = new_guided_student_state(teacher_weights=teacher_weights, spec=spec, distill_cfg=cfg.distill,
+                                     guidance_cfg=cfg.guidance, runtime=runtime, seed=seed)
+    teacher_net = frozen_teacher(weights=teacher_weights, spec=teacher_spec, runtime=runtime)
+    _resume(store, key, state)
+    g = cfg.guidance
+    batches = BatchSampler(data, batch_size=g.batch_size, seed=seed, random_flip=cfg.data.random_flip)
+    result = guide_distill(state=state, teacher_net=teacher_net, null_label=teacher_spec.num_classes, guidance_cfg=g,
+                           diffusion_cfg=cfg.diffusion, schedule=schedule, runtime=runtime, sample_batch=batches.batch,
+                           on_checkpoint=_state_saver(store, key), on_progress=on_progress,
+                           fault_at_step=fault_at_step)
+    manifest = _manifest(cfg, kind="guided_student", spec=dataclasses.replace(spec, dropout=0.0), steps=steps,
+                         round_index=0, parent_sha256=teacher.sha256, schedule=schedule,
+                         extra={"updates": g.updates, "teacher_steps": steps, "w_min": g.w_min, "w_max": g.w_max,
+                                **_timing(result)})
+    info = _publish(store, key, weights=result.weights, manifest=manifest, is_main=runtime.is_main)
+    log.info("guide-distill saved to %s (sha256 %s)", info.uri, info.sha256[:12])
+    return dataclasses.replace(info, train_seconds=result.seconds)
+
+
 def run_round(cfg: Config, store: CheckpointStore, *, round_index: int, teacher: CheckpointInfo,
               data: ImageData | None = None, on_progress: ProgressCallback | None = None,
               fault_at_step: int | None = None) -> CheckpointInfo:
@@ -247,12 +316,7 @@ def run_round(cfg: Config, store: CheckpointStore, *, round_index: int, teacher:
         return found
     data = data if data is not None else load_train_data(cfg)
     runtime = resolve_runtime(cfg.runtime)
-    teacher_weights, teacher_manifest = store.load_checkpoint(teacher.key)
-    if teacher_manifest["sha256"] != teacher.sha256:
-        raise StoreError(f"{teacher.uri} changed since it was produced (sha256 {teacher_manifest['sha256'][:12]} != "
-                         f"{teacher.sha256[:12]}); rerun the pipeline")
-    spec = spec_from_dict(teacher_manifest["unet"])
-    check_weights_fit(teacher_weights, spec, source=teacher.uri)
+    teacher_weights, teacher_manifest, spec = _load_parent(store, teacher)
     schedule = manifest_schedule(teacher_manifest)  # a round keeps its teacher's schedule
     seed = cfg.pipeline.seed + 1000 * round_index  # each round sees its own noise and batches
     # Student dropout draws from torch's global RNG: seed it per round, so the masks do not depend on what
@@ -270,7 +334,8 @@ def run_round(cfg: Config, store: CheckpointStore, *, round_index: int, teacher:
                            runtime=runtime,
                            sample_batch=sampler_for(cfg, data, seed=seed).batch,
                            on_checkpoint=_state_saver(store, key), on_progress=on_progress,
-                           fault_at_step=fault_at_step)
+                           fault_at_step=fault_at_step,
+                           guidance_range=(cfg.guidance.w_min, cfg.guidance.w_max) if spec.guidance_embedding else None)
     manifest = _manifest(cfg, kind="student", spec=dataclasses.replace(spec, dropout=0.0), steps=student_steps,
                          round_index=round_index, parent_sha256=teacher.sha256, schedule=schedule,
                          extra={"updates": updates, "teacher_steps": teacher_steps, **_timing(result)})
@@ -279,5 +344,5 @@ def run_round(cfg: Config, store: CheckpointStore, *, round_index: int, teacher:
     return dataclasses.replace(info, train_seconds=result.seconds)
 
 
-__all__ = ["CheckpointInfo", "PipelineMismatchError", "ensure_teacher", "import_teacher", "open_store",
-           "round_key", "run_round", "state_key", "teacher_key", "training_hash"]
+__all__ = ["CheckpointInfo", "PipelineMismatchError", "ensure_teacher", "guided_key", "import_teacher", "open_store",
+           "round_key", "run_guide_distill", "run_round", "state_key", "teacher_key", "training_hash"]

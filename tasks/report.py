@@ -64,13 +64,17 @@ def _register_students(cfg: Config, store, tracker, rounds: list[RoundResult], *
 @task(name="publish-report", task_run_name="report", cache_policy=NONE, retries=2, retry_delay_seconds=5,
       retry_condition_fn=storage_error_only)
 def publish_report_task(cfg: Config, *, teacher: CheckpointInfo, baselines: list[dict], rounds: list[RoundResult],
-                        parent_run_id: str | None = None) -> Report:
-    """Quality-vs-steps table to store, Prefect and MLflow; register the few-step samplers."""
+                        parent_run_id: str | None = None, guided: RoundResult | None = None) -> Report:
+    """Quality-vs-steps table to store, Prefect and MLflow; register the few-step samplers.
+
+    ``guided``: guided distillation's stage-1 student, whose records join the table as ``distilled`` at
+    the teacher's step count.
+    """
     logger = get_run_logger()
     name = cfg.pipeline.name
     store, tracker = open_store(cfg), tracker_for(cfg)
     link = tracker.run_link(parent_run_id)
-    records = list(baselines) + [r.metrics for r in rounds if r.metrics]
+    records = list(baselines) + [rec for r in ([guided] if guided else []) + rounds for rec in r.records]
     table, report_uri = "", None
     fd_name = next((k for r in records for k in r if k.startswith("fd_") or k == "fid"), None)
     if records:
@@ -95,6 +99,8 @@ def publish_report_task(cfg: Config, *, teacher: CheckpointInfo, baselines: list
     registered = _register_students(cfg, store, tracker, rounds, fd_name=fd_name) if rounds else {}
     grids = [(r.student.steps, r.metrics.get("sample_grid")) for r in rounds if r.metrics]
     lines = [f"# Pipeline `{name}`", "", f"- MLflow: {link}", f"- teacher: `{teacher.uri}`"]
+    if guided:
+        lines.append(f"- guided student (stage 1, {guided.student.steps} steps, takes w): `{guided.student.uri}`")
     lines += [f"- {r.student.steps}-step student: `{r.student.uri}`" for r in rounds]
     lines += ["", "## Sample grids", ""] + [f"- {s} steps: `{g}`" for s, g in grids if g]
     if registered:

@@ -221,7 +221,6 @@ class GuidanceConfig(_Section):
     grad_clip: float | None = Field(None, gt=0.0, description="Global grad-norm clip; null = off.")
     log_every: int = Field(100, ge=1, description="Updates between progress/metric reports.")
     checkpoint_every: int = Field(1000, ge=1, description="Updates between resumable in-run checkpoints.")
-    seed: int = Field(0, ge=0, description="Seed for batches, times, noise and weights.")
 
     @model_validator(mode="after")
     def _check(self) -> GuidanceConfig:
