@@ -31,6 +31,7 @@ import torch
 from pd_core import evaluation, jobs
 from pd_core.config import Config, load_config
 from pd_core.data import BatchSampler
+from pd_core.schedule import CosineSchedule
 from pd_core.store import CheckpointStore
 from pd_core.train import TrainState, copy_weights, new_teacher_state, resolve_runtime, train_teacher
 
@@ -71,6 +72,7 @@ def train(cfg: Config, store: CheckpointStore, milestones: list[int]) -> None:
             weights = copy_weights(bias_corrected_ema(st, init, decay=cfg.teacher.ema_decay))
             store.save_checkpoint(snapshot_key(st.step), tensors=weights, manifest=jobs._manifest(  # noqa: SLF001
                 cfg, kind="teacher", spec=spec, steps=cfg.distill.start_steps, round_index=0, parent_sha256=None,
+                schedule=CosineSchedule(logsnr_min=cfg.diffusion.logsnr_min, logsnr_max=cfg.diffusion.logsnr_max),
                 extra={"updates": st.step, "train_seconds": round(seconds, 1)}))
             print(f"snapshot at {st.step} updates ({seconds:.0f} s of training)", flush=True)
         save_state(st)
