@@ -8,9 +8,11 @@ Runs the real pipeline through the ``pd`` command (Prefect's ephemeral API, MLfl
 under ``--work``): the class-conditional teacher with label dropout, its guided DDIM baselines (2 network calls
 per step) at every N of the chain and every w of ``eval.guidance_weights``, ``guide-distill`` (stage 1, whose
 student takes w: 1 call per step) and the rounds down to 1 step, each evaluated at every w on class-balanced
-labels. Idempotent: a rerun trains and measures nothing. Then it writes, to ``--out``: ``results.csv`` (long
-format: preset, sampler, steps, w, metric, value, n_samples, seconds_per_image; samplers ``teacher_ddim``, the
-guided teacher, and ``distilled``, whose row at the start step count is the stage-1 student), ``results.json``,
+labels. Idempotent: a rerun trains and measures nothing. It then measures the students of 8, 4 and 2 steps with
+the two-step stochastic sampler of Meng et al. too (cached in the store like every record) and writes, to
+``--out``: ``results.csv`` (long format: preset, sampler, steps, w, metric, value, n_samples, seconds_per_image;
+samplers ``teacher_ddim``, the guided teacher, ``distilled``, whose row at the start step count is the stage-1
+student, and ``distilled_stochastic``), ``results.json``,
 ``fd_vs_accuracy.png``, ``samples.png`` (one row per class), RESULTS.md and the README block between its
 ``guided:`` markers.
 """
@@ -38,7 +40,8 @@ from pd_core.store import CheckpointStore
 OUT = Path(__file__).resolve().parent
 REPO = OUT.parents[1]
 COLUMNS = ["preset", "sampler", "steps", "w", "metric", "value", "n_samples", "seconds_per_image"]
-SAMPLERS = ("teacher_ddim", "distilled")
+SAMPLERS = ("teacher_ddim", "distilled", "distilled_stochastic")
+HEADLINE = ("teacher_ddim", "distilled")
 README_START, README_END = "<!-- guided:start -->", "<!-- guided:end -->"
 STUDENT_STEPS = (8, 4, 2, 1)
 WITHIN = 1.2  # target: the 4-step student's FD within 1.2x of the guided teacher's at its start steps
@@ -70,6 +73,26 @@ def records_of(store: CheckpointStore, cfg, *, pipeline: str) -> list[dict]:
         out += [json.loads(store.get_bytes(k)) for k in store.list(records_prefix(manifest["sha256"]))
                 if k.endswith(".json")]
     return out
+
+
+def student_keys(cfg, *, pipeline: str) -> dict[int, str]:
+    """Step count -> the student sampling in it: stage 1 at distill.start_steps, then each round's."""
+    keys = checkpoint_keys(cfg, pipeline=pipeline)
+    return {cfg.distill.start_steps: keys["guided"],
+            **{s: keys[f"rounds/{i:02d}-{s:04d}"] for i, (_, s) in enumerate(cfg.distill.rounds(), start=1)}}
+
+
+def measure_stochastic(cfg, store: CheckpointStore, *, pipeline: str) -> None:
+    """The students of 8, 4 and 2 steps with the two-step stochastic sampler at every w (1 step is DDIM's);
+    records cached in the store, so a rerun measures nothing."""
+    from pd_core.evaluation import evaluate_checkpoint, feature_context
+
+    ctx = feature_context(cfg, store)
+    for steps, key in student_keys(cfg, pipeline=pipeline).items():
+        if steps in STUDENT_STEPS and steps > 1:
+            for w in cfg.eval.guidance_weights:
+                evaluate_checkpoint(cfg, store, ctx, key=key, label="distilled_stochastic",
+                                    sampler="stochastic_two_step", steps=steps, w=w)
 
 
 def results_frame(*, preset: str, records: Sequence[Mapping], weights: Sequence[float]) -> pd.DataFrame:
@@ -188,17 +211,33 @@ def headline_markdown(df: pd.DataFrame, *, metric: str, start_steps: int, weight
     """Rows: step counts; per w, the guided teacher's and the student's FD (accuracy in brackets); bold where the
     student beats the teacher's DDIM at the same number of steps."""
     header = "| steps | " + " | ".join(f"teacher w={w:g} | student w={w:g}" for w in weights) + " |"
+    samplers = HEADLINE
     lines = [header, "|---:|" + "---:|---:|" * len(weights)]
     for n in sorted({int(s) for s in df.steps}, reverse=True):
         cells = []
         for w in weights:
-            t, d = (value(df, sampler=s, steps=n, w=w, metric=metric) for s in SAMPLERS)
-            ta, da = (value(df, sampler=s, steps=n, w=w, metric="sample_accuracy") for s in SAMPLERS)
+            t, d = (value(df, sampler=s, steps=n, w=w, metric=metric) for s in samplers)
+            ta, da = (value(df, sampler=s, steps=n, w=w, metric="sample_accuracy") for s in samplers)
             tc = f"{_fmt(t)} ({_fmt(ta, 2)})" if not math.isnan(t) else ""
             dc = f"{_fmt(d)} ({_fmt(da, 2)})" if not math.isnan(d) else ""
             if dc and not math.isnan(t) and n != start_steps and d < t:
                 dc = f"**{dc}**"
             cells += [tc, dc]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stochastic_markdown(df: pd.DataFrame, *, metric: str, weights: Sequence[float]) -> str:
+    """The students with DDIM and with the two-step stochastic sampler (same N network calls), per w."""
+    lines = ["| steps | " + " | ".join(f"DDIM w={w:g} | stochastic w={w:g}" for w in weights) + " |",
+             "|---:|" + "---:|---:|" * len(weights)]
+    for n in (s for s in STUDENT_STEPS if s > 1):
+        cells = []
+        for w in weights:
+            for sampler in ("distilled", "distilled_stochastic"):
+                fd = value(df, sampler=sampler, steps=n, w=w, metric=metric)
+                acc = value(df, sampler=sampler, steps=n, w=w, metric="sample_accuracy")
+                cells.append(f"{_fmt(fd)} ({_fmt(acc, 2)})" if not math.isnan(fd) else "")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -221,6 +260,7 @@ def build_report(*, preset: str, work: Path, out: Path, readme: Path | None, gri
     cfg = load_config(preset=preset)
     weights = list(cfg.eval.guidance_weights)
     start = cfg.distill.start_steps
+    measure_stochastic(cfg, store, pipeline=preset)
     df = results_frame(preset=preset, records=records_of(store, cfg, pipeline=preset), weights=weights)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "results.csv", index=False)
@@ -238,9 +278,7 @@ def build_report(*, preset: str, work: Path, out: Path, readme: Path | None, gri
 
     grid_w = grid_w if grid_w is not None else min(weights, key=lambda w: abs(w - 1.0))
     keys = checkpoint_keys(cfg, pipeline=preset)
-    students = {s: k for k, s in ((keys["guided"], start),
-                                  *((keys[f"rounds/{i:02d}-{s:04d}"], s)
-                                    for i, (_, s) in enumerate(cfg.distill.rounds(), start=1)))}
+    students = student_keys(cfg, pipeline=preset)
     panels = []
     for label, key, n in [(f"guided teacher, {start} steps ({2 * start} calls)", keys["teacher"], start),
                           ("guided teacher, 4 steps (8 calls)", keys["teacher"], 4),
@@ -320,18 +358,23 @@ def results_markdown(summary: Mapping, *, table: str, cfg, df: pd.DataFrame) -> 
              f"`{metric}` (sample accuracy in brackets) at each guidance weight w. Bold: the student beats the "
              f"guided teacher's DDIM at the same number of steps (with half the network calls per step).", "",
              "![FD vs sample accuracy](fd_vs_accuracy.png)", "", "![samples](samples.png)", "",
+             "## The students' stochastic sampler", "",
+             stochastic_markdown(df, metric=metric, weights=summary["weights"]), "",
+             f"`{metric}` (sample accuracy) of the students with DDIM and with the N-step stochastic sampler of Meng "
+             "et al. (a DDIM step of 2/N, then a forward-process step back to t - 1/N; the last step returns x_hat): "
+             "N network calls either way.", "",
              "## Targets", "", "| target | w | student | guided teacher | ratio | met |",
              "|---|---:|---:|---:|---:|---|"]
     lines += [f"| {c['target']} | {c['w']:g} | {c['distilled']:.3g} | {c['teacher_ddim']:.3g} | {c['ratio']:.2f} | "
               f"{'yes' if c['met'] else '**no**'} |" for c in summary["targets"]]
     lines += ["", f"Targets met: {_targets_met(summary)}.", "",
               f"## Seconds per image (sampling, this CPU, batch of {cfg.eval.batch_size})", "",
-              "| steps | " + " | ".join(f"{s} w={w:g}" for s in SAMPLERS for w in summary["weights"]) + " |",
-              "|---:|" + "---:|" * (len(SAMPLERS) * len(summary["weights"]))]
+              "| steps | " + " | ".join(f"{s} w={w:g}" for s in HEADLINE for w in summary["weights"]) + " |",
+              "|---:|" + "---:|" * (len(HEADLINE) * len(summary["weights"]))]
     spi = df.drop_duplicates(["sampler", "steps", "w"])
     for n in sorted({int(s) for s in df.steps}, reverse=True):
         cells = []
-        for s in SAMPLERS:
+        for s in HEADLINE:
             for w in summary["weights"]:
                 hit = spi[(spi.sampler == s) & (spi.steps == n) & (spi.w == w)]
                 cells.append(_fmt(float(hit.seconds_per_image.iloc[0])) if len(hit) else "")
