@@ -47,10 +47,12 @@ STUDENT_STEPS = (8, 4, 2, 1)
 WITHIN = 1.2  # target: the 4-step student's FD within 1.2x of the guided teacher's at its start steps
 
 
-def pipeline_command(*, preset: str, work: Path) -> list[str]:
-    """The ``pd run`` command line, with the work folder made absolute."""
+def pipeline_command(*, preset: str, work: Path, overrides: Sequence[str] = ()) -> list[str]:
+    """The ``pd run`` command line, with the work folder made absolute; ``overrides`` become ``--set`` options
+    (settings outside the training hash only, such as runtime.threads, or the run is another pipeline)."""
     work = work.resolve()
-    return ["pd", "run", "--preset", preset, "--storage", str(work / "store"), "--tracking-uri",
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    return ["pd", "run", "--preset", preset, *sets, "--storage", str(work / "store"), "--tracking-uri",
             f"sqlite:///{work / 'mlflow.db'}"]
 
 
@@ -252,12 +254,13 @@ def update_readme(readme: Path, block: str) -> None:
     readme.write_text(f"{head}{README_START}\n{block.strip()}\n{README_END}{tail}")
 
 
-def build_report(*, preset: str, work: Path, out: Path, readme: Path | None, grid_w: float | None = None) -> dict:
+def build_report(*, preset: str, work: Path, out: Path, readme: Path | None, grid_w: float | None = None,
+                 overrides: Sequence[str] = ()) -> dict:
     from benchmarks.speed.common import machine
 
     work = work.resolve()
     store = CheckpointStore(str(work / "store"))
-    cfg = load_config(preset=preset)
+    cfg = load_config(preset=preset, overrides=list(overrides))
     weights = list(cfg.eval.guidance_weights)
     start = cfg.distill.start_steps
     measure_stochastic(cfg, store, pipeline=preset)
@@ -290,9 +293,12 @@ def build_report(*, preset: str, work: Path, out: Path, readme: Path | None, gri
 
     train = {name: store.read_manifest(key).get("train_seconds") for name, key in keys.items()}
     durations = pipeline_durations(f"sqlite:///{work / 'mlflow.db'}", pipelines=(preset,))
-    shown = shlex.join(pipeline_command(preset=preset, work=work)).replace(str(REPO), "$PWD").replace("'", '"')
+    command = shlex.join(pipeline_command(preset=preset, work=work, overrides=overrides))
+    shown = command.replace(str(REPO), "$PWD").replace("'", '"')
+    report_command = shlex.join(["python", "-m", "benchmarks.guided.reproduce", "--preset", preset,
+                                 *[arg for o in overrides for arg in ("--set", o)]])
     summary = {"preset": preset, "machine": machine(), "command": shown,
-               "report_command": f"python -m benchmarks.guided.reproduce --preset {preset}", "metric": metric,
+               "report_command": report_command, "metric": metric,
                "n_samples": n_samples, "start_steps": start, "weights": weights, "grid_w": grid_w,
                "w_range": [cfg.guidance.w_min, cfg.guidance.w_max], "label_dropout": cfg.teacher.label_dropout,
                "classifier_test_accuracy": classifier.get("test_accuracy"), "floor": floors, "floor_value": floor,
@@ -397,11 +403,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report-only", action="store_true", help="do not run the pipeline; rebuild from the store")
     p.add_argument("--no-readme", action="store_true", help="leave README.md alone")
     p.add_argument("--grid-w", type=float, help="guidance weight of samples.png (default: the evaluated w nearest 1)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to pd run (e.g. runtime.threads=1 on a crowded machine) and recorded")
     args = p.parse_args(argv)
     if not args.report_only:
-        run_pipelines({"distilled": pipeline_command(preset=args.preset, work=args.work)},
+        run_pipelines({"distilled": pipeline_command(preset=args.preset, work=args.work, overrides=args.overrides)},
                       log_dir=args.work.resolve() / "logs")
-    summary = build_report(preset=args.preset, work=args.work, out=args.out,
+    summary = build_report(preset=args.preset, work=args.work, out=args.out, overrides=args.overrides,
                            readme=None if args.no_readme else REPO / "README.md", grid_w=args.grid_w)
     for c in summary["targets"]:
         print(f"{'met ' if c['met'] else 'MISS'}  w={c['w']:g} {c['target']}: "
