@@ -43,6 +43,20 @@ def _add_config_args(p: argparse.ArgumentParser, *, preset_default: str | None =
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under ./.pd)")
 
 
+MAX_GUIDANCE = 100.0
+
+
+def _guidance_weight(text: str) -> float:
+    """--guidance: a finite weight in [0, 100] (argparse turns the error into a usage error, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0.0 <= value <= MAX_GUIDANCE:
+        raise argparse.ArgumentTypeError(f"must be a weight in [0, {MAX_GUIDANCE:g}], got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pd", description="Progressive distillation pipeline (Salimans & Ho, 2022).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -68,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "else the sqlite file `pd run` uses)")
     sample.add_argument("--label", type=int, help="class-conditional models: the class of every image "
                                                   "(default: image i is class i mod K, one class per column)")
-    sample.add_argument("--guidance", type=float, help="class-conditional models: the guidance weight w "
-                                                       "(default 0, the conditional model)")
+    sample.add_argument("--guidance", type=_guidance_weight, help="class-conditional models: the guidance weight w "
+                                                                  "(default 0, the conditional model)")
 
     ev = sub.add_parser("eval", help="evaluate one checkpoint at a step count with the config's metrics")
     _add_config_args(ev)
@@ -77,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     ev.add_argument("--sampler", choices=("ddim", "stochastic"), default="ddim")
     ev.add_argument("--gamma", type=float, default=0.3)
-    ev.add_argument("--guidance", type=float, help="class-conditional models: the guidance weight w (default 0)")
+    ev.add_argument("--guidance", type=_guidance_weight,
+                    help="class-conditional models: the guidance weight w (default 0)")
 
     sub.add_parser("presets", help="list the shipped presets")
 

@@ -87,3 +87,16 @@ def test_guidance_settings_change_the_hashes_once_they_are_used():
     assert jobs.training_hash(other_dropout) != jobs.training_hash(guided)
     other_eval = load_config(preset="smoke-guided", overrides=["eval.guidance_weights=[0, 2]"])
     assert evaluation.eval_hash(other_eval) != evaluation.eval_hash(guided)
+
+
+@pytest.mark.parametrize("args,mentions", [
+    (["sample", "--model", "file:///nowhere/teacher", "--guidance", "-1"], "--guidance: must be a weight in [0, 100]"),
+    (["sample", "--model", "file:///nowhere/teacher", "--guidance", "nan"], "--guidance: must be a weight"),
+    (["sample", "--model", "file:///nowhere/teacher", "--label", "x"], "--label: invalid int value"),
+    (["eval", "--model", "file:///nowhere/teacher", "--guidance", "1e9"], "--guidance: must be a weight"),
+])
+def test_bad_guidance_arguments_exit_2_with_one_line(tmp_path, args, mentions):
+    from tests.pipeline.helpers import assert_one_line_error, run_pd
+
+    assert_one_line_error(run_pd(*args, cwd=tmp_path, env={"PD_HOME": str(tmp_path / "home")}), code=2,
+                          mentions=mentions)
