@@ -16,7 +16,15 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from flows.cli_args import BadArgument, check_model, check_out, check_sampling, check_uri, restart_round
+from flows.cli_args import (
+    BadArgument,
+    check_model,
+    check_out,
+    check_sampling,
+    check_uri,
+    guidance_weight,
+    restart_round,
+)
 from pd_core.config.secrets import redact_text
 from pd_core.malloc_env import reexec_with_malloc_tunables
 from tasks.env import offline_environment
@@ -79,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--scale", type=_display_scale, default=None,
                         help="enlarge every sample N times (nearest neighbour, 1-32; default: the smallest N that "
                              "makes the grid at least 512 px wide)")
-    sample.add_argument("--sampler", choices=("ddim", "stochastic", "heun"), default="ddim")
+    sample.add_argument("--sampler", choices=("ddim", "stochastic", "two-step", "heun"), default="ddim",
+                        help="two-step: a 2/N DDIM step then a stochastic step back (Meng et al.), N calls")
     sample.add_argument("--gamma", type=float, default=0.3, help="variance interpolation of the stochastic sampler")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--batch-size", type=int, help="images per batch (default: min(256, --num))")
@@ -87,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--throughput", action="store_true", help="also time sampling and print images/s")
     sample.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs (default: $MLFLOW_TRACKING_URI, "
                                                "else the sqlite file `pd run` uses)")
+    sample.add_argument("--label", type=int, help="class-conditional models: the class of every image "
+                                                  "(default: image i is class i mod K, one class per column)")
+    sample.add_argument("--guidance", type=guidance_weight, help="class-conditional models: the guidance weight w "
+                                                                  "(default 0, the conditional model)")
 
     ev = sub.add_parser("eval", help="evaluate one checkpoint at a step count with the config's metrics")
     _add_config_args(ev)
@@ -96,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     ev.add_argument("--sampler", choices=("ddim", "stochastic"), default="ddim")
     ev.add_argument("--gamma", type=float, default=0.3)
+    ev.add_argument("--guidance", type=guidance_weight,
+                    help="class-conditional models: the guidance weight w (default 0)")
 
     export = sub.add_parser("export", help="write a model's sampler as a diffusers folder or one ONNX graph")
     export.add_argument("--model", required=True,
@@ -242,7 +257,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     batch_size = args.batch_size if args.batch_size is not None else max(1, min(256, args.num))
-    check_sampling(num=args.num, steps=args.steps, batch_size=batch_size, gamma=args.gamma, seed=args.seed)
+    check_sampling(num=args.num, steps=args.steps, batch_size=batch_size, gamma=args.gamma, seed=args.seed,
+                   guidance=args.guidance, label=args.label)
     check_uri("--tracking-uri", args.tracking_uri, storage=False)
     check_out(args.out)
     check_model(args.model)
@@ -251,7 +267,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     out = sample_to_grid(model=args.model, steps=args.steps, num=args.num, out=args.out, sampler=args.sampler,
                          gamma=args.gamma, seed=args.seed, batch_size=args.batch_size, device=args.device,
-                         throughput=args.throughput, tracking_uri=args.tracking_uri, scale=args.scale)
+                         throughput=args.throughput, tracking_uri=args.tracking_uri, scale=args.scale,
+                         label=args.label, guidance=args.guidance)
     print(out)
     return 0
 
@@ -273,7 +290,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    check_sampling(num=None, steps=args.steps, batch_size=None, gamma=args.gamma, seed=None)
+    check_sampling(num=None, steps=args.steps, batch_size=None, gamma=args.gamma, seed=None, guidance=args.guidance)
     check_uri("--storage", args.storage)
     check_uri("--tracking-uri", args.tracking_uri, storage=False)
     check_model(args.model)
@@ -284,7 +301,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from flows.sampling import evaluate_model_cli
 
     print(evaluate_model_cli(cfg, model=args.model, steps=args.steps, sampler=args.sampler, gamma=args.gamma,
-                             storage=args.storage))
+                             storage=args.storage, guidance=args.guidance))
     return 0
 
 

@@ -2,8 +2,10 @@
 
 Every check raises :class:`BadArgument` (exit 2) with one line naming the option and the fix. Bounds:
 ``--num`` 1..MAX_NUM, ``--steps`` 1..MAX_STEPS, ``--batch-size`` 1..``--num``, ``--gamma`` in [0, 1],
-``--seed`` 0..2**63-1. URIs (``--model``, ``--out``, ``--storage``, ``--tracking-uri``) must name a
-protocol fsspec can open and carry no credentials; ``--out`` must end in ``.png`` and its folder exist.
+``--seed`` 0..2**63-1, ``--guidance`` in [0, MAX_GUIDANCE] (also its argparse type, :func:`guidance_weight`),
+``--label`` >= 0 (the model's classes are checked once it is loaded). URIs (``--model``, ``--out``,
+``--storage``, ``--tracking-uri``) must name a protocol fsspec can open and carry no credentials; ``--out``
+must end in ``.png`` and its folder exist.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pd_core.config.urls import url_problem
 MAX_NUM = 100_000  # images per `pd sample`
 MAX_STEPS = 10_000  # sampling steps (the paper's largest teacher samples in 8192)
 MAX_SEED = 2**63 - 1
+MAX_GUIDANCE = 100.0  # guidance weight w (eval.guidance_weights has the same bound)
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 _MLFLOW_URI = re.compile(r"^(models:/[^/\s@]+([@/][^/\s]+)?|runs:/[^/\s]+/\S+)$")
 
@@ -40,6 +43,17 @@ def restart_round(text: str) -> int:
     return value
 
 
+def guidance_weight(text: str) -> float:
+    """``--guidance``: a finite weight in [0, MAX_GUIDANCE] (argparse turns the error into a usage error, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0.0 <= value <= MAX_GUIDANCE:
+        raise argparse.ArgumentTypeError(f"must be a weight in [0, {MAX_GUIDANCE:g}], got {text}")
+    return value
+
+
 def check_bounds(name: str, value: int | float | None, *, low: float, high: float, hint: str = "") -> None:
     """BadArgument unless ``low <= value <= high`` (None means "not given": fine)."""
     if value is None:
@@ -54,7 +68,7 @@ def _num(value: float) -> str:
 
 
 def check_sampling(*, num: int | None, steps: int | None, batch_size: int | None, gamma: float | None,
-                   seed: int | None) -> None:
+                   seed: int | None, guidance: float | None = None, label: int | None = None) -> None:
     """The bounds of `pd sample` / `pd eval` (None: the option is not taken or not given)."""
     check_bounds("--num", num, low=1, high=MAX_NUM, hint="sample in several runs (other --seed) for more")
     check_bounds("--steps", steps, low=1, high=MAX_STEPS, hint="a distilled student samples in its own few steps")
@@ -63,6 +77,9 @@ def check_sampling(*, num: int | None, steps: int | None, batch_size: int | None
                      hint="at most --num images go in one batch" if num is not None else "")
     check_bounds("--gamma", gamma, low=0.0, high=1.0)
     check_bounds("--seed", seed, low=0, high=MAX_SEED)
+    check_bounds("--guidance", guidance, low=0.0, high=MAX_GUIDANCE, hint="the usual guidance weights are 0 to 8")
+    if label is not None and label < 0:
+        raise BadArgument(f"--label must be a class >= 0, got {label}")
 
 
 def check_uri(name: str, value: str | None, *, storage: bool = True) -> None:

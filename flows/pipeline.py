@@ -2,6 +2,9 @@
 
     teacher (2N_0 steps) -> round 1 -> student N_0/2 -> round 2 -> ... -> student final_steps
 
+With guidance.enabled, ``guide-distill`` (stage 1 of guided distillation) runs after the teacher and its
+w-conditioned student is round 1's teacher.
+
 Every round reads its teacher from the store and writes its student there; a rerun skips the
 rounds whose checkpoints are complete and verified and continues a partial round from its state.
 """
@@ -28,7 +31,7 @@ from tasks.evaluate import evaluate_round_task, evaluate_teacher_task
 from tasks.reconcile import FLOW_RUN_TAG, end_dead_run
 from tasks.report import publish_report_task
 from tasks.results import PipelineResult, RoundResult
-from tasks.training import distill_round_task, ensure_teacher_task, round_run_name
+from tasks.training import GUIDE_RUN_NAME, distill_round_task, ensure_teacher_task, guide_distill_task, round_run_name
 
 LEASE_TTL_S = 15 * 60  # renewed every third of it while the flow runs; a crashed owner's lease expires after this
 
@@ -160,26 +163,37 @@ def distillation_pipeline(preset: PresetName = "smoke", overrides: list[str] | N
         teacher = ensure_teacher_task.with_options(tags=gpu_tags)(cfg, parent_run_id=parent)
         guard.check()
         baselines = evaluate_teacher_task.with_options(tags=gpu_tags)(cfg, teacher=teacher)
-        rounds, current = [], teacher
+        rounds, current, guided = [], teacher, None
+        if cfg.guidance.enabled:  # stage 1: one w-conditioned call replaces the guided teacher's two
+            guard.check()
+            current = guide_distill_task.with_options(tags=gpu_tags)(cfg, teacher=teacher, parent_run_id=parent)
+            guard.check()
+            evaluated = evaluate_round_task.with_options(task_run_name=f"eval-{GUIDE_RUN_NAME}", tags=gpu_tags)(
+                cfg, student=current)
+            guided = RoundResult(student=current, metrics=evaluated[0] if evaluated else None,
+                                 other_weights=evaluated[1:])
         for round_index, (t_steps, s_steps) in enumerate(cfg.distill.rounds(), start=1):
             run_name = round_run_name(round_index=round_index, teacher_steps=t_steps, student_steps=s_steps)
             guard.check()
             student = distill_round_task.with_options(task_run_name=run_name, tags=gpu_tags)(
                 cfg, teacher=current, round_index=round_index, parent_run_id=parent)
             guard.check()
-            metrics = evaluate_round_task.with_options(task_run_name=f"eval-{run_name}", tags=gpu_tags)(
+            evaluated = evaluate_round_task.with_options(task_run_name=f"eval-{run_name}", tags=gpu_tags)(
                 cfg, student=student)
-            rounds.append(RoundResult(student=student, metrics=metrics))
+            metrics = evaluated[0] if evaluated else None
+            rounds.append(RoundResult(student=student, metrics=metrics, other_weights=evaluated[1:]))
             emit_event(event="pd.round.completed", resource=pipeline_resource(name),
                        payload={"round": round_index, "teacher_steps": t_steps, "student_steps": s_steps,
                                 "checkpoint_uri": student.uri, "checkpoint_sha256": student.sha256,
                                 "metrics": metrics, "trained": student.trained})
             current = student
         guard.check()
-        report = publish_report_task(cfg, teacher=teacher, baselines=baselines, rounds=rounds, parent_run_id=parent)
+        report = publish_report_task(cfg, teacher=teacher, baselines=baselines, rounds=rounds, parent_run_id=parent,
+                                     guided=guided)
         tracker.end_run(parent)
         pending = tracker.flush()
         if pending:
             logger.warning("MLflow: %d tracking calls still pending in the journal; they replay on the next run",
                            pending)
-    return PipelineResult(pipeline=name, teacher=teacher, rounds=[r.student for r in rounds], report=report)
+    return PipelineResult(pipeline=name, teacher=teacher, rounds=[r.student for r in rounds], report=report,
+                          guided=guided.student if guided else None)

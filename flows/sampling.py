@@ -22,6 +22,7 @@ import torch
 from flows.cli_args import BadArgument
 from pd_core import evaluation, images, jobs, samplers
 from pd_core.config import Config
+from pd_core.guidance import guided
 from pd_core.interop.diffusers_folder import check_timesteps
 from pd_core.models import LoadedModel, load_model, load_model_uri, model_from_files, split_uri
 from pd_core.schedule import DiscreteSchedule
@@ -32,7 +33,7 @@ from tasks.env import offline_environment, project_home
 log = logging.getLogger("pd_core.sampling")
 
 MAX_SAMPLE_BYTES = 4 * 2**30  # the float32 images `pd sample` holds before writing the grid
-_PIPELINE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/(teacher|rounds/[0-9]{2}-[0-9]{4})$")
+_PIPELINE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/(teacher|guided|rounds/[0-9]{2}-[0-9]{4})$")
 
 
 def default_tracking_uri() -> str:
@@ -52,7 +53,7 @@ def pipeline_location(uri: str) -> tuple[str, str] | None:
 def warn_other_steps(manifest: dict, steps: int) -> None:
     """One warning line when a distilled student is sampled with another step count than it was trained for."""
     trained = int(manifest.get("steps") or 0)
-    if manifest.get("kind") == "student" and trained and steps != trained:
+    if manifest.get("kind") in ("student", "guided_student") and trained and steps != trained:
         log.warning("--steps %d: this student was distilled to sample in %d step(s); other step counts are allowed "
                     "but rarely what you want", steps, trained)
 
@@ -86,13 +87,33 @@ def load_any_model(model: str, *, device: torch.device, tracking_uri: str | None
     return load_model_uri(model, device=device)
 
 
+def sample_labels(loaded: LoadedModel, *, num: int, label: int | None, guidance: float | None) -> torch.Tensor | None:
+    """The class of each image for a class-conditional model (``label``, else image i asks for class i mod K);
+    None for an unconditional one, which refuses ``--label`` and ``--guidance`` (BadArgument, like a
+    ``--label`` the model has no class for)."""
+    num_classes = loaded.num_classes
+    if num_classes < 1:
+        if label is not None or guidance is not None:
+            raise BadArgument("--label and --guidance need a class-conditional model; this one is unconditional")
+        return None
+    if label is not None and not 0 <= label < num_classes:
+        raise BadArgument(f"--label must be a class in [0, {num_classes - 1}]; got {label}")
+    if label is not None:
+        return torch.full((num,), label, dtype=torch.long)
+    return torch.arange(num, dtype=torch.long) % num_classes
+
+
 def sample_images(loaded: LoadedModel, *, steps: int, num: int, sampler: str, gamma: float, seed: int,
-                  batch_size: int, device: torch.device) -> torch.Tensor:
+                  batch_size: int, device: torch.device, labels: torch.Tensor | None = None,
+                  guidance: float = 0.0) -> torch.Tensor:
     """Draw ``num`` images in batches from noise seeded by ``seed``; returns (num, C, H, W) in [-1, 1] on CPU.
 
-    A class-conditional model gets classes 0, 1, ..., K - 1, 0, ... in order (a grid row per class when
-    its width is K).
+    A class-conditional model samples ``labels`` (num,) (default: classes 0, 1, ..., K - 1, 0, ... in
+    order, a grid row per class when its width is K) at guidance weight ``guidance``
+    (:func:`pd_core.guidance.guided`).
     """
+    if labels is None and loaded.num_classes:
+        labels = torch.arange(num, dtype=torch.long) % loaded.num_classes
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     with torch.inference_mode():
@@ -100,13 +121,17 @@ def sample_images(loaded: LoadedModel, *, steps: int, num: int, sampler: str, ga
             b = min(batch_size, num - start)
             z = torch.randn((b, *loaded.image_shape), generator=gen).to(device)
             denoiser = loaded.denoiser
-            if loaded.num_classes:
-                denoiser = denoiser.with_labels(torch.arange(start, start + b, device=device) % loaded.num_classes)
+            if labels is not None:
+                denoiser = guided(denoiser, arch=loaded.architecture, y=labels[start:start + b].to(device),
+                                  w=guidance)
             if sampler == "ddim":
                 x = samplers.ddim(denoiser, z, num_steps=steps, schedule=loaded.schedule)
             elif sampler == "stochastic":
                 x = samplers.ancestral(denoiser, z, num_steps=steps, gamma=gamma,
                                        generator=gen_for(device, seed + start), schedule=loaded.schedule)
+            elif sampler == "two-step":
+                x = samplers.stochastic_two_step(denoiser, z, num_steps=steps, generator=gen_for(device, seed + start),
+                                                 schedule=loaded.schedule)
             else:
                 x = samplers.heun(denoiser, z, num_steps=steps, schedule=loaded.schedule)
             out.append(x.float().cpu())
@@ -119,12 +144,15 @@ def gen_for(device: torch.device, seed: int) -> torch.Generator:
 
 def sample_to_grid(*, model: str, steps: int | None, num: int, out: str, sampler: str, gamma: float, seed: int,
                    batch_size: int, device: str, throughput: bool, tracking_uri: str | None = None,
-                   scale: int | None = None) -> str:
+                   scale: int | None = None, label: int | None = None, guidance: float | None = None) -> str:
     """``pd sample``: write a PNG grid of ``num`` samples for people (atomically; upscaled by ``scale``, default:
     to at least 512 px wide, captioned with the model, steps and sampler); return a one-line summary.
 
+    A class-conditional model samples class ``label`` (default: image i asks for class i mod K, so with
+    K columns each column is one class) at guidance weight ``guidance`` (default 0).
     Bounds are checked by the CLI (:func:`flows.cli_args.check_sampling`); here: the memory the images
-    take, and a warning when a student is sampled with other steps than it was distilled for.
+    take, the label against the model's classes, and a warning when a student is sampled with other
+    steps than it was distilled for.
     """
     offline_environment()
     try:
@@ -141,14 +169,18 @@ def sample_to_grid(*, model: str, steps: int | None, num: int, out: str, sampler
     if need > MAX_SAMPLE_BYTES:
         raise BadArgument(f"--num {num}: {num} images of {c}x{h}x{w} take {need / 2**30:.1f} GiB, more than the "
                           f"{MAX_SAMPLE_BYTES / 2**30:.0f} GiB `pd sample` holds; lower --num")
+    labels = sample_labels(loaded, num=num, label=label, guidance=guidance)
     t0 = time.perf_counter()
     x = sample_images(loaded, steps=steps, num=num, sampler=sampler, gamma=gamma, seed=seed, batch_size=batch_size,
-                      device=dev)
+                      device=dev, labels=labels, guidance=guidance or 0.0)
     seconds = time.perf_counter() - t0
+    nrow = loaded.num_classes if labels is not None and label is None else None
     caption = images.grid_caption(pipeline=str(loaded.manifest.get("pipeline") or model), manifest=loaded.manifest,
-                                  sampler=sampler, steps=steps)
-    write_atomically(out, images.png_bytes(images.display_grid(x, caption=caption, scale=scale)))
-    line = f"wrote {num} samples ({sampler}, {steps} steps) to {out}"
+                                  sampler=sampler, steps=steps, w=None if labels is None else guidance or 0.0)
+    write_atomically(out, images.png_bytes(images.display_grid(x, caption=caption, scale=scale, nrow=nrow)))
+    what = "" if labels is None else f", {'class ' + str(label) if label is not None else 'every class'}, " \
+                                     f"guidance w = {guidance or 0.0:g}"
+    line = f"wrote {num} samples ({sampler}, {steps} steps{what}) to {out}"
     if throughput:
         line += f"; {num / seconds:.1f} images/s ({seconds / num * 1e3:.2f} ms/image on {dev.type})"
     return line
@@ -197,6 +229,9 @@ def show_pipeline(name: str, *, storage: str | None) -> str:
                          f"{store.uri(key)}")
         else:
             lines.append(f"  {steps:>4d} steps   not complete (no manifest: its save did not finish) {store.uri(key)}")
+    guided_student = jobs.guided_key(name)
+    if store.is_complete(guided_student):
+        lines.append(f"  guided       {store.uri(guided_student)}  (stage 1: takes the guidance weight w)")
     report = f"pipelines/{name}/report/quality.csv"
     if store.exists(report):
         from pd_core.metrics.table import summary_view
@@ -243,18 +278,23 @@ def _evaluated_model(cfg: Config, *, model: str, storage: str | None,
 
 
 def evaluate_model_cli(cfg: Config, *, model: str, steps: int | None, sampler: str, gamma: float,
-                       storage: str | None = None) -> str:
-    """``pd eval``: one model's metrics with the config's evaluation settings (caches: see _evaluated_model)."""
+                       storage: str | None = None, guidance: float | None = None) -> str:
+    """``pd eval``: one model's metrics with the config's evaluation settings (caches: see _evaluated_model); a
+    class-conditional model on class-balanced labels at guidance weight ``guidance`` (default 0)."""
     device = resolve_runtime(cfg.runtime).device
     store, load, manifest = _evaluated_model(cfg, model=model, storage=storage, device=device)
     size = int((manifest.get("unet") or {}).get("image_size", cfg.data.image_size))
     if size != cfg.data.image_size:
         raise BadArgument(f"--model makes {size}x{size} images but the config's data ({cfg.data.name}) is "
                           f"{cfg.data.image_size}x{cfg.data.image_size}; pass the pipeline's --preset/--config/--set")
+    conditional = evaluation.is_conditional(manifest)
+    if guidance is not None and not conditional:
+        raise BadArgument("--guidance needs a class-conditional model; this one is unconditional")
     steps = steps or int(manifest["steps"])
     warn_other_steps(manifest, steps)
     ctx = evaluation.feature_context(cfg, store, device=device)
     record = evaluation.evaluate_model(cfg, store, ctx, load=load, sha256=manifest["sha256"], model_uri=model,
                                        label=sampler, sampler=sampler, steps=steps,
-                                       gamma=gamma if sampler == "stochastic" else None, device=device)
+                                       gamma=gamma if sampler == "stochastic" else None, device=device,
+                                       w=guidance, conditional=conditional)
     return "\n".join(f"{k:24s} {v}" for k, v in record.items())

@@ -1,6 +1,8 @@
 """What a checkpoint's network is, as its manifest records it: the project's U-Net or a diffusers UNet2DModel.
 
-Every network is called ``net(z, logsnr[, y])`` (what :class:`~pd_core.denoiser.Denoiser` wraps).
+Every network is called ``net(z, logsnr[, y[, w]])`` (what :class:`~pd_core.denoiser.Denoiser` wraps): ``y``
+class labels for a class-conditional one, ``w`` guidance weights for one with a guidance embedding
+(guided distillation, :mod:`pd_core.guidance`; only the project's U-Net has one).
 The manifest records what rebuilds it, never a pickle:
 
 - ``"unet": {UNetSpec fields}`` -> :class:`PdUNet` (:class:`pd_core.unet.UNet`);
@@ -42,6 +44,16 @@ class Architecture(Protocol):
     @property
     def num_classes(self) -> int:
         """Number of class labels it is conditioned on (0: unconditional)."""
+        ...
+
+    @property
+    def null_class(self) -> bool:
+        """Whether label ``num_classes`` is a trained "no class" (classifier-free guidance)."""
+        ...
+
+    @property
+    def guidance_embedding(self) -> bool:
+        """Whether the network also takes the guidance weight w (a guided-distilled student)."""
         ...
 
     @property
@@ -87,11 +99,23 @@ class PdUNet:
         return self.spec.num_classes
 
     @property
+    def null_class(self) -> bool:
+        return self.spec.null_class
+
+    @property
+    def guidance_embedding(self) -> bool:
+        return self.spec.guidance_embedding
+
+    @property
     def out_channels(self) -> int:
         return self.spec.out_channels
 
     def build(self, *, dropout: float) -> nn.Module:
         return UNet(dataclasses.replace(self.spec, dropout=dropout))
+
+    def with_guidance_embedding(self) -> PdUNet:
+        """The same U-Net plus a zero-initialised guidance embedding (guided distillation's stage-1 student)."""
+        return PdUNet(dataclasses.replace(self.spec, guidance_embedding=True))
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         return _unet_state_shapes(dataclasses.replace(self.spec, dropout=0.0))
@@ -138,6 +162,14 @@ class DiffusersUNet2D:
         return int(self.config.get("num_class_embeds") or 0)
 
     @property
+    def null_class(self) -> bool:
+        return False  # a UNet2DModel's class embedding has no "no class" row this project trained
+
+    @property
+    def guidance_embedding(self) -> bool:
+        return False
+
+    @property
     def out_channels(self) -> int:
         return int(self.config.get("out_channels", 3))
 
@@ -168,3 +200,8 @@ def architecture_from_manifest(manifest: dict) -> Architecture:
     if isinstance(manifest.get("unet"), dict):
         return PdUNet(spec_from_dict(manifest["unet"]))
     raise ValueError(f"the manifest describes no network (neither 'unet' nor '{DIFFUSERS_KEY}')")
+
+
+def as_architecture(arch: Architecture | UNetSpec) -> Architecture:
+    """``arch`` itself, or the project's U-Net of a UNetSpec."""
+    return PdUNet(arch) if isinstance(arch, UNetSpec) else arch

@@ -28,9 +28,9 @@ from pd_core.launch import progress_line
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pd_core.distributed_job", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="resolved config as JSON")
-    p.add_argument("--job", required=True, choices=("teacher", "round"))
+    p.add_argument("--job", required=True, choices=("teacher", "guide", "round"))
     p.add_argument("--round-index", type=int, help="round number (job=round)")
-    p.add_argument("--teacher", help="the teacher's CheckpointInfo as JSON (job=round)")
+    p.add_argument("--teacher", help="the teacher's CheckpointInfo as JSON (job=guide, job=round)")
     p.add_argument("--out", required=True, help="where rank 0 writes the result JSON")
     p.add_argument("--fault-at-step", type=int, help="inject a NaN loss at this update (tests only)")
     return p
@@ -60,6 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_progress = progress if info.is_main else None
         if args.job == "teacher":
             result = jobs.ensure_teacher(cfg, store, on_progress=on_progress, fault_at_step=args.fault_at_step)
+        elif args.job == "guide":
+            if args.teacher is None:
+                raise ValueError("--job guide needs --teacher")
+            teacher = jobs.CheckpointInfo(**json.loads(Path(args.teacher).read_text()))
+            result = jobs.run_guide_distill(cfg, store, teacher=teacher, on_progress=on_progress,
+                                            fault_at_step=args.fault_at_step)
         else:
             if args.round_index is None or args.teacher is None:
                 raise ValueError("--job round needs --round-index and --teacher")

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from pd_core import samplers
+from pd_core.guidance import guided
 from pd_core.models import LoadedModel
 from pd_core.train import NonFiniteLossError
 
@@ -30,16 +31,19 @@ def nonfinite_weights(weights: dict[str, Tensor]) -> int:
 
 
 def nonfinite_samples(model: LoadedModel, *, steps: int, num: int = CHECK_SAMPLES, seed: int = CHECK_SEED,
-                      device: torch.device | str = "cpu") -> tuple[int, int]:
+                      device: torch.device | str = "cpu", w: float = 0.0) -> tuple[int, int]:
     """(non-finite values, values checked) over ``num`` DDIM samples in ``steps`` steps from noise seeded by ``seed``.
 
     Counted are the network's raw outputs x_hat and eps_hat at every step (before the sampler clips
-    x_hat, which would turn inf into 1) and the final images.
+    x_hat, which would turn inf into 1) and the final images. A class-conditional network samples
+    classes 0, 1, ... in turn at guidance weight ``w`` (:func:`pd_core.guidance.guided`; a network
+    that takes w gets it as its input).
     """
     z = torch.randn((num, *model.image_shape), generator=torch.Generator().manual_seed(seed)).to(device)
     denoiser = model.denoiser
-    if model.num_classes:  # a class-conditional network: classes 0, 1, ... in turn
-        denoiser = denoiser.with_labels(torch.arange(num, device=z.device) % model.num_classes)
+    if model.num_classes:
+        labels = torch.arange(num, device=z.device) % model.num_classes
+        denoiser = guided(denoiser, arch=model.architecture, y=labels, w=w)
     counts = [0, 0]
 
     def watched(z_t: Tensor, logsnr: Tensor) -> tuple[Tensor, Tensor]:

@@ -140,18 +140,22 @@ def _caption_font(text: str, *, width: int) -> tuple[ImageFont.ImageFont | Image
     return font, text + "..."
 
 
-def grid_caption(*, pipeline: str, manifest: dict, sampler: str, steps: int) -> str:
-    """``smoke | round 3 (2->1) | 1 step | DDIM``: whose samples a grid shows (pipeline, round, steps, sampler).
+def grid_caption(*, pipeline: str, manifest: dict, sampler: str, steps: int, w: float | None = None) -> str:
+    """``smoke | round 3 (2->1) | 1 step | DDIM``: whose samples a grid shows (pipeline, round, steps, sampler),
+    and ``| w 2`` when a class-conditional model sampled them at guidance weight ``w``.
 
     ``manifest`` is the checkpoint's manifest (its ``kind``, and a student's ``round``, ``teacher_steps``, ``steps``).
     """
     if manifest.get("kind") == "student" and manifest.get("round") is not None:
         halving = f" ({manifest['teacher_steps']}->{manifest['steps']})" if "teacher_steps" in manifest else ""
         what = f"round {manifest['round']}{halving}"
+    elif manifest.get("kind") == "guided_student":
+        what = "guide-distill"
     else:
         what = str(manifest.get("kind") or "model")
     label = "DDIM" if sampler == "ddim" else sampler
-    return f"{pipeline} | {what} | {steps} step{'' if steps == 1 else 's'} | {label}"
+    guidance = "" if w is None else f" | w {w:g}"
+    return f"{pipeline} | {what} | {steps} step{'' if steps == 1 else 's'} | {label}{guidance}"
 
 
 def add_caption(grid: np.ndarray, caption: str) -> np.ndarray:

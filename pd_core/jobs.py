@@ -1,4 +1,5 @@
-"""The units of work of a pipeline, over the checkpoint store: ensure the teacher, run one round.
+"""The units of work of a pipeline, over the checkpoint store: ensure the teacher, guided distillation's
+stage 1 (when guidance.enabled), run one round.
 
 Each job is idempotent and resumable. A complete, verified checkpoint at its key is reused
 (skipped) only when its lineage (:mod:`pd_core.lineage`: the hash of the settings that decide its
@@ -7,7 +8,8 @@ one line saying how to go on (``--restart-from N`` or ``--name``). ``pipeline.re
 retrains round N and every later round (N = 0: the teacher too) and keeps what comes before N as it
 is. An in-round state next to the key means "continue from there" when it carries the same lineage
 and is discarded (one log line) when it does not. A corrupt checkpoint is retrained, saying so. A
-student is complete only after its samples are finite (:mod:`pd_core.finite`).
+student is complete only after its samples are finite (:mod:`pd_core.finite`). What every job does
+with its checkpoint (keys, manifest, reuse, resume, publish) is :mod:`pd_core.job_checkpoints`.
 
 In a data-parallel job every rank calls the same job; rank 0 alone writes, at the call sites marked
 ``dist.run_on_main`` and ``runtime.is_main``. Prefect tasks, the torchrun child and the CLI call
@@ -18,110 +20,57 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from pd_core import dist, finite, lineage
-from pd_core.architecture import Architecture, DiffusersUNet2D, architecture_from_manifest
+from pd_core.architecture import Architecture, DiffusersUNet2D, PdUNet, architecture_from_manifest
 from pd_core.config import Config
 from pd_core.data import BatchSampler, ImageData, load_split
 from pd_core.interop.diffusers import read_diffusers_model, weights_sha256
 from pd_core.interop.diffusers_folder import check_timesteps, is_diffusers_uri
+from pd_core.job_checkpoints import (
+    CheckpointInfo,
+    _manifest,
+    _publish,
+    _resume,
+    _reusable,
+    _state_saver,
+    _timing,
+    guided_key,
+    open_store,
+    pipeline_prefix,
+    round_key,
+    round_phase,
+    state_key,
+    teacher_key,
+)
 from pd_core.kinds import student_parameterization
-from pd_core.lineage import Lineage, PipelineMismatchError
+from pd_core.lineage import PipelineMismatchError
 from pd_core.models import check_weights_fit, manifest_schedule, model_from_tensors, split_uri
 from pd_core.schedule import CosineSchedule, Schedule
-from pd_core.store import NOT_SAVED, CheckpointStore, StoreError
+from pd_core.store import CheckpointStore, StoreError
 from pd_core.train import (
     ProgressCallback,
     ProgressEvent,
-    TrainResult,
-    TrainState,
-    copy_weights,
     distill_round,
     frozen_teacher,
+    guide_distill,
+    new_guided_student_state,
     new_student_state,
     new_teacher_state,
     resolve_runtime,
     train_teacher,
 )
-from pd_core.unet import UNetSpec, spec_to_dict, unet_spec
+from pd_core.unet import UNetSpec, unet_spec
 
 log = logging.getLogger(__name__)
 
 HUGE_TEACHER_LOSS = 1e6  # a teacher ending above this final loss almost surely diverged: warned about
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What tasks pass around: where a checkpoint is and what it is, never the tensors."""
-
-    key: str  # key inside the store, e.g. pipelines/demo/rounds/02-0016
-    uri: str  # full URL, e.g. file:///.../pipelines/demo/rounds/02-0016
-    sha256: str  # sha256 of the weights file
-    steps: int  # sampling steps this model is trained for
-    round: int  # 0 for the teacher
-    trained: bool  # False when the checkpoint already existed (skipped)
-    train_seconds: float  # wall time of training in this call (0 when skipped)
-    resumed_from: int  # update the training resumed at (0 for a fresh start)
-    mlflow_run_id: str | None = None  # the MLflow run that tracks it (set by the orchestration layer)
-
-    def tracked(self, run_id: str | None) -> CheckpointInfo:
-        """The same info with its MLflow run id."""
-        return dataclasses.replace(self, mlflow_run_id=run_id)
-
-
-def pipeline_prefix(name: str) -> str:
-    """Where a pipeline's checkpoints, report and lease live in the store."""
-    return f"pipelines/{name}"
-
-
-def teacher_key(name: str) -> str:
-    """``pipelines/<name>/teacher``."""
-    return f"{pipeline_prefix(name)}/teacher"
-
-
-def round_key(name: str, *, round_index: int, student_steps: int) -> str:
-    """``pipelines/<name>/rounds/03-0032``: round 3 trains the 32-step student."""
-    return f"{pipeline_prefix(name)}/rounds/{round_index:02d}-{student_steps:04d}"
-
-
-def state_key(key: str) -> str:
-    """Where a checkpoint's in-progress training state lives."""
-    return f"{key}.state"
-
-
-def round_phase(*, round_index: int, teacher_steps: int, student_steps: int) -> str:
-    """``round 3 (64->32)``: the label of a round in logs and errors."""
-    return f"round {round_index} ({teacher_steps}->{student_steps})"
-
-
-def open_store(cfg: Config) -> CheckpointStore:
-    """The checkpoint store named by ``storage.root`` (credentials come from the environment)."""
-    return CheckpointStore(cfg.storage.root, storage_options=dict(cfg.storage.storage_options))
-
-
 def _model_spec(cfg: Config, data: ImageData) -> UNetSpec:
     return unet_spec(cfg, in_channels=data.images.shape[1], num_classes=data.num_classes)
-
-
-def _manifest(cfg: Config, *, kind: str, spec: UNetSpec | None, steps: int, round_index: int, lineage_: Lineage,
-              schedule: Schedule, extra: dict | None = None) -> dict:
-    return {
-        "kind": kind,
-        "round": round_index,
-        "steps": steps,
-        **lineage_.manifest_fields(),
-        "pipeline": cfg.pipeline.name,
-        "unet": spec_to_dict(spec) if spec is not None else None,  # None: another architecture, named in extra
-        "parameterization": cfg.diffusion.parameterization,
-        "logsnr_min": cfg.diffusion.logsnr_min,
-        "logsnr_max": cfg.diffusion.logsnr_max,
-        "schedule": schedule.to_dict(),
-        **(extra or {}),
-    }
 
 
 def _config_schedule(cfg: Config) -> Schedule:
@@ -129,114 +78,25 @@ def _config_schedule(cfg: Config) -> Schedule:
     return CosineSchedule(logsnr_min=cfg.diffusion.logsnr_min, logsnr_max=cfg.diffusion.logsnr_max)
 
 
-def _timing(result: TrainResult) -> dict[str, float | int]:
-    """Training wall time for the manifest (the finishing call's; resumed_from > 0 says earlier work is not in it)."""
-    return {"train_seconds": round(float(result.seconds), 1), "resumed_from": int(result.resumed_from)}
-
-
-def _restarting(cfg: Config, round_index: int) -> bool:
-    """True when ``pipeline.restart_from`` asks to retrain this round (0 = the teacher)."""
-    return cfg.pipeline.restart_from is not None and cfg.pipeline.restart_from <= round_index
-
-
-def _kept_as_is(cfg: Config, round_index: int) -> bool:
-    """True when ``pipeline.restart_from`` keeps this checkpoint as it is (it comes before the restart)."""
-    return cfg.pipeline.restart_from is not None and cfg.pipeline.restart_from > round_index
-
-
-def _reusable(store: CheckpointStore, cfg: Config, key: str, *, want: Lineage, label: str, steps: int,
-              round_index: int) -> CheckpointInfo | None:
-    """The stored checkpoint at ``key`` when it may be reused; None when the job must (re)train it.
-
-    Missing: None. Corrupt: None, with a log line. Restarted (pipeline.restart_from <= round): None,
-    with a log line. Complete with this lineage: reused. Complete with another lineage: None when an
-    in-round state of this run's lineage shows a retraining in progress, else PipelineMismatchError.
-    """
-    uri = store.uri(key)
-    problem = store.problem(key)
-    if problem == NOT_SAVED:
-        return None
-    if problem is not None:
-        log.warning("%s: the checkpoint at %s is corrupt (%s); retraining it", label, uri, problem)
-        return None
-    manifest = store.read_manifest(key) or {}
-    if _restarting(cfg, round_index):
-        log.warning("%s: retraining it (--restart-from %d); the checkpoint at %s (sha256 %s) is replaced when the "
-                    "new one is saved", label, cfg.pipeline.restart_from, uri, str(manifest.get("sha256"))[:12])
-        return None
-    kept = _kept_as_is(cfg, round_index)
-    differs = lineage.difference(manifest, want, check_settings=not kept)
-    if differs is None:
-        settings_differ = kept and lineage.difference(manifest, want) is not None
-        log.info("%s: %s is complete and verified: %s", label, uri,
-                 f"kept as it is (--restart-from {cfg.pipeline.restart_from})" if settings_differ else "skipped")
-        return CheckpointInfo(key=key, uri=uri, sha256=manifest["sha256"], steps=steps, round=round_index,
-                              trained=False, train_seconds=0.0, resumed_from=0)
-    state = store.read_state_meta(state_key(key))
-    if state is not None and lineage.difference(state.get("lineage"), want) is None:
-        log.warning("%s: the checkpoint at %s was made from %s; an in-round state of this run's settings and parent "
-                    "is there, so its retraining continues", label, uri, differs)
-        return None
-    raise PipelineMismatchError(lineage.mismatch_message(label=label, uri=uri, what=differs,
-                                                         restart_from=round_index))
-
-
-def _resume(store: CheckpointStore, key: str, state: TrainState, *, want: Lineage, label: str,
-            is_main: bool) -> None:
-    """Continue from the in-round state at ``key`` when it carries ``want``'s lineage; discard it otherwise."""
-    skey = state_key(key)
-    meta = store.read_state_meta(skey)
-    if meta is None:
-        return
-    differs = lineage.difference(meta.get("lineage"), want)
-    if differs is not None:
-        log.warning("%s: discarding the in-round state at %s (update %s): it was made from %s; the round starts "
-                    "over", label, store.uri(skey), meta.get("step"), differs)
-        if is_main:
-            store.clear_state(skey)
-        return
-    saved = store.load_state(skey)
-    if saved is not None:
-        tensors, meta = saved
-        state.load_tensors(tensors, meta)
-        log.info("resuming %s from update %d", store.uri(key), state.step)
-
-
-def _state_saver(store: CheckpointStore, key: str, want: Lineage) -> Callable[[TrainState], None]:
-    """The in-round checkpoint hook (the training loop calls it on rank 0 only); the state carries the lineage."""
-    def save(state: TrainState) -> None:
-        tensors, meta = state.to_tensors()
-        store.save_state(state_key(key), tensors=tensors, meta={**meta, "lineage": want.manifest_fields()})
-    return save
-
-
-def _publish(store: CheckpointStore, key: str, *, weights: dict[str, torch.Tensor], manifest: dict,
-             is_main: bool) -> CheckpointInfo:
-    """Save the finished checkpoint and drop its in-round state: rank 0 writes, every rank gets the reference."""
-    ref = dist.run_on_main(lambda: store.save_checkpoint(key, tensors=copy_weights(weights), manifest=manifest))
-    if is_main:
-        store.clear_state(state_key(key))
-    return CheckpointInfo(key=key, uri=ref.uri, sha256=ref.sha256, steps=int(manifest["steps"]),
-                          round=int(manifest["round"]), trained=True,
-                          train_seconds=float(manifest.get("train_seconds", 0.0)),
-                          resumed_from=int(manifest.get("resumed_from", 0)))
-
-
 def _check_finite_student(weights: dict[str, torch.Tensor], manifest: dict, *, label: str, round_index: int,
-                          device: torch.device) -> None:
-    """NonFiniteOutputError (naming the round and the way out) unless the student's weights and samples are finite."""
+                          device: torch.device, w: float = 0.0, section: str = "distill") -> None:
+    """NonFiniteOutputError (naming the round and the way out) unless the student's weights and samples are finite.
+
+    A class-conditional student samples at guidance weight ``w``; ``section`` is the config section
+    whose lr and grad_clip trained it (``guidance`` for stage 1).
+    """
     steps = int(manifest["steps"])
     bad, total = finite.nonfinite_weights(weights), sum(t.numel() for t in weights.values())
     what = f"{bad} of its {total} weights are non-finite"
     if not bad:
         model = model_from_tensors(weights, manifest, source=label, device=device)
-        bad, total = finite.nonfinite_samples(model, steps=steps, device=device)
+        bad, total = finite.nonfinite_samples(model, steps=steps, device=device, w=w)
         what = (f"the student samples non-finite values ({bad} of {total} values, {finite.CHECK_SAMPLES} "
-                f"samples at {steps} step(s), seed {finite.CHECK_SEED})")
+                f"samples at {steps} step(s), seed {finite.CHECK_SEED}{f', w {w:g}' if model.num_classes else ''})")
     if bad:
         raise finite.NonFiniteOutputError(
-            f"{label}: {what}; nothing was saved as complete. Lower distill.lr (or set distill.grad_clip) and rerun "
-            f"with --restart-from {round_index}: it retrains this round, the rounds before it are kept")
+            f"{label}: {what}; nothing was saved as complete. Lower {section}.lr (or set {section}.grad_clip) and "
+            f"rerun with --restart-from {round_index}: it retrains this round, the rounds before it are kept")
 
 
 def load_train_data(cfg: Config) -> ImageData:
@@ -309,7 +169,8 @@ def ensure_teacher(cfg: Config, store: CheckpointStore, *, data: ImageData | Non
     progress, losses = _final_loss_watch(on_progress)
     result = train_teacher(state=state, teacher_cfg=cfg.teacher, diffusion_cfg=cfg.diffusion, runtime=runtime,
                            sample_batch=batches.batch, on_checkpoint=_state_saver(store, key, want),
-                           on_progress=progress, fault_at_step=fault_at_step)
+                           on_progress=progress, fault_at_step=fault_at_step,
+                           null_label=spec.num_classes if spec.null_class else None)
     bad = finite.nonfinite_weights(result.weights)
     if bad:
         raise finite.NonFiniteOutputError(f"teacher: {bad} of its weights are non-finite after training; nothing was "
@@ -403,30 +264,118 @@ def import_diffusers_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -
                           train_seconds=0.0, resumed_from=0)
 
 
+def _load_parent(store: CheckpointStore, parent: CheckpointInfo) -> tuple[dict[str, torch.Tensor], dict, Architecture]:
+    """The weights, manifest and architecture of the checkpoint a job starts from, checked against ``parent``."""
+    weights, manifest = store.load_checkpoint(parent.key)
+    if manifest["sha256"] != parent.sha256:
+        raise StoreError(f"{parent.uri} changed since it was produced (sha256 {manifest['sha256'][:12]} != "
+                         f"{parent.sha256[:12]}); rerun the pipeline")
+    arch = _architecture(manifest, source=parent.uri)  # a student keeps its teacher's architecture
+    check_weights_fit(weights, arch, source=parent.uri)
+    return weights, manifest, arch
+
+
+def _parameterizations(cfg: Config, store: CheckpointStore, teacher: CheckpointInfo) -> tuple[str, str]:
+    """(the teacher's parameterization, the one its student uses): ``auto`` resolves through the teacher's."""
+    teacher_kind = (store.read_manifest(teacher.key) or {}).get("parameterization", cfg.diffusion.parameterization)
+    return teacher_kind, student_parameterization(requested=cfg.distill.student_parameterization, teacher=teacher_kind)
+
+
+GUIDE_SEED_OFFSET = 500  # stage 1 draws from pipeline.seed + 500 (the teacher from the seed, round r from + 1000 r)
+GUIDE_RESTART = 1  # --restart-from 1 retrains stage 1 (it comes right before round 1) and every round after it
+
+
+def guide_phase(*, steps: int) -> str:
+    """``guide-distill (8 steps)``: the label of stage 1 in logs and errors."""
+    return f"guide-distill ({steps} steps)"
+
+
+def run_guide_distill(cfg: Config, store: CheckpointStore, *, teacher: CheckpointInfo,
+                      data: ImageData | None = None, on_progress: ProgressCallback | None = None,
+                      fault_at_step: int | None = None) -> CheckpointInfo:
+    """Stage 1 of guided distillation (pd_core.guidance): a student that takes w learns the guided teacher.
+
+    The student is the teacher's net plus a zero-initialised guidance embedding; it samples in the
+    teacher's step count and becomes round 1's teacher. Reused when complete with the same lineage
+    (:func:`pd_core.lineage.guided_lineage`, parent: the teacher), resumable, and complete only after
+    its samples at w = guidance.w_max are finite. ``--restart-from 1`` retrains it.
+    """
+    key = guided_key(cfg.pipeline.name)
+    steps = teacher.steps
+    phase = guide_phase(steps=steps)
+    teacher_kind, student_kind = _parameterizations(cfg, store, teacher)
+    want = lineage.guided_lineage(cfg, teacher_steps=steps, parent_sha256=teacher.sha256,
+                                  student_parameterization=student_kind)
+    found = _reusable(store, cfg, key, want=want, label=phase, steps=steps, round_index=0,
+                      restart_index=GUIDE_RESTART)
+    if found is not None:
+        return found
+    teacher_weights, teacher_manifest, teacher_arch = _load_parent(store, teacher)
+    if not (isinstance(teacher_arch, PdUNet) and teacher_arch.num_classes > 0 and teacher_arch.null_class
+            and not teacher_arch.guidance_embedding):
+        raise PipelineMismatchError(f"{teacher.uri} is not a class-conditional teacher with a null class; guided "
+                                    f"distillation needs one (model.class_conditional, teacher.label_dropout > 0)")
+    data = data if data is not None else load_train_data(cfg)
+    _check_data_fits(data, teacher_arch, source=teacher.uri)
+    runtime = resolve_runtime(cfg.runtime)
+    schedule = manifest_schedule(teacher_manifest)
+    seed = cfg.pipeline.seed + GUIDE_SEED_OFFSET
+    arch = teacher_arch.with_guidance_embedding()
+    state = new_guided_student_state(teacher_weights=teacher_weights, arch=arch, distill_cfg=cfg.distill,
+                                     guidance_cfg=cfg.guidance, runtime=runtime, seed=seed)
+    # Build every network BEFORE resuming: a network's init draws from the global RNG, which _resume restores.
+    teacher_net = frozen_teacher(weights=teacher_weights, arch=teacher_arch, runtime=runtime)
+    _resume(store, key, state, want=want, label=phase, is_main=runtime.is_main)
+    g = cfg.guidance
+    batches = BatchSampler(data, batch_size=g.batch_size, seed=seed, random_flip=cfg.data.random_flip)
+    result = guide_distill(state=state, teacher_net=teacher_net, null_label=teacher_arch.num_classes, guidance_cfg=g,
+                           diffusion_cfg=cfg.diffusion, schedule=schedule, runtime=runtime, sample_batch=batches.batch,
+                           teacher_parameterization=teacher_kind, student_parameterization=student_kind,
+                           on_checkpoint=_state_saver(store, key, want), on_progress=on_progress,
+                           fault_at_step=fault_at_step)
+    manifest = _manifest(cfg, kind="guided_student", spec=None, steps=steps, round_index=0, lineage_=want,
+                         schedule=schedule,
+                         extra={"updates": g.updates, "teacher_steps": steps, "w_min": g.w_min, "w_max": g.w_max,
+                                **_timing(result), **arch.without_dropout().manifest_fields(),
+                                "parameterization": student_kind, "teacher_parameterization": teacher_kind})
+    _check_finite_student(result.weights, manifest, label=phase, round_index=GUIDE_RESTART, device=runtime.device,
+                          w=g.w_max, section="guidance")
+    info = _publish(store, key, weights=result.weights, manifest=manifest, is_main=runtime.is_main)
+    log.info("%s saved to %s (sha256 %s)", phase, info.uri, info.sha256[:12])
+    return dataclasses.replace(info, train_seconds=result.seconds)
+
+
+def _guidance_range(cfg: Config, store: CheckpointStore, teacher: CheckpointInfo) -> tuple[float, float] | None:
+    """(guidance.w_min, guidance.w_max) when the teacher takes w (a round of guided distillation's stage 2); None."""
+    unet = (store.read_manifest(teacher.key) or {}).get("unet")
+    takes_w = isinstance(unet, dict) and bool(unet.get("guidance_embedding"))
+    return (cfg.guidance.w_min, cfg.guidance.w_max) if takes_w else None
+
+
 def run_round(cfg: Config, store: CheckpointStore, *, round_index: int, teacher: CheckpointInfo,
               data: ImageData | None = None, on_progress: ProgressCallback | None = None,
               fault_at_step: int | None = None) -> CheckpointInfo:
-    """Round ``round_index``: distill the teacher (2N steps) into a student (N steps); resumable."""
+    """Round ``round_index``: distill the teacher (2N steps) into a student (N steps); resumable.
+
+    A teacher that takes w (guided distillation's stage-1 student or a stage-2 round's) makes this a
+    round of stage 2: teacher and student see w ~ U[guidance.w_min, guidance.w_max] with the label.
+    """
     teacher_steps = teacher.steps
     student_steps = teacher_steps // 2
     key = round_key(cfg.pipeline.name, round_index=round_index, student_steps=student_steps)
     phase = round_phase(round_index=round_index, teacher_steps=teacher_steps, student_steps=student_steps)
     # ``auto`` resolves through the teacher's parameterization: the lineage records what it resolved to.
-    teacher_kind = (store.read_manifest(teacher.key) or {}).get("parameterization", cfg.diffusion.parameterization)
-    student_kind = student_parameterization(requested=cfg.distill.student_parameterization, teacher=teacher_kind)
+    teacher_kind, student_kind = _parameterizations(cfg, store, teacher)
+    guidance_range = _guidance_range(cfg, store, teacher)
     want = lineage.round_lineage(cfg, round_index=round_index, teacher_steps=teacher_steps,
-                                 parent_sha256=teacher.sha256, student_parameterization=student_kind)
+                                 parent_sha256=teacher.sha256, student_parameterization=student_kind,
+                                 guidance_range=guidance_range)
     found = _reusable(store, cfg, key, want=want, label=phase, steps=student_steps, round_index=round_index)
     if found is not None:
         return found
     data = data if data is not None else load_train_data(cfg)
     runtime = resolve_runtime(cfg.runtime)
-    teacher_weights, teacher_manifest = store.load_checkpoint(teacher.key)
-    if teacher_manifest["sha256"] != teacher.sha256:
-        raise StoreError(f"{teacher.uri} changed since it was produced (sha256 {teacher_manifest['sha256'][:12]} != "
-                         f"{teacher.sha256[:12]}); rerun the pipeline")
-    arch = _architecture(teacher_manifest, source=teacher.uri)  # the student keeps its teacher's architecture
-    check_weights_fit(teacher_weights, arch, source=teacher.uri)
+    teacher_weights, teacher_manifest, arch = _load_parent(store, teacher)
     _check_data_fits(data, arch, source=teacher.uri)
     schedule = manifest_schedule(teacher_manifest)  # a round keeps its teacher's schedule
     seed = cfg.pipeline.seed + 1000 * round_index  # each round sees its own noise and batches
@@ -445,17 +394,20 @@ def run_round(cfg: Config, store: CheckpointStore, *, round_index: int, teacher:
                            student_parameterization=student_kind,
                            sample_batch=sampler_for(cfg, data, seed=seed).batch,
                            on_checkpoint=_state_saver(store, key, want), on_progress=on_progress,
-                           fault_at_step=fault_at_step)
+                           fault_at_step=fault_at_step, guidance_range=guidance_range)
     manifest = _manifest(cfg, kind="student", spec=None, steps=student_steps,
                          round_index=round_index, lineage_=want, schedule=schedule,
                          extra={"updates": updates, "teacher_steps": teacher_steps, **_timing(result),
                                 **arch.without_dropout().manifest_fields(),
-                                "parameterization": student_kind, "teacher_parameterization": teacher_kind})
-    _check_finite_student(result.weights, manifest, label=phase, round_index=round_index, device=runtime.device)
+                                "parameterization": student_kind, "teacher_parameterization": teacher_kind,
+                                **({"w_min": guidance_range[0], "w_max": guidance_range[1]} if guidance_range else {})})
+    _check_finite_student(result.weights, manifest, label=phase, round_index=round_index, device=runtime.device,
+                          w=guidance_range[1] if guidance_range else 0.0)
     info = _publish(store, key, weights=result.weights, manifest=manifest, is_main=runtime.is_main)
     log.info("%s saved to %s (sha256 %s)", phase, info.uri, info.sha256[:12])
     return dataclasses.replace(info, train_seconds=result.seconds)
 
 
-__all__ = ["CheckpointInfo", "PipelineMismatchError", "ensure_teacher", "import_diffusers_teacher", "import_teacher",
-           "open_store", "round_key", "run_round", "state_key", "teacher_key"]
+__all__ = ["CheckpointInfo", "PipelineMismatchError", "ensure_teacher", "guided_key", "import_diffusers_teacher",
+           "import_teacher", "open_store", "pipeline_prefix", "round_key", "round_phase", "run_guide_distill",
+           "run_round", "state_key", "teacher_key"]

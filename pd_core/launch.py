@@ -73,7 +73,8 @@ def child_env(environ: Mapping[str, str]) -> dict[str, str]:
 def launch_job(cfg: Config, *, job: str, nproc: int | None = None, round_index: int | None = None,
                teacher: CheckpointInfo | None = None, on_progress: Callable[[ProgressEvent], None] | None = None,
                fault_at_step: int | None = None, log_line: Callable[[str], None] | None = None) -> CheckpointInfo:
-    """Run ``jobs.ensure_teacher`` (job="teacher") or ``jobs.run_round`` (job="round") in ``nproc`` processes.
+    """Run ``jobs.ensure_teacher`` (job="teacher"), ``jobs.run_guide_distill`` (job="guide", ``teacher`` the
+    teacher's info) or ``jobs.run_round`` (job="round") in ``nproc`` processes.
 
     Blocks until torchrun exits; relays the children's log lines to ``log_line`` (default: this
     module's logger) and their progress events to ``on_progress``; returns the job's
@@ -81,10 +82,12 @@ def launch_job(cfg: Config, *, job: str, nproc: int | None = None, round_index: 
     torchrun runs in its own process group: if the caller is interrupted (e.g. the Prefect task is
     cancelled), torchrun gets SIGTERM and stops its ranks; SIGKILL follows after a grace period.
     """
-    if job not in ("teacher", "round"):
-        raise ValueError(f"job must be 'teacher' or 'round'; got {job!r}")
+    if job not in ("teacher", "guide", "round"):
+        raise ValueError(f"job must be 'teacher', 'guide' or 'round'; got {job!r}")
     if job == "round" and (round_index is None or teacher is None):
         raise ValueError("job='round' needs round_index and teacher (the teacher's CheckpointInfo)")
+    if job == "guide" and teacher is None:
+        raise ValueError("job='guide' needs teacher (the teacher's CheckpointInfo)")
     nproc = int(nproc if nproc is not None else cfg.runtime.nproc)
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1; got {nproc}")
@@ -97,9 +100,11 @@ def launch_job(cfg: Config, *, job: str, nproc: int | None = None, round_index: 
         (tmpdir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
         os.chmod(tmpdir / "config.json", 0o600)
         args = ["--config", str(tmpdir / "config.json"), "--job", job, "--out", str(tmpdir / "result.json")]
-        if job == "round":
+        if job in ("guide", "round"):
             (tmpdir / "teacher.json").write_text(json.dumps(dataclasses.asdict(teacher)))
-            args += ["--round-index", str(round_index), "--teacher", str(tmpdir / "teacher.json")]
+            args += ["--teacher", str(tmpdir / "teacher.json")]
+        if job == "round":
+            args += ["--round-index", str(round_index)]
         if fault_at_step is not None:
             args += ["--fault-at-step", str(fault_at_step)]
         cmd = torchrun_command(nproc=nproc, module="pd_core.distributed_job", args=args)

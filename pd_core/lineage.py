@@ -5,10 +5,16 @@ from, the source checkpoint of an imported teacher, None for a teacher trained h
 ``settings_hash``, the sha256 of the canonical JSON of the settings that decide its weights, and
 only those (kept next to it as ``settings``):
 
-    teacher   model, diffusion, data, teacher (without log_every, checkpoint_every), pipeline.seed
+    teacher   model, diffusion, data, teacher (without log_every, checkpoint_every; label_dropout only
+              when it is not 0), pipeline.seed
+    stage 1   guided distillation's w-conditioned student (``guided_lineage``): diffusion, data, guidance
+              (w_min, w_max, updates, batch_size, lr, grad_clip), distill.dropout, the student's resolved
+              parameterization, pipeline.seed and the teacher's step count; its parent is the teacher
     round r   diffusion, data, the round's distill settings (batch_size, lr, grad_clip, dropout, the
               round's update count and the student's resolved parameterization), pipeline.seed, r and
-              the round's step counts
+              the round's step counts; for a round of a w-conditioned teacher (stage 2) also the guidance
+              range w_min, w_max the round draws w from. Round 1's parent is the stage-1 student when
+              guided distillation is on, else the teacher
 
 Evaluation, storage, tracking and runtime settings, log and checkpoint cadences, ``teacher.seed``
 and ``distill.seed`` (the pipeline seed is what seeds the training) change no weights and are left
@@ -30,6 +36,8 @@ from pd_core.config import Config
 CADENCE_FIELDS = ("log_every", "checkpoint_every")
 # Distill fields that decide a round's student (the round's update count comes from updates_for).
 ROUND_DISTILL_FIELDS = ("batch_size", "lr", "grad_clip", "dropout")
+# Guidance fields that decide the stage-1 student (``enabled`` is implied by there being one).
+GUIDED_FIELDS = ("w_min", "w_max", "updates", "batch_size", "lr", "grad_clip")
 SHORT = 12  # hex digits of a hash or sha256 in messages
 
 
@@ -64,18 +72,40 @@ def teacher_lineage(cfg: Config, *, source_sha256: str | None = None) -> Lineage
     """The teacher's lineage; ``source_sha256`` is the imported checkpoint's (its parent) or None when trained here."""
     dump = cfg.model_dump(mode="json")
     teacher = {k: v for k, v in dump["teacher"].items() if k not in CADENCE_FIELDS and k != "seed"}
+    if not cfg.teacher.label_dropout:  # off: hashed as if the field did not exist (earlier teachers keep theirs)
+        teacher.pop("label_dropout", None)
     settings = {"kind": "teacher", "model": dump["model"], "diffusion": dump["diffusion"], "data": dump["data"],
                 "teacher": teacher, "pipeline_seed": cfg.pipeline.seed,
                 "imported_from_sha256": source_sha256}
     return _lineage(settings, source_sha256)
 
 
+def guided_lineage(cfg: Config, *, teacher_steps: int, parent_sha256: str,
+                   student_parameterization: str | None = None) -> Lineage:
+    """Guided distillation's stage-1 lineage: the w-conditioned student of the ``teacher_steps``-step teacher.
+
+    Its weights are decided by the guidance section (the w range it learns, its updates and optimizer),
+    the student's dropout (distill.dropout) and resolved parameterization (default: the diffusion's),
+    the diffusion, the data and the pipeline seed; its parent is the teacher's sha256.
+    """
+    dump = cfg.model_dump(mode="json")
+    guidance = {k: dump["guidance"][k] for k in GUIDED_FIELDS}
+    settings = {"kind": "guided_student", "teacher_steps": teacher_steps, "diffusion": dump["diffusion"],
+                "data": dump["data"], "guidance": guidance, "distill": {"dropout": dump["distill"]["dropout"]},
+                "student_parameterization": student_parameterization or cfg.diffusion.parameterization,
+                "pipeline_seed": cfg.pipeline.seed}
+    return _lineage(settings, parent_sha256)
+
+
 def round_lineage(cfg: Config, *, round_index: int, teacher_steps: int, parent_sha256: str,
-                  student_parameterization: str | None = None) -> Lineage:
+                  student_parameterization: str | None = None,
+                  guidance_range: tuple[float, float] | None = None) -> Lineage:
     """Round ``round_index``'s lineage: distilling the ``teacher_steps``-step parent into a student of half that.
 
     ``student_parameterization`` is what ``distill.student_parameterization`` resolved to for this teacher
     (``auto`` depends on the teacher, so the setting alone does not decide it); default: the diffusion's.
+    ``guidance_range`` (w_min, w_max): the weights a round of a w-conditioned teacher draws (stage 2);
+    None (no such field in the settings) for other rounds.
     """
     dump = cfg.model_dump(mode="json")
     student_steps = teacher_steps // 2
@@ -85,6 +115,8 @@ def round_lineage(cfg: Config, *, round_index: int, teacher_steps: int, parent_s
     settings = {"kind": "student", "round": round_index, "teacher_steps": teacher_steps,
                 "student_steps": student_steps, "diffusion": dump["diffusion"], "data": dump["data"],
                 "distill": distill, "pipeline_seed": cfg.pipeline.seed}
+    if guidance_range is not None:
+        settings["guidance"] = {"w_min": guidance_range[0], "w_max": guidance_range[1]}
     return _lineage(settings, parent_sha256)
 
 
@@ -152,5 +184,5 @@ def mismatch_message(*, label: str, uri: str, what: str, restart_from: int) -> s
             f"retrain it and every later round (their checkpoints are replaced), or with --name NEW for a new pipeline")
 
 
-__all__ = ["Lineage", "PipelineMismatchError", "difference", "mismatch_message", "round_lineage",
+__all__ = ["Lineage", "PipelineMismatchError", "difference", "guided_lineage", "mismatch_message", "round_lineage",
            "settings_difference", "settings_hash", "teacher_lineage"]

@@ -105,6 +105,46 @@ def ancestral(denoiser: DenoiserFn, z: Tensor, *, num_steps: int, gamma: float =
     return z
 
 
+def forward_step(*, z_u: Tensor, logsnr_u: Tensor, logsnr_s: Tensor, noise: Tensor) -> Tensor:
+    """A draw of the forward process q(z_s | z_u) from a less noisy u to a noisier s (lambda_s < lambda_u):
+
+    z_s = (alpha_s / alpha_u) z_u + sqrt(sigma_s^2 - (alpha_s / alpha_u)^2 sigma_u^2) noise,
+    the variance computed as sigma_s^2 (1 - e^{lambda_s - lambda_u}) (the same number, without cancellation).
+    """
+    alpha_u, _ = alpha_sigma(logsnr_u)
+    alpha_s, _ = alpha_sigma(logsnr_s)
+    var = torch.sigmoid(-logsnr_s) * -torch.expm1(logsnr_s - logsnr_u)  # (B,)
+    return broadcast_to(alpha_s / alpha_u, z_u) * z_u + broadcast_to(var.sqrt(), z_u) * noise
+
+
+@torch.no_grad()
+def stochastic_two_step(denoiser: DenoiserFn, z: Tensor, *, num_steps: int, clip: bool = True,
+                        generator: torch.Generator | None = None, callback: Callback | None = None,
+                        schedule: Schedule = COSINE) -> Tensor:
+    """The N-step stochastic sampler of Meng et al. (2023) for distilled models.
+
+    From t = (i + 1) / N, i = N - 1 .. 1: one deterministic DDIM step of twice the length,
+    t -> u = t - 2/N (z_u = alpha_u x_hat + sigma_u eps_hat), then one stochastic step back to
+    s = t - 1/N by the forward process (:func:`forward_step`). The last step (from t = 1/N) is
+    deterministic and returns x_hat. N network calls.
+    """
+    _validate(z, num_steps)
+    lams = _logsnr_table(num_steps=num_steps, batch=z.shape[0], like=z, schedule=schedule)
+    for i in reversed(range(num_steps)):
+        x_hat, eps_hat = _denoise(denoiser, z, lams[i + 1], clip=clip)
+        if i == 0:
+            z = x_hat
+        else:
+            lam_u, lam_s = lams[i - 1], lams[i]
+            alpha_u, sigma_u = (broadcast_to(v, z) for v in alpha_sigma(lam_u))
+            z_u = alpha_u * x_hat + sigma_u * eps_hat
+            noise = torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=generator)
+            z = forward_step(z_u=z_u, logsnr_u=lam_u, logsnr_s=lam_s, noise=noise)
+        if callback is not None:
+            callback(num_steps - i, num_steps)
+    return z
+
+
 @torch.no_grad()
 def heun(denoiser: DenoiserFn, z: Tensor, *, num_steps: int, clip: bool = True, callback: Callback | None = None,
          schedule: Schedule = COSINE) -> Tensor:

@@ -4,6 +4,13 @@ Conditioned on phi(lambda) = arctan(exp(-lambda/2)) / (pi/2) through a sinusoida
 (scaled by 1000) -> Dense -> SiLU -> Dense. Res blocks apply GroupNorm with scale/shift from the
 embedding; BigGAN-style res blocks do the up/down sampling; the last conv of every residual
 branch, of every attention block and of the output is zero-initialised.
+
+Optional conditioning, added to the time embedding emb:
+- a class embedding (``num_classes`` > 0): emb += E[y]; with ``null_class`` the table has one more
+  row, the label ``num_classes``, which stands for "no class" (classifier-free guidance);
+- a guidance-weight embedding (``guidance_embedding``, Meng et al. 2023): emb += Dense(SiLU(Dense(
+  sinusoidal features of w))), the last Dense zero-initialised, so a net that gains it starts as
+  the net it was copied from.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ class UNetSpec:
     dropout: float = 0.2  # dropout inside res blocks (teacher); students use 0
     resblock_resample: bool = True  # BigGAN-style up/down res blocks (else strided/nearest convs)
     num_classes: int = 0  # >0 adds a class embedding (class-conditional model)
+    null_class: bool = False  # one more class-embedding row, label num_classes = "no class" (guidance)
+    guidance_embedding: bool = False  # the net also takes the guidance weight w (guided distillation)
     norm_groups: int = 32  # GroupNorm groups (reduced to a divisor of the channels for tiny nets)
 
     def __post_init__(self) -> None:
@@ -53,13 +62,16 @@ class UNetSpec:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
+        if self.null_class and self.num_classes < 1:
+            raise ValueError("null_class needs a class-conditional net (num_classes >= 1)")
 
 
 def unet_spec(cfg: Config, *, in_channels: int, num_classes: int = 0, dropout: float | None = None) -> UNetSpec:
     """The UNetSpec of ``cfg`` for data with ``in_channels`` channels and ``num_classes`` classes.
 
     Output channels follow the parameterization (2C for ``both``); ``dropout`` defaults to the
-    teacher's (model.dropout); a class embedding only when model.class_conditional.
+    teacher's (model.dropout); a class embedding, with its null class, only when
+    model.class_conditional. A teacher never has the guidance embedding (stage 1 adds it).
     """
     m = cfg.model
     return UNetSpec(
@@ -76,6 +88,7 @@ def unet_spec(cfg: Config, *, in_channels: int, num_classes: int = 0, dropout: f
         dropout=m.dropout if dropout is None else dropout,
         resblock_resample=m.resblock_resample,
         num_classes=num_classes if m.class_conditional else 0,
+        null_class=m.class_conditional and num_classes > 0,
         norm_groups=m.norm_groups,
     )
 
@@ -99,6 +112,18 @@ def timestep_embedding(phi: Tensor, dim: int, *, max_time: float = 1.0) -> Tenso
     args = phi[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # (B, 2 half)
     return F.pad(emb, (0, dim % 2))  # (B, dim)
+
+
+GUIDANCE_TIME_SCALE = 10.0  # w enters the sinusoidal features as w * 1000 / 10 = 100 w
+
+
+def guidance_features(w: Tensor, dim: int) -> Tensor:
+    """Sinusoidal features of the guidance weight: [sin(100 w f_k), cos(100 w f_k)], f_k = 10000^(-k/(d/2-1)).
+
+    The time embedding's features at phi = w / 10: angular frequencies from 100 down to 0.01 per
+    unit of w, so weights in the usual range [0, 8] are told apart at every scale.
+    """
+    return timestep_embedding(w, dim, max_time=GUIDANCE_TIME_SCALE)
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -175,7 +200,10 @@ class UNet(nn.Module):
         block = dict(emb_ch=s.emb_ch, dropout=s.dropout, groups=g)
         attn = dict(num_heads=s.num_heads, head_dim=s.head_dim, groups=g)
         self.time_mlp = nn.Sequential(nn.Linear(s.ch, s.emb_ch), nn.SiLU(), nn.Linear(s.emb_ch, s.emb_ch))
-        self.class_emb = nn.Embedding(s.num_classes, s.emb_ch) if s.num_classes > 0 else None
+        rows = s.num_classes + int(s.null_class)
+        self.class_emb = nn.Embedding(rows, s.emb_ch) if s.num_classes > 0 else None
+        self.guide_mlp = nn.Sequential(nn.Linear(s.ch, s.emb_ch), nn.SiLU(), _zero(nn.Linear(s.emb_ch, s.emb_ch))) \
+            if s.guidance_embedding else None
         self.conv_in = nn.Conv2d(s.in_channels, s.ch, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -220,7 +248,9 @@ class UNet(nn.Module):
     def _run_block(module: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
         return module(h, emb) if isinstance(module, ResBlock) else module(h)
 
-    def forward(self, z: Tensor, logsnr: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, z: Tensor, logsnr: Tensor, y: Tensor | None = None, w: Tensor | None = None) -> Tensor:
+        """Output for z (B, C, H, H), logsnr (B,), labels y (B,) int64 and guidance weights w (B,) where the
+        spec takes them (y in [0, num_classes], num_classes being the null class when the spec has one)."""
         s = self.spec
         square = z.ndim == 4 and z.shape[2] == z.shape[3]
         if not square or z.shape[1] != s.in_channels or z.shape[2] % 2 ** (len(s.ch_mult) - 1):
@@ -232,6 +262,11 @@ class UNet(nn.Module):
             if y is None:
                 raise ValueError("y (class labels, shape (B,)) is required by a class-conditional U-Net")
             emb = emb + self.class_emb(y)
+        if self.guide_mlp is not None:
+            if w is None:
+                raise ValueError("w (guidance weights, shape (B,)) is required by a U-Net with a guidance embedding")
+            wemb = guidance_features(w, s.ch)  # (B, ch), float32
+            emb = emb + self.guide_mlp(wemb.to(self.guide_mlp[0].weight.dtype)).to(emb.dtype)
         hs = [self.conv_in(z)]
         for module in self.down:
             if isinstance(module, nn.ModuleList):

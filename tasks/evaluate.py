@@ -6,6 +6,9 @@ step counts in one run is logged twice: as a series with step = the number of sa
 charts), and once per step count under its own key, ``<name>_<N>steps`` (MLflow's run overview and
 Compare page show only a series' last value, so only per-step keys show every step count there).
 Each model's display grid (pd_core.evaluation.write_grid) goes to its run's ``samples/`` artifacts.
+A class-conditional model is measured at each of its guidance weights (``evaluation.evaluation_weights``);
+its metric names then end in ``_w<w>`` (``fd_fashion_mnist_w2``, ``sample_accuracy_w2``) and its grids are
+tagged ``sample_grid_w<w>``.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from pd_core.train import resolve_runtime
 from tasks.common import open_store, tracker_for
 from tasks.training import GPU_TASK
 
-METRIC_META = ("sampler", "steps", "gamma", "model_sha256", "model_uri")
+METRIC_META = ("sampler", "steps", "gamma", "w", "model_sha256", "model_uri")
 
 
 def numeric_metrics(record: dict) -> dict[str, float]:
-    """The numbers of a record (what MLflow gets)."""
-    return {k: float(v) for k, v in record.items()
+    """The numbers of a record (what MLflow gets); a record at a guidance weight w names them ``<metric>_w<w>``."""
+    w = record.get("w")
+    suffix = "" if w is None else f"_w{float(w):g}"
+    return {f"{k}{suffix}": float(v) for k, v in record.items()
             if k not in METRIC_META and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
@@ -46,6 +51,10 @@ def grid_artifact_path(grid_uri: str) -> str:
     return f"samples/{grid_uri.rstrip('/').rsplit('/', 1)[-1]}"
 
 
+def _grid_tag(w: float | None) -> str:
+    return "sample_grid" if w is None else f"sample_grid_w{w:g}"
+
+
 @task(name="evaluate-teacher", task_run_name="eval-teacher", **GPU_TASK)
 def evaluate_teacher_task(cfg: Config, *, teacher: CheckpointInfo) -> list[dict]:
     """Teacher DDIM and stochastic (every gamma) at each step count of the chain, plus the real-vs-real floor."""
@@ -60,48 +69,55 @@ def evaluate_teacher_task(cfg: Config, *, teacher: CheckpointInfo) -> list[dict]
     records = [evaluation.floor_record(cfg, store, ctx)]
     tracker = tracker_for(cfg)
     run_id = teacher.mlflow_run_id
-    for steps in evaluation.teacher_step_counts(cfg):
-        ddim = evaluation.evaluate_checkpoint(cfg, store, ctx, key=teacher.key, label="teacher_ddim",
-                                              sampler="ddim", steps=steps, device=device)
-        records.append(ddim)
-        ddim_metrics = {f"ddim_{k}": v for k, v in numeric_metrics(ddim).items()}
-        tracker.log_metrics(run_id, ddim_metrics, step=steps)
-        tracker.log_metrics(run_id, per_step_keys(ddim_metrics, steps=steps))
-        stochastic = [evaluation.evaluate_checkpoint(cfg, store, ctx, key=teacher.key, label="teacher_stochastic",
-                                                     sampler="stochastic", steps=steps, gamma=g, device=device)
-                      for g in cfg.eval.stochastic_gammas]
-        records += stochastic
-        fd = ctx.extractor.fd_name
-        best = min(stochastic, key=lambda r: r[fd], default=None)
-        if best is not None:
-            best_metrics = {f"stochastic_{k}": v for k, v in numeric_metrics(best).items()}
-            tracker.log_metrics(run_id, best_metrics, step=steps)
-            tracker.log_metrics(run_id, per_step_keys(best_metrics, steps=steps))
-    grid = evaluation.write_grid(cfg, store, key=teacher.key, sampler="ddim", steps=cfg.distill.start_steps,
-                                 device=device)
-    tracker.set_tags(run_id, {"sample_grid": grid})
-    _log_grid(tracker, run_id, store, grid_uri=grid)
+    for w in evaluation.evaluation_weights(cfg, store.read_manifest(teacher.key)):
+        for steps in evaluation.teacher_step_counts(cfg):
+            ddim = evaluation.evaluate_checkpoint(cfg, store, ctx, key=teacher.key, label="teacher_ddim",
+                                                  sampler="ddim", steps=steps, device=device, w=w)
+            records.append(ddim)
+            ddim_metrics = {f"ddim_{k}": v for k, v in numeric_metrics(ddim).items()}
+            tracker.log_metrics(run_id, ddim_metrics, step=steps)
+            tracker.log_metrics(run_id, per_step_keys(ddim_metrics, steps=steps))
+            stochastic = [evaluation.evaluate_checkpoint(cfg, store, ctx, key=teacher.key,
+                                                         label="teacher_stochastic", sampler="stochastic",
+                                                         steps=steps, gamma=g, device=device, w=w)
+                          for g in cfg.eval.stochastic_gammas]
+            records += stochastic
+            fd = ctx.extractor.fd_name
+            best = min(stochastic, key=lambda r: r[fd], default=None)
+            if best is not None:
+                best_metrics = {f"stochastic_{k}": v for k, v in numeric_metrics(best).items()}
+                tracker.log_metrics(run_id, best_metrics, step=steps)
+                tracker.log_metrics(run_id, per_step_keys(best_metrics, steps=steps))
+        grid = evaluation.write_grid(cfg, store, key=teacher.key, sampler="ddim", steps=cfg.distill.start_steps,
+                                     device=device, w=w)
+        tracker.set_tags(run_id, {_grid_tag(w): grid})
+        _log_grid(tracker, run_id, store, grid_uri=grid)
     tracker.flush()
     return records
 
 
 @task(name="evaluate-round", **GPU_TASK)
-def evaluate_round_task(cfg: Config, *, student: CheckpointInfo) -> dict | None:
-    """The distilled student with its own N-step DDIM sampler; metrics and sample grid to its MLflow run."""
+def evaluate_round_task(cfg: Config, *, student: CheckpointInfo) -> list[dict]:
+    """The distilled student with its own N-step DDIM sampler, at each of its guidance weights (one record when
+    unconditional); metrics and sample grids to its MLflow run. Records carry their ``sample_grid``."""
     if not cfg.eval.enabled:
-        return None
+        return []
     store, device = open_store(cfg), resolve_runtime(cfg.runtime).device
     ctx = evaluation.feature_context(cfg, store, device=device)
-    record = evaluation.evaluate_checkpoint(cfg, store, ctx, key=student.key, label="distilled", sampler="ddim",
-                                            steps=student.steps, device=device)
-    grid = evaluation.write_grid(cfg, store, key=student.key, sampler="ddim", steps=student.steps, device=device)
     tracker = tracker_for(cfg)
     run_id = student.mlflow_run_id
-    tracker.log_metrics(run_id, numeric_metrics(record))
-    tracker.set_tags(run_id, {"sample_grid": grid})
-    _log_grid(tracker, run_id, store, grid_uri=grid)
+    records = []
+    for w in evaluation.evaluation_weights(cfg, store.read_manifest(student.key)):
+        record = evaluation.evaluate_checkpoint(cfg, store, ctx, key=student.key, label="distilled", sampler="ddim",
+                                                steps=student.steps, device=device, w=w)
+        grid = evaluation.write_grid(cfg, store, key=student.key, sampler="ddim", steps=student.steps,
+                                     device=device, w=w)
+        tracker.log_metrics(run_id, numeric_metrics(record))
+        tracker.set_tags(run_id, {_grid_tag(w): grid})
+        _log_grid(tracker, run_id, store, grid_uri=grid)
+        records.append({**record, "sample_grid": grid})
     tracker.flush()
-    return {**record, "sample_grid": grid}
+    return records
 
 
 def _log_grid(tracker, run_id: str | None, store, *, grid_uri: str) -> None:

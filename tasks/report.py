@@ -141,9 +141,19 @@ def _grid_line(label: str, *, grid_uri: str | None, run_id: str | None, tracker)
     return line
 
 
+def _teacher_grid(cfg: Config, store, teacher: CheckpointInfo) -> str | None:
+    """The teacher's display grid (at its first guidance weight when class-conditional), when evaluation wrote it."""
+    manifest = store.read_manifest(teacher.key) if cfg.eval.enabled else None
+    if manifest is None:
+        return None
+    w = evaluation.evaluation_weights(cfg, manifest)[0]
+    key = evaluation.display_grid_key(teacher.key, sampler="ddim", steps=cfg.distill.start_steps, w=w)
+    return store.uri(key) if store.exists(key) else None
+
+
 def _report_markdown(cfg: Config, *, teacher: CheckpointInfo, rounds: list[RoundResult], rows: list[dict],
                      fd_name: str | None, registered: dict[str, str], report_uri: str | None, tracker,
-                     parent_run_id: str | None, teacher_grid: str | None) -> str:
+                     parent_run_id: str | None, teacher_grid: str | None, guided: RoundResult | None = None) -> str:
     name = cfg.pipeline.name
     lines = [f"# Pipeline `{name}`", ""]
     command = tracker.ui_command()
@@ -165,9 +175,16 @@ def _report_markdown(cfg: Config, *, teacher: CheckpointInfo, rounds: list[Round
         label = f"{s.steps} step{'' if s.steps == 1 else 's'}: round {s.round} ({2 * s.steps}->{s.steps})"
         lines += [_grid_line(label, grid_uri=(r.metrics or {}).get("sample_grid"), run_id=s.mlflow_run_id,
                              tracker=tracker), ""]
+    if guided:
+        s = guided.student
+        lines += [_grid_line(f"{s.steps} steps: guided student (stage 1, takes w)",
+                             grid_uri=(guided.metrics or {}).get("sample_grid"), run_id=s.mlflow_run_id,
+                             tracker=tracker), ""]
     lines += [_grid_line(f"teacher, {teacher.steps} steps", grid_uri=teacher_grid, run_id=teacher.mlflow_run_id,
                          tracker=tracker), ""]
     lines += ["## Checkpoints", "", f"- teacher: `{teacher.uri}`"]
+    if guided:
+        lines.append(f"- guided student (stage 1, {guided.student.steps} steps, takes w): `{guided.student.uri}`")
     lines += [f"- {r.student.steps}-step student: `{r.student.uri}`" for r in rounds]
     if registered:
         lines += ["", f"Registered model `{registered['registered_model']}` (aliases `final`, `best-few-step`)."]
@@ -179,12 +196,16 @@ def _report_markdown(cfg: Config, *, teacher: CheckpointInfo, rounds: list[Round
 @task(name="publish-report", task_run_name="report", cache_policy=NONE, retries=2, retry_delay_seconds=5,
       retry_condition_fn=storage_error_only)
 def publish_report_task(cfg: Config, *, teacher: CheckpointInfo, baselines: list[dict], rounds: list[RoundResult],
-                        parent_run_id: str | None = None) -> Report:
-    """Quality-vs-steps table and sample grids to store, Prefect and MLflow; register the few-step samplers."""
+                        parent_run_id: str | None = None, guided: RoundResult | None = None) -> Report:
+    """Quality-vs-steps table and sample grids to store, Prefect and MLflow; register the few-step samplers.
+
+    ``guided``: guided distillation's stage-1 student, whose records join the table as ``distilled`` at
+    the teacher's step count.
+    """
     logger = get_run_logger()
     name = cfg.pipeline.name
     store, tracker = open_store(cfg), tracker_for(cfg)
-    records = list(baselines) + [r.metrics for r in rounds if r.metrics]
+    records = list(baselines) + [rec for r in ([guided] if guided else []) + rounds for rec in r.records]
     table, report_uri, rows = "", None, []
     fd_name = next((k for r in records for k in r if k.startswith("fd_") or k == "fid"), None)
     if records:
@@ -210,11 +231,10 @@ def publish_report_task(cfg: Config, *, teacher: CheckpointInfo, baselines: list
             tracker.save_runs_view(view_id=QUALITY_VIEW, name=QUALITY_VIEW_NAME, search_filter=PIPELINE_RUNS,
                                    metrics=quality_columns(by_steps, fd_name=fd_name))
     registered = _register_students(cfg, store, tracker, rounds, fd_name=fd_name) if rounds else {}
-    teacher_grid_key = evaluation.display_grid_key(teacher.key, sampler="ddim", steps=cfg.distill.start_steps)
-    teacher_grid = store.uri(teacher_grid_key) if cfg.eval.enabled and store.exists(teacher_grid_key) else None
+    teacher_grid = _teacher_grid(cfg, store, teacher)
     markdown = _report_markdown(cfg, teacher=teacher, rounds=rounds, rows=rows, fd_name=fd_name, registered=registered,
                                 report_uri=report_uri, tracker=tracker, parent_run_id=parent_run_id,
-                                teacher_grid=teacher_grid)
+                                teacher_grid=teacher_grid, guided=guided)
     create_markdown_artifact(markdown=markdown, key=artifact_key(f"{name}-report"),
                              description=f"{name}: quality, samples, where everything is")
     tracker.log_text(parent_run_id, markdown, artifact_file="report.md")

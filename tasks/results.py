@@ -9,10 +9,18 @@ from pd_core.jobs import CheckpointInfo
 
 @dataclass(frozen=True)
 class RoundResult:
-    """One round: its student's checkpoint and the student's evaluation record (None when evaluation is off)."""
+    """One round (or guided distillation's stage 1): its student's checkpoint and the student's evaluation record
+    (None when evaluation is off); for a class-conditional student the record at the first of its guidance
+    weights, and the records at the others in ``other_weights``."""
 
     student: CheckpointInfo
     metrics: dict | None  # a flat record (pd_core.metrics.table) plus ``sample_grid``
+    other_weights: list[dict] = field(default_factory=list)
+
+    @property
+    def records(self) -> list[dict]:
+        """Every evaluation record of the student."""
+        return ([self.metrics] if self.metrics else []) + list(self.other_weights)
 
 
 @dataclass(frozen=True)
@@ -34,3 +42,4 @@ class PipelineResult:
     teacher: CheckpointInfo
     rounds: list[CheckpointInfo]
     report: Report
+    guided: CheckpointInfo | None = None  # guided distillation's stage-1 student (guidance.enabled)

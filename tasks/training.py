@@ -1,4 +1,4 @@
-"""Prefect tasks at the compute boundaries: ensure the teacher, distill one round.
+"""Prefect tasks at the compute boundaries: ensure the teacher, guided distillation's stage 1, distill one round.
 
 They take the resolved config and :class:`pd_core.jobs.CheckpointInfo` values (URIs, sha256s),
 never tensors or models, and return the CheckpointInfo with its MLflow run id. The flows tag them (see
@@ -116,6 +116,32 @@ def mlflow_run_name(cfg: Config, run_name: str) -> str:
     return f"{cfg.pipeline.name}/{run_name}"
 
 
+GUIDE_RUN_NAME = "guide-distill"  # the task-run name of stage 1 (its MLflow run: <pipeline>/guide-distill)
+
+
+def guidance_params(cfg: Config) -> dict[str, Any]:
+    """The guidance-weight range stage 1 and the rounds of a guided pipeline train on (MLflow params)."""
+    return {"w_min": cfg.guidance.w_min, "w_max": cfg.guidance.w_max}
+
+
+@task(name="guide-distill", task_run_name=GUIDE_RUN_NAME, **GPU_TASK)
+def guide_distill_task(cfg: Config, *, teacher: CheckpointInfo, parent_run_id: str | None = None) -> CheckpointInfo:
+    """Stage 1 of guided distillation: a student that takes w learns the guided teacher (2 calls -> 1 call)."""
+    steps = teacher.steps
+
+    def work(store: CheckpointStore, reporter: ProgressReporter) -> CheckpointInfo:
+        if cfg.runtime.nproc > 1:  # data-parallel: torchrun runs the job in nproc processes
+            return launch.launch_job(cfg, job="guide", teacher=teacher, on_progress=reporter,
+                                     fault_at_step=_fault_step())
+        return jobs.run_guide_distill(cfg, store, teacher=teacher, on_progress=reporter, fault_at_step=_fault_step())
+
+    params = {**run_params(cfg, round_index=0, teacher_steps=steps, student_steps=steps), **guidance_params(cfg)}
+    return _run_with_tracking(cfg, run_name=GUIDE_RUN_NAME, parent_run_id=parent_run_id, kind="guided_student",
+                              params=params, progress_key=f"{cfg.pipeline.name}-{GUIDE_RUN_NAME}",
+                              description=f"guided distillation, stage 1 (w in [{cfg.guidance.w_min:g}, "
+                                          f"{cfg.guidance.w_max:g}], {steps} steps)", work=work)
+
+
 def round_run_name(*, round_index: int, teacher_steps: int, student_steps: int) -> str:
     """``round-03-64to32``: the task-run name of a round (its MLflow run: :func:`mlflow_run_name`)."""
     return f"round-{round_index:02d}-{teacher_steps}to{student_steps}"
@@ -135,8 +161,10 @@ def distill_round_task(cfg: Config, *, teacher: CheckpointInfo, round_index: int
         return jobs.run_round(cfg, store, round_index=round_index, teacher=teacher, on_progress=reporter,
                               fault_at_step=_fault_step())
 
+    params = run_params(cfg, round_index=round_index, teacher_steps=t_steps, student_steps=s_steps)
+    if cfg.guidance.enabled:
+        params.update(guidance_params(cfg))
     return _run_with_tracking(cfg, run_name=name, parent_run_id=parent_run_id, kind="student",
-                              params=run_params(cfg, round_index=round_index, teacher_steps=t_steps,
-                                                student_steps=s_steps),
+                              params=params,
                               progress_key=f"{cfg.pipeline.name}-{name}",
                               description=f"distilling {t_steps} -> {s_steps} steps", work=work)

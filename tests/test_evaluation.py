@@ -115,3 +115,72 @@ def test_grid_captions_name_pipeline_round_steps_and_sampler():
     assert images.grid_caption(pipeline="p", manifest={"kind": "student", "round": 2}, sampler="ddim", steps=2) == \
         "p | round 2 | 2 steps | DDIM"
     assert images.grid_caption(pipeline="p", manifest={}, sampler="heun", steps=1) == "p | model | 1 step | heun"
+
+
+@pytest.fixture(scope="module")
+def conditional(tmp_path_factory):
+    """smoke-guided cut down to 40 samples: a perturbed class-conditional teacher (null class) and a perturbed
+    w-conditioned student, saved in a store."""
+    import dataclasses
+
+    cfg = load_config(preset="smoke-guided", overrides=["eval.num_samples=40", "eval.kid_subset_size=20",
+                                                        "eval.kid_subsets=2", "eval.classifier_epochs=1"])
+    store = CheckpointStore(str(tmp_path_factory.mktemp("store")))
+    spec = unet_spec(cfg, in_channels=1, num_classes=10, dropout=0.0)
+    torch.manual_seed(1)
+    for kind, key, s in (("teacher", jobs.teacher_key("c"), spec),
+                         ("guided_student", jobs.guided_key("c"), dataclasses.replace(spec, guidance_embedding=True))):
+        tensors = {k: v.detach() + 0.1 * torch.randn_like(v) for k, v in UNet(s).state_dict().items()}
+        manifest = jobs._manifest(cfg, kind=kind, spec=s, steps=8, round_index=0, lineage_=teacher_lineage(cfg),
+                                  schedule=COSINE)
+        store.save_checkpoint(key, tensors=tensors, manifest=manifest)
+    return cfg, store, evaluation.feature_context(cfg, store)
+
+
+def test_a_conditional_model_is_measured_per_guidance_weight_with_its_sample_accuracy(conditional):
+    from pd_core import samplers
+    from pd_core.guidance import GuidedDenoiser, class_balanced_labels
+    from pd_core.metrics import sample_noise
+    from pd_core.models import load_model
+
+    cfg, store, ctx = conditional
+    key = jobs.teacher_key("c")
+    at0, at2 = (evaluation.evaluate_checkpoint(cfg, store, ctx, key=key, label="teacher_ddim", sampler="ddim",
+                                               steps=2, w=w) for w in (0.0, 2.0))
+    assert (at0["w"], at2["w"]) == (0.0, 2.0) and at0["fd_digits"] != at2["fd_digits"]
+    sha = store.read_manifest(key)["sha256"][:16]
+    assert sorted(k.rsplit("/", 1)[1].rsplit("-", 1)[0] for k in store.list(f"evals/{sha}")) == [
+        "ddim-0002-w0", "ddim-0002-w2"]
+    # the accuracy, recomputed here: class i mod 10 for noise i, the guided teacher's 2-step DDIM, the classifier
+    model = load_model(store, key)
+    labels = class_balanced_labels(start=0, count=40, num_classes=10)
+    fn = GuidedDenoiser(model.denoiser, y=labels, w=2.0, null_label=10)
+    x = samplers.ddim(fn, sample_noise(seed=cfg.eval.seed, start=0, count=40, shape=(1, 8, 8)), num_steps=2)
+    predicted = ctx.classifier.predict(torch.floor((x + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8))
+    assert at2["sample_accuracy"] == pytest.approx(float((predicted == labels).double().mean()), abs=1e-12)
+
+
+def test_which_weights_each_checkpoint_is_measured_at(conditional, tiny):
+    cfg, store, _ = conditional
+    teacher, guided = (store.read_manifest(k) for k in (jobs.teacher_key("c"), jobs.guided_key("c")))
+    assert evaluation.evaluation_weights(cfg, teacher) == [0.0, 1.0]
+    assert evaluation.evaluation_weights(cfg, guided) == [0.0, 1.0]
+    student = {**teacher, "kind": "student"}  # a distilled conditional student without the w input: w = 0 only
+    assert evaluation.evaluation_weights(cfg, student) == [0.0]
+    plain_cfg, plain_store, plain_ctx = tiny
+    assert evaluation.evaluation_weights(plain_cfg, plain_store.read_manifest("pipelines/a/teacher")) == [None]
+    with pytest.raises(ValueError, match="not class-conditional"):
+        evaluation.evaluate_checkpoint(plain_cfg, plain_store, plain_ctx, key="pipelines/a/teacher",
+                                       label="teacher_ddim", sampler="ddim", steps=1, w=1.0)
+
+
+def test_a_conditional_grid_has_one_row_per_class(conditional):
+    import io
+
+    from PIL import Image
+
+    cfg, store, _ = conditional
+    uri = evaluation.write_grid(cfg, store, key=jobs.guided_key("c"), sampler="ddim", steps=2, w=1.0)
+    assert uri.endswith("samples-ddim-0002-w1.png")  # the display grid (captioned, upscaled); the raw one next to it
+    png = Image.open(io.BytesIO(store.get_bytes(f"{jobs.guided_key('c')}.eval/grid-ddim-0002-w1.png")))
+    assert png.size == (4 * 10 + 2, 10 * 10 + 2)  # grid_size 4 columns, 10 class rows of 8x8 images, 2-px padding

@@ -91,3 +91,51 @@ def test_unet_student_logged_and_sampled_from_mlflow(tmp_path: Path, db_uri: str
     assert images.shape == (2, 8, 8, 1) and str(images.dtype) == "uint8"
     again = model.predict(pd.DataFrame([{"num_images": 2, "steps": 2, "seed": 3}]))
     assert (images == again).all()
+
+
+def test_guided_student_from_mlflow_takes_the_guidance_weight_and_labels(tmp_path: Path, db_uri: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registered model of a guided-distilled student samples class ``label`` (or per-image ``labels``) at
+    guidance weight ``guidance``: exactly what pd_core's DDIM of the w-conditioned net gives for the same seed."""
+    import mlflow
+
+    from pd_core.denoiser import Denoiser
+    from pd_core.guidance import guided
+    from pd_core.samplers import ddim
+    from pd_core.unet import UNet, UNetSpec, spec_to_dict
+
+    spec = UNetSpec(in_channels=1, out_channels=1, image_size=8, ch=8, emb_ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                    attn_resolutions=(), norm_groups=4, dropout=0.0, num_classes=3, null_class=True,
+                    guidance_embedding=True)
+    torch.manual_seed(0)
+    net = UNet(spec).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape) * 0.1)
+    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
+    manifest = {"kind": "student", "steps": 2, "unet": spec_to_dict(spec), "parameterization": "x",
+                "logsnr_min": -20.0, "logsnr_max": 20.0}
+    tracker = Tracker(tracking_uri=db_uri, experiment="pd-models")
+    run = tracker.start_run(run_name="round-guided")
+    _, version = tracker.log_sampler_model(run, weights_path=str(tmp_path / "w.safetensors"), manifest=manifest,
+                                           registered_model="pd-guided", alias="final")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", db_uri)
+    model = mlflow.pyfunc.load_model(f"models:/pd-guided/{version}")
+
+    def direct(labels: list[int], w: float) -> torch.Tensor:
+        z = torch.randn((len(labels), 1, 8, 8), generator=torch.Generator().manual_seed(5))
+        fn = guided(Denoiser(net, parameterization="x"), arch=spec, y=torch.tensor(labels), w=w)
+        x = ddim(fn, z, num_steps=2)
+        return torch.floor((x + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+    one_class = model.predict({"num_images": 3, "steps": 2, "seed": 5, "label": 1, "guidance": 2.0})
+    assert (torch.from_numpy(one_class) == direct([1, 1, 1], 2.0)).all()
+    framed = model.predict(pd.DataFrame([{"num_images": 3, "steps": 2, "seed": 5, "label": 1, "guidance": 2.0}]))
+    assert (framed == one_class).all()
+    per_image = model.predict({"num_images": 3, "steps": 2, "seed": 5, "guidance": 0.5}, params={"labels": [2, 0, 1]})
+    assert (torch.from_numpy(per_image) == direct([2, 0, 1], 0.5)).all()
+    balanced = model.predict({"num_images": 3, "steps": 2, "seed": 5})  # class i mod K, w = 0
+    assert (torch.from_numpy(balanced) == direct([0, 1, 2], 0.0)).all()
+    assert not (one_class == model.predict({"num_images": 3, "steps": 2, "seed": 5, "label": 1})).all()
+    with pytest.raises(Exception, match=r"labels must lie in \[0, 2\]"):
+        model.predict({"num_images": 1, "steps": 1, "label": 3})

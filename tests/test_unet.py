@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
-from pd_core.unet import UNet, UNetSpec, paper_cifar10_spec
+from pd_core.unet import UNet, UNetSpec, guidance_features, paper_cifar10_spec, timestep_embedding
 
 
 def _tiny(**kw) -> UNetSpec:
@@ -219,3 +220,50 @@ def test_bad_input_shape_raises():
         net(torch.zeros(2, 1, 8, 4), torch.zeros(2))  # not square
     with pytest.raises(ValueError, match=r"\bz\b"):
         net(torch.zeros(2, 1, 8), torch.zeros(2))
+
+
+def test_null_class_is_one_more_embedding_row_and_a_label_like_any_other():
+    spec = _tiny(num_classes=3, null_class=True)
+    torch.manual_seed(0)
+    net = UNet(spec).eval()
+    assert net.class_emb.weight.shape == (4, spec.emb_ch)
+    assert UNet(_tiny(num_classes=3)).class_emb.weight.shape == (3, spec.emb_ch)
+    _perturb(net)
+    z, lam = _inputs(spec, b=2)
+    z, lam = z[:1].expand(2, -1, -1, -1), lam[:1].expand(2)
+    out = net(z, lam, torch.tensor([3, 1]))  # 3 = the null class
+    assert not torch.allclose(out[0], out[1])
+    with pytest.raises(ValueError, match="null_class"):
+        _tiny(null_class=True)
+
+
+def test_guidance_embedding_starts_at_zero_so_the_net_starts_as_its_teacher():
+    """A net that gains the guidance embedding, loaded with its teacher's weights, computes the teacher's output
+    at every w; once trained (perturbed), w changes the output."""
+    teacher_spec = _tiny(num_classes=3, null_class=True)
+    torch.manual_seed(0)
+    teacher = UNet(teacher_spec).eval()
+    _perturb(teacher)
+    student = UNet(dataclasses.replace(teacher_spec, guidance_embedding=True)).eval()
+    fresh = student.state_dict()
+    assert set(fresh) - set(teacher.state_dict()) == {k for k in fresh if k.startswith("guide_mlp.")}
+    student.load_state_dict({**fresh, **teacher.state_dict()})
+    z, lam = _inputs(teacher_spec, b=4)
+    y = torch.tensor([0, 1, 2, 0])
+    want = teacher(z, lam, y)
+    for w in (0.0, 1.0, 7.5):
+        torch.testing.assert_close(student(z, lam, y, torch.full((4,), w)), want, rtol=0, atol=0)
+    _perturb(student, seed=1)
+    a, b = student(z, lam, y, torch.zeros(4)), student(z, lam, y, torch.full((4,), 2.0))
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match=r"\bw\b"):
+        student(z, lam, y)
+
+
+def test_guidance_features_tell_weights_apart_at_every_scale():
+    f = guidance_features(torch.tensor([0.0, 0.01, 1.0, 1.01, 4.0]), 32)
+    assert f.shape == (5, 32)
+    assert (f[0] - f[1]).abs().max() > 0.5  # a 0.01 change moves the highest frequencies (100 rad per unit w)
+    assert (f[2] - f[3]).abs().max() > 0.5
+    assert (f[0] - f[4]).abs().max() > 0.5
+    torch.testing.assert_close(f[0], timestep_embedding(torch.zeros(1), 32)[0])

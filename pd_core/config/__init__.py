@@ -22,11 +22,20 @@ from pd_core.config.errors import ConfigError, validate_config
 from pd_core.config.loading import deep_merge, list_presets, load_config, parse_override, preset_yaml
 from pd_core.config.schema import Config
 from pd_core.config.services import PipelineConfig, RuntimeConfig, StorageConfig, TrackingConfig
-from pd_core.config.training import DataConfig, DiffusionConfig, DistillConfig, EvalConfig, ModelConfig, TeacherConfig
+from pd_core.config.training import (
+    DataConfig,
+    DiffusionConfig,
+    DistillConfig,
+    EvalConfig,
+    GuidanceConfig,
+    ModelConfig,
+    TeacherConfig,
+)
 from pd_core.config.views import config_hash, field_descriptions, flatten, to_yaml
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "DiffusionConfig", "DistillConfig", "EvalConfig", "ModelConfig",
+    "Config", "ConfigError", "DataConfig", "DiffusionConfig", "DistillConfig", "EvalConfig", "GuidanceConfig",
+    "ModelConfig",
     "PipelineConfig", "RuntimeConfig", "StorageConfig", "TeacherConfig", "TrackingConfig",
     "config_hash", "deep_merge", "field_descriptions", "flatten", "list_presets", "load_config",
     "parse_override", "preset_yaml", "to_yaml", "validate_config",

@@ -4,7 +4,9 @@ Cross-section rules: ``data.image_size`` is divisible by 2^(len(model.ch_mult) -
 ``model.attn_resolutions`` are resolutions of the U-Net (image_size / 2^level); at every attended
 level (and the middle block) the channels ``model.ch * mult`` split into whole heads; a
 ``distill.student_parameterization`` that is not ``auto`` goes with ``diffusion.weighting`` (the
-students' loss weighting).
+students' loss weighting). Label dropout, guided distillation and guidance weights > 0 in evaluation
+need a class-conditional model; the last two need a null class that was trained
+(teacher.label_dropout > 0) unless the teacher is imported.
 """
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ from pydantic import Field, model_validator
 
 from pd_core.config.base import _FieldProblem, _Section
 from pd_core.config.services import PipelineConfig, RuntimeConfig, StorageConfig, TrackingConfig
-from pd_core.config.training import DataConfig, DiffusionConfig, DistillConfig, EvalConfig, ModelConfig, TeacherConfig
+from pd_core.config.training import (
+    DataConfig,
+    DiffusionConfig,
+    DistillConfig,
+    EvalConfig,
+    GuidanceConfig,
+    ModelConfig,
+    TeacherConfig,
+)
 from pd_core.kinds import check_combination
 
 
@@ -25,6 +35,7 @@ class Config(_Section):
     data: DataConfig = Field(description="The dataset.")
     teacher: TeacherConfig = Field(description="Teacher training.")
     distill: DistillConfig = Field(description="Distillation rounds.")
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig, description="Guided distillation (stage 1).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Checkpoint store.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
@@ -63,5 +74,20 @@ class Config(_Section):
                 raise _FieldProblem("distill.student_parameterization",
                                     f"must not be '{student}' with diffusion.weighting "
                                     f"'{self.diffusion.weighting}': {exc}") from None
+        self._check_guidance()
         return self
+
+    def _check_guidance(self) -> None:
+        conditional, dropout = self.model.class_conditional, self.teacher.label_dropout
+        if dropout > 0 and not conditional:
+            raise _FieldProblem("teacher.label_dropout", f"needs model.class_conditional=true (labels to drop), "
+                                                         f"got {dropout}")
+        null_trained = dropout > 0 or self.pipeline.teacher_uri is not None
+        if self.guidance.enabled and not (conditional and null_trained):
+            raise _FieldProblem("guidance.enabled", "needs model.class_conditional=true and teacher.label_dropout > 0 "
+                                                    "(the null class of classifier-free guidance), got true")
+        guided = [w for w in self.eval.guidance_weights if w > 0]
+        if guided and not (conditional and null_trained):
+            raise _FieldProblem("eval.guidance_weights", f"needs model.class_conditional=true and "
+                                                         f"teacher.label_dropout > 0 for w > 0, got {guided[0]}")
 

@@ -1,4 +1,5 @@
-"""The sections that say what is trained and how it is measured: model, diffusion, data, teacher, distill, eval.
+"""The sections that say what is trained and how it is measured: model, diffusion, data, teacher, distill,
+guidance, eval.
 
 Each is a frozen :class:`~pd_core.config.base._Section`; field validators raise ``ValueError``
 ("must ..., got ...") and model validators raise ``_FieldProblem`` at the field to blame.
@@ -135,6 +136,9 @@ class TeacherConfig(_Section):
     log_every: int = Field(100, ge=1, description="Updates between progress/metric reports.")
     checkpoint_every: int = Field(1000, ge=1, description="Updates between resumable in-run checkpoints.")
     seed: int = Field(0, ge=0, description="Seed for init, batches, noise and times.")
+    label_dropout: float = Field(0.0, ge=0.0, lt=1.0,
+                                 description="Probability that a training label is replaced by the null class "
+                                             "(classifier-free guidance; needs model.class_conditional).")
 
 
 class DistillConfig(_Section):
@@ -200,6 +204,35 @@ class DistillConfig(_Section):
         return max(1, base // self.fast_factor) if self.fast else base
 
 
+MAX_GUIDANCE_WEIGHT = 100.0
+MAX_EVAL_WEIGHTS = 16
+
+
+class GuidanceConfig(_Section):
+    """Guided distillation, stage 1 (pd_core.guidance): a student that takes w learns the guided teacher.
+
+    When enabled, the pipeline runs ``guide-distill`` after the teacher; the rounds then distil that
+    student (stage 2), with w ~ U[w_min, w_max] and the class label as inputs.
+    """
+
+    enabled: bool = Field(False, description="Distil the guided teacher (needs model.class_conditional and "
+                                             "teacher.label_dropout > 0, or an imported teacher with a null class).")
+    w_min: float = Field(0.0, ge=0.0, le=MAX_GUIDANCE_WEIGHT, description="Smallest guidance weight trained.")
+    w_max: float = Field(4.0, ge=0.0, le=MAX_GUIDANCE_WEIGHT, description="Largest guidance weight trained.")
+    updates: int = Field(1000, ge=1, description="Optimizer updates of stage 1.")
+    batch_size: int = Field(64, ge=1, description="Examples per update.")
+    lr: float = Field(1e-4, gt=0.0, description="Initial learning rate, annealed linearly to 0 over stage 1.")
+    grad_clip: float | None = Field(None, gt=0.0, description="Global grad-norm clip; null = off.")
+    log_every: int = Field(100, ge=1, description="Updates between progress/metric reports.")
+    checkpoint_every: int = Field(1000, ge=1, description="Updates between resumable in-run checkpoints.")
+
+    @model_validator(mode="after")
+    def _check(self) -> GuidanceConfig:
+        if self.w_min > self.w_max:
+            raise _FieldProblem("w_max", f"must be >= guidance.w_min ({self.w_min}), got {self.w_max}")
+        return self
+
+
 class EvalConfig(_Section):
     """Sample quality after each round (FD in classifier or Inception features, KID)."""
 
@@ -225,6 +258,10 @@ class EvalConfig(_Section):
     teacher_extra_steps: list[int] = Field(default_factory=list,
                                            description="Extra teacher DDIM step counts for the quality table.")
     grid_size: int = Field(8, ge=0, description="Sample grid of n x n images per model; 0 = none.")
+    guidance_weights: list[float] = Field(default_factory=lambda: [0.0], min_length=1, max_length=MAX_EVAL_WEIGHTS,
+                                          description="Guidance weights w at which class-conditional models are "
+                                                      "evaluated, on class-balanced labels (w = 0: the conditional "
+                                                      "model; w > 0 needs a null class).")
 
     @field_validator("inception_weights")
     @classmethod
@@ -252,6 +289,16 @@ class EvalConfig(_Section):
         bad = [s for s in value if s < 1]
         if bad:
             raise ValueError(f"must be step counts >= 1, got {bad[0]}")
+        return value
+
+    @field_validator("guidance_weights")
+    @classmethod
+    def _weights(cls, value: list[float]) -> list[float]:
+        bad = [w for w in value if not 0.0 <= w <= MAX_GUIDANCE_WEIGHT]
+        if bad:
+            raise ValueError(f"must be guidance weights in [0, {MAX_GUIDANCE_WEIGHT:g}], got {bad[0]}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"must not repeat a weight, got {value}")
         return value
 
     @model_validator(mode="after")

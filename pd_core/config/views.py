@@ -18,11 +18,13 @@ from pd_core.config.errors import ConfigError
 from pd_core.config.schema import Config
 
 
-def config_hash(cfg: Config, *, sections: Iterable[str] | None = None) -> str:
+def config_hash(cfg: Config, *, sections: Iterable[str] | None = None, omit: Iterable[str] = ()) -> str:
     """sha256 hex of the canonical JSON (sorted keys) of ``cfg``, or of only the named sections.
 
     ``sections`` lets a caller hash what determines a result (e.g. model, diffusion, data, distill)
     without tracking/runtime settings that may differ between an original run and its resume.
+    ``omit`` names dotted fields (``section.field``) left out of the hash, e.g. an optional feature at
+    its off value, so configs that do not use the feature hash as if it did not exist.
     """
     dump = cfg.model_dump(mode="json")
     if sections is not None:
@@ -31,6 +33,11 @@ def config_hash(cfg: Config, *, sections: Iterable[str] | None = None) -> str:
         if unknown:
             raise ConfigError(f"config_hash sections must be among {', '.join(dump)}, got {unknown[0]!r}")
         dump = {n: dump[n] for n in names}
+    for dotted in omit:
+        section, _, name = dotted.partition(".")
+        if section not in dump or name not in dump[section]:
+            raise ConfigError(f"config_hash omit must name fields as section.field, got {dotted!r}")
+        dump[section] = {k: v for k, v in dump[section].items() if k != name}
     canonical = json.dumps(dump, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 

@@ -85,6 +85,14 @@ class ClassifierFeatures:
         return self.manifest.get("sha256")
 
     @torch.no_grad()
+    def predict(self, images: Tensor) -> Tensor:
+        """uint8 images (N, C, H, W) -> the classifier's labels (N,) int64 (what ``sample_accuracy`` scores)."""
+        device = next(self.model.parameters()).device
+        x = from_uint8(images.to(device))
+        with torch.autocast(device_type=device.type, enabled=False):
+            return self.model(x).argmax(1)
+
+    @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
         device = next(self.model.parameters()).device
         x = from_uint8(images.to(device))  # (N, C, H, W) in [-1, 1]

@@ -1,4 +1,5 @@
-"""Evaluate any sampler: fixed-seed noise in batches -> images -> uint8 -> features -> metrics."""
+"""Evaluate any sampler: fixed-seed noise (and, for a conditional model, class-balanced labels) in batches
+-> images -> uint8 -> features -> metrics."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pd_core.guidance import class_balanced_labels
 from pd_core.images import to_uint8
 from pd_core.metrics.features import FeatureExtractor
 from pd_core.metrics.kid import kernel_inception_distance, precision_recall
@@ -17,7 +19,8 @@ from pd_core.metrics.stats import FeatureStats, StreamingStats, frechet_distance
 
 log = logging.getLogger(__name__)
 
-SampleFn = Callable[[Tensor], Tensor]
+SampleFn = Callable[[Tensor], Tensor]  # noise -> images; a conditional model's: (noise, labels) -> images
+LabelFn = Callable[[Tensor], Tensor]  # uint8 images (B, C, H, W) -> predicted class labels (B,)
 Progress = Callable[[int, int], None]
 
 
@@ -50,7 +53,8 @@ def evaluate_sampler(sample_fn: SampleFn, *, num_samples: int, batch_size: int, 
                      feature_extractor: FeatureExtractor, reference_stats: FeatureStats,
                      image_shape: tuple[int, int, int], reference_features: np.ndarray | None = None,
                      progress: Progress | None = None, kid_subsets: int = 100, kid_subset_size: int = 1000,
-                     pr_k: int = 3, log_every_s: float = 30.0) -> dict[str, float]:
+                     pr_k: int = 3, log_every_s: float = 30.0, num_classes: int | None = None,
+                     label_classifier: LabelFn | None = None) -> dict[str, float]:
     """Draw ``num_samples`` images with ``sample_fn(noise) -> images in [-1, 1]`` and score them.
 
     noise: (B, *image_shape) float32 CPU tensors from :func:`sample_noise`, the same for every
@@ -60,21 +64,30 @@ def evaluate_sampler(sample_fn: SampleFn, *, num_samples: int, batch_size: int, 
     ``kid_name``, ``<kid_name>_std``, ``precision``, ``recall`` when ``reference_features`` (N, D)
     is given. seconds_per_image times sampling only (up to uint8 on the CPU, which also waits
     for the GPU), not feature extraction.
+
+    With ``num_classes`` K (a class-conditional model), example i asks for class i mod K (the set is
+    class-balanced whenever K divides N) and ``sample_fn(noise, labels)`` gets those labels (B,);
+    with ``label_classifier`` too, ``sample_accuracy`` is the fraction of samples it classifies as
+    the class they asked for.
     """
     if num_samples < 2 or batch_size < 1:
         raise ValueError(f"need num_samples >= 2 and batch_size >= 1; got {num_samples}, {batch_size}")
     stats, feats = StreamingStats(), []
     sampling_s, done, t0, last_log = 0.0, 0, time.perf_counter(), time.perf_counter()
+    correct = 0
     while done < num_samples:
         count = min(batch_size, num_samples - done)
         noise = sample_noise(seed=seed, start=done, count=count, shape=tuple(image_shape))  # (B, C, H, W)
+        labels = class_balanced_labels(start=done, count=count, num_classes=num_classes) if num_classes else None
         t = time.perf_counter()
         with torch.no_grad():
-            images = sample_fn(noise)
+            images = sample_fn(noise) if labels is None else sample_fn(noise, labels)
         if tuple(images.shape) != (count, *image_shape):
             raise ValueError(f"sample_fn returned shape {tuple(images.shape)}, expected {(count, *image_shape)}")
         u = to_uint8(images).cpu()  # (B, C, H, W) uint8, exactly the PNG's bytes
         sampling_s += time.perf_counter() - t
+        if labels is not None and label_classifier is not None:
+            correct += int((label_classifier(u).cpu() == labels).sum())
         f = feature_extractor(u).float().cpu().numpy()  # (B, D)
         stats.update(f)
         feats.append(f)
@@ -90,6 +103,8 @@ def evaluate_sampler(sample_fn: SampleFn, *, num_samples: int, batch_size: int, 
     fake = stats.finalize()
     out: dict[str, float] = {feature_extractor.fd_name: frechet_distance_stats(fake, reference_stats),
                              "n_samples": num_samples, "seconds_per_image": sampling_s / num_samples}
+    if num_classes and label_classifier is not None:
+        out["sample_accuracy"] = correct / num_samples
     if reference_features is not None:
         all_feats = np.concatenate(feats, axis=0)  # (N, D)
         kid, kid_std = kernel_inception_distance(all_feats, reference_features, subsets=kid_subsets,

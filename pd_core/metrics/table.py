@@ -4,9 +4,12 @@ A record is a flat dict, one per evaluated (sampler, steps[, gamma]):
     {"sampler": "teacher_ddim" | "teacher_stochastic" | "distilled" | "floor" | ...,
      "steps": 8,                 # None for "floor" (real vs real, no sampler)
      "gamma": 0.3,               # optional: the stochastic sampler's variance coefficient
+     "w": 2.0,                   # optional: the guidance weight of a class-conditional model
      "n_samples": 10000, "seconds_per_image": 0.012,
      "fd_fashion_mnist": 3.1, "kid_fashion_mnist": 0.002, ...}   # metrics: every other key
-A sampler evaluated at several gammas for one step count keeps the best one (lowest FD).
+A sampler evaluated at several gammas for one step count keeps the best one (lowest FD). Records
+with a guidance weight are kept apart per w: (sampler, steps, w) is the key, the wide table names
+their columns ``<sampler>_w<w>_...`` and the long table gains a ``w`` column.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from collections.abc import Mapping, Sequence
 import pandas as pd
 
 FLOOR = "floor"
-META_KEYS = ("sampler", "steps", "gamma", "n_samples", "seconds_per_image")
+META_KEYS = ("sampler", "steps", "gamma", "w", "n_samples", "seconds_per_image")
 LONG_COLUMNS = ["sampler", "steps", "metric", "value", "n_samples", "seconds_per_image"]
+GUIDED_LONG_COLUMNS = ["sampler", "steps", "w", "metric", "value", "n_samples", "seconds_per_image"]
 
 
 def _metrics(record: Mapping) -> dict[str, float]:
@@ -48,7 +52,7 @@ def select_best(rows: Sequence[Mapping], *, metric: str | None = None) -> list[M
     for r in rows:
         if "sampler" not in r:
             raise ValueError(f"record without 'sampler': {dict(r)}")
-        key = (r["sampler"], r.get("steps"), r.get("n_samples") if r["sampler"] == FLOOR else None)
+        key = (r["sampler"], r.get("steps"), r.get("w"), r.get("n_samples") if r["sampler"] == FLOOR else None)
         score = _metrics(r).get(metric, math.inf)
         if key not in best or score < _metrics(best[key]).get(metric, math.inf):
             best[key] = r
@@ -61,14 +65,20 @@ def _floor_for(floors: list[Mapping], n_samples: int | None) -> Mapping | None:
     return same_n[0] if same_n else (floors[0] if len(floors) == 1 else None)
 
 
+def _column_sampler(record: Mapping) -> str:
+    """A record's sampler as the wide table names it: ``teacher_ddim``, or ``teacher_ddim_w2`` at w = 2."""
+    w = record.get("w")
+    return record["sampler"] if w is None else f"{record['sampler']}_w{float(w):g}"
+
+
 def quality_table(rows: Sequence[Mapping], *, select_metric: str | None = None) -> pd.DataFrame:
     """Wide table, one row per step count (ascending):
     steps, n_samples, <sampler>_<metric>..., <sampler>_gamma (when tuned), <sampler>_seconds_per_image,
-    floor_<metric>... (the real-vs-real floor at the row's N).
+    floor_<metric>... (the real-vs-real floor at the row's N); a guided sampler is ``<sampler>_w<w>``.
     """
     chosen = select_best(rows, metric=select_metric)
     floors = [r for r in chosen if r["sampler"] == FLOOR]
-    runs = [r for r in chosen if r["sampler"] != FLOOR]
+    runs = [{**r, "sampler": _column_sampler(r)} for r in chosen if r["sampler"] != FLOOR]
     samplers = list(dict.fromkeys(r["sampler"] for r in runs))
     tuned = {r["sampler"] for r in runs if r.get("gamma") is not None}
     metric_names = list(dict.fromkeys(k for r in runs for k in _metrics(r)))
@@ -99,25 +109,31 @@ def quality_table(rows: Sequence[Mapping], *, select_metric: str | None = None) 
 
 
 def quality_long(rows: Sequence[Mapping], *, select_metric: str | None = None) -> pd.DataFrame:
-    """Long format for logging and plotting: columns sampler, steps, metric, value, n_samples, seconds_per_image.
+    """Long format for logging and plotting: columns sampler, steps, metric, value, n_samples, seconds_per_image,
+    and ``w`` after steps when any record has a guidance weight (<NA> for those without).
 
     Best gamma only (see :func:`select_best`); a tuned sampler's gamma appears as metric ``gamma``.
     Floor rows have steps <NA>.
     """
     out = []
-    for r in select_best(rows, metric=select_metric):
-        base = {"sampler": r["sampler"], "steps": r.get("steps"), "n_samples": r.get("n_samples"),
+    chosen = select_best(rows, metric=select_metric)
+    guided = any(r.get("w") is not None for r in chosen)
+    for r in chosen:
+        base = {"sampler": r["sampler"], "steps": r.get("steps"), "w": r.get("w"), "n_samples": r.get("n_samples"),
                 "seconds_per_image": r.get("seconds_per_image")}
         values = _metrics(r) | ({"gamma": float(r["gamma"])} if r.get("gamma") is not None else {})
         out += [{**base, "metric": m, "value": v} for m, v in values.items()]
-    df = pd.DataFrame(out, columns=LONG_COLUMNS)
-    return df.astype({"steps": "Int64", "n_samples": "Int64", "value": "float64", "seconds_per_image": "float64"})
+    df = pd.DataFrame(out, columns=GUIDED_LONG_COLUMNS if guided else LONG_COLUMNS)
+    types = {"steps": "Int64", "n_samples": "Int64", "value": "float64", "seconds_per_image": "float64"}
+    return df.astype({**types, "w": "Float64"} if guided else types)
 
 
 def summary_view(wide: pd.DataFrame) -> pd.DataFrame:
-    """The columns a terminal has room for: steps, each sampler's FD (or FID), the tuned gamma, the floor's FD
-    and the seconds per image of the distilled sampler. The full table stays in the CSV."""
+    """The columns a terminal has room for: steps, each sampler's FD (or FID) and sample accuracy (conditional
+    models), the tuned gamma, the floor's FD and the seconds per image of the distilled sampler. The full table
+    stays in the CSV."""
     keep = [c for c in wide.columns
             if c == "steps" or c.endswith("_gamma") or c == "distilled_seconds_per_image"
+            or c.endswith("_sample_accuracy")
             or ("_fd_" in c or c.startswith("fd_") or c.endswith("_fid")) and not c.endswith("_std")]
     return wide[keep]

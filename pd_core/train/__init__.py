@@ -17,6 +17,9 @@ from pd_core.train.phases import (
                                   distill_loss_fn,
                                   distill_round,
                                   frozen_teacher,
+                                  guidance_loss_fn,
+                                  guide_distill,
+                                  new_guided_student_state,
                                   new_student_state,
                                   new_teacher_state,
                                   teacher_loss_fn,
@@ -37,8 +40,9 @@ from pd_core.train.state import CheckpointHook, TrainState
 __all__ = [
     "BatchFn", "CheckpointHook", "DeviceBatches", "LoopSpec", "LossFn", "NonFiniteLossError", "ProgressCallback",
     "ProgressEvent", "Runtime", "TrainResult", "TrainState", "copy_weights", "data_parallel", "device_batches",
-    "distill_loss_fn", "distill_round", "ema_update", "format_seconds", "frozen_teacher", "linear_anneal_lr",
-    "make_optimizer", "maybe_compile", "new_student_state", "new_teacher_state", "optimizer_state_to_tensors",
-    "prepare_module", "rank_batches", "resolve_device", "resolve_runtime", "run_loop", "teacher_loss_fn",
-    "tensors_to_optimizer_state", "train_step", "train_teacher", "warmup_lr",
+    "distill_loss_fn", "distill_round", "ema_update", "format_seconds", "frozen_teacher", "guidance_loss_fn",
+    "guide_distill", "linear_anneal_lr", "make_optimizer", "maybe_compile", "new_guided_student_state",
+    "new_student_state", "new_teacher_state", "optimizer_state_to_tensors", "prepare_module", "rank_batches",
+    "resolve_device", "resolve_runtime", "run_loop", "teacher_loss_fn", "tensors_to_optimizer_state", "train_step",
+    "train_teacher", "warmup_lr",
 ]

@@ -8,8 +8,11 @@ checkpoint manifest as JSON (``manifest``), so loading the model never unpickles
 nobody else wants.
 
 predict() input (dict or one-row DataFrame): ``num_images`` (default 16), ``steps`` (default: the
-step count the student was distilled for), ``seed`` (default 0), optional ``labels`` (class-conditional
-nets; default: labels drawn from the seed), optional ``clip`` (default True).
+step count the student was distilled for), ``seed`` (default 0); for class-conditional nets ``label``
+(one class for every image) or the param ``labels`` (a list, one per image; default: class i mod K for
+image i) and ``guidance``, the guidance weight w (default 0: the conditional model; a guided-distilled
+student takes w itself, a teacher runs classifier-free guidance with two calls per step); the param
+``clip`` (default True).
 Output: uint8 images, numpy array of shape (num_images, H, W, C), as a PNG would hold them.
 """
 
@@ -38,14 +41,35 @@ def _first_row(model_input: Any) -> dict[str, Any]:
     raise ValueError(f"predict() takes a dict or a one-row DataFrame; got {type(model_input).__name__}")
 
 
+def _missing(value: Any) -> bool:
+    """None/NaN: a field a DataFrame row leaves empty."""
+    return value is None or (isinstance(value, float) and value != value)
+
+
 def _as_int(value: Any, *, name: str, default: int) -> int:
     """An int request field; None/NaN (missing DataFrame cells) mean the default."""
-    if value is None or (isinstance(value, float) and value != value):
+    if _missing(value):
         return default
     out = int(value)
-    if out < 1 and name != "seed":
+    if out < 1 and name not in ("seed", "label"):
         raise ValueError(f"{name} must be >= 1; got {value}")
     return out
+
+
+MAX_IMAGES = 4096  # one request's images: bounded, like every input
+
+
+def _labels(request: dict[str, Any], *, num: int, num_classes: int) -> list[int]:
+    """The class of each image: ``labels`` (one per image; [] = not given), else ``label`` for all, else i mod K."""
+    labels, label = request.get("labels"), request.get("label")
+    if labels is not None and not (isinstance(labels, float) and labels != labels) and len(labels):
+        out = [int(v) for v in labels]
+        if len(out) != num:
+            raise ValueError(f"labels must give one class per image ({num}); got {len(out)}")
+        return out
+    if not _missing(label):
+        return [_as_int(label, name="label", default=0)] * num
+    return [i % num_classes for i in range(num)]
 
 
 class SamplerModel(PythonModel):
@@ -76,22 +100,27 @@ class SamplerModel(PythonModel):
         """Sample ``num_images`` images with ``steps`` DDIM steps from ``seed``; uint8 (N, H, W, C)."""
         import torch
 
+        from pd_core.guidance import guided
         from pd_core.images import to_uint8
         from pd_core.samplers import ddim
 
         request = {**_first_row(model_input), **(params or {})}
         num = _as_int(request.get("num_images"), name="num_images", default=16)
+        if num > MAX_IMAGES:
+            raise ValueError(f"num_images must be <= {MAX_IMAGES}; got {num}")
         steps = _as_int(request.get("steps"), name="steps", default=int(self.manifest["steps"]))
         seed = _as_int(request.get("seed"), name="seed", default=0)
         clip = bool(request.get("clip", True))
+        w = request.get("guidance")
+        w = 0.0 if _missing(w) else float(w)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         z = torch.randn((num, *self.model.image_shape), generator=gen).to(self.device)  # CPU draw: same anywhere
         denoiser = self.model.denoiser
         if self.model.num_classes > 0:
-            labels = request.get("labels")
-            y = (torch.as_tensor(labels, dtype=torch.long) if labels is not None
-                 else torch.randint(0, self.model.num_classes, (num,), generator=gen))
-            denoiser = denoiser.with_labels(y.to(self.device))
+            y = torch.as_tensor(_labels(request, num=num, num_classes=self.model.num_classes), dtype=torch.long)
+            denoiser = guided(denoiser, arch=self.model.architecture, y=y.to(self.device), w=w)
+        elif w != 0.0 or not _missing(request.get("label")):
+            raise ValueError("guidance and labels need a class-conditional model; this one is unconditional")
         x = ddim(denoiser, z, num_steps=steps, clip=clip, schedule=self.model.schedule)
         return to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()  # (B, C, H, W) -> (B, H, W, C)
 

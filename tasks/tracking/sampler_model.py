@@ -55,12 +55,15 @@ def _extra_requirements(manifest: dict) -> list[str]:
 
 
 def _sampler_signature() -> ModelSignature:
-    """predict() input: optional num_images, steps, seed; param clip; output uint8 (N, H, W, C) images."""
+    """predict() input: optional num_images, steps, seed, label (long) and guidance (double); params clip and
+    labels (one class per image); output uint8 (N, H, W, C) images."""
     import numpy as np
 
-    inputs = Schema([ColSpec("long", name, required=False) for name in ("num_images", "steps", "seed")])
+    inputs = Schema([ColSpec("long", name, required=False) for name in ("num_images", "steps", "seed", "label")]
+                    + [ColSpec("double", "guidance", required=False)])
     outputs = Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, -1))])
-    return ModelSignature(inputs=inputs, outputs=outputs, params=ParamSchema([ParamSpec("clip", "boolean", True)]))
+    params = ParamSchema([ParamSpec("clip", "boolean", True), ParamSpec("labels", "long", [], shape=(-1,))])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def _sampler_example(manifest: dict) -> pandas.DataFrame:
