@@ -243,7 +243,8 @@ def show_pipeline(name: str, *, storage: str | None) -> str:
         lines += ["", summary_view(df).to_string(index=False, float_format=lambda v: f"{v:.4g}"),
                   f"(all columns: {store.uri(report)})"]
         if hidden.any():
-            lines.append(f"(distilled metrics hidden for {sorted(invalid_steps)} step(s): those students are not "
+            shown = sorted(int(s) for s in df.loc[hidden, "steps"].unique())  # steps the table has a row for
+            lines.append(f"(distilled metrics hidden for {shown} step(s): those students are not "
                          f"complete)")
     else:
         lines.append("  (no quality table yet: the pipeline has not finished its report)")

@@ -258,7 +258,7 @@ def test_preflight_refuses_a_grid_finer_than_the_timesteps_and_the_wrong_image_s
 def test_a_diffusers_uri_needs_a_folder_and_no_password(tmp_path):
     with pytest.raises(ConfigError, match="must name a folder after 'diffusers:'"):
         load_config(preset="smoke", overrides=["pipeline.teacher_uri='diffusers:'"])
-    with pytest.raises(ConfigError, match="must not contain a password"):
+    with pytest.raises(ConfigError, match="must not contain credentials"):
         load_config(preset="smoke", overrides=["pipeline.teacher_uri=diffusers:s3://me:pw@host/bucket/model"])
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from pd_core import evaluation, samplers
+from pd_core.architecture import PdUNet
 from pd_core.config import RuntimeConfig, load_config
 from pd_core.denoiser import Denoiser
 from pd_core.distill import DistillationLoss
@@ -167,7 +168,7 @@ def test_forty_bf16_training_updates_track_fp32(smoke):
 def test_bf16_evaluation_samples_are_fp32_images_close_to_fp32_sampling(smoke):
     _, net, _ = smoke
     model = LoadedModel(denoiser=Denoiser(copy.deepcopy(net).eval(), parameterization="x"), manifest={}, steps=8,
-                        schedule=COSINE)
+                        schedule=COSINE, architecture=PdUNet(net.spec))
     noise = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(4))
     images = {dtype: evaluation.make_sample_fn(model, sampler="ddim", steps=8, gamma=None, seed=0, device=CPU,
                                                autocast_dtype=dtype)(noise)

@@ -226,4 +226,4 @@ def test_manifests_and_states_record_their_lineage(template: Path, tmp_path: Pat
     assert round1["settings_hash"] == lineage.round_lineage(cfg, round_index=1, teacher_steps=8,
                                                             parent_sha256=teacher["sha256"]).settings_hash
     assert round1["settings"]["distill"] == {"batch_size": 64, "lr": 0.0005, "grad_clip": None, "dropout": 0.0,
-                                             "updates": 20}
+                                             "updates": 20, "student_parameterization": "x"}
