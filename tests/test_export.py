@@ -89,11 +89,14 @@ def test_diffusers_own_ddim_loop_over_the_export_is_pd_sample_when_the_steps_div
     np.testing.assert_allclose(x.numpy(), pd_sample(store, student.key, num=6).numpy(), rtol=0, atol=1e-4)
 
 
-def _run_onnx(path: Path, noise: torch.Tensor, labels: torch.Tensor | None = None) -> np.ndarray:
+def _run_onnx(path: Path, noise: torch.Tensor, labels: torch.Tensor | None = None,
+              guidance: torch.Tensor | None = None) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {"noise": noise.numpy()}
     if labels is not None:
         feeds["labels"] = labels.numpy()
+    if guidance is not None:
+        feeds["guidance"] = guidance.numpy()
     return session.run(["images"], feeds)[0]
 
 
@@ -128,6 +131,33 @@ def test_a_class_conditional_student_exports_to_onnx_with_a_labels_input(tmp_pat
     labels = torch.tensor([0, 1, 2, 3])  # what pd sample draws: classes in order
     want = pd_sample(store, infos[1].key, num=4)
     np.testing.assert_allclose(_run_onnx(path, noise, labels), want.numpy(), rtol=0, atol=1e-4)
+
+
+def test_a_guided_student_exports_to_onnx_with_labels_and_guidance_inputs(tmp_path):
+    """A net with a guidance embedding (guided distillation) takes w per image, as pd sample --guidance gives it."""
+    from flows.sampling import sample_labels
+    from pd_core.lineage import teacher_lineage
+    from pd_core.schedule import COSINE
+    from pd_core.unet import UNet, UNetSpec
+
+    spec = UNetSpec(in_channels=1, out_channels=1, image_size=8, ch=8, emb_ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                    attn_resolutions=(), norm_groups=4, dropout=0.0, num_classes=3, null_class=True,
+                    guidance_embedding=True)
+    torch.manual_seed(0)
+    tensors = {k: v + 0.1 * torch.randn_like(v) for k, v in UNet(spec).state_dict().items()}
+    cfg = load_config(preset="smoke")
+    store = CheckpointStore(str(tmp_path / "store"))
+    manifest = jobs._manifest(cfg, kind="guided_student", spec=spec, steps=2, round_index=0,  # noqa: SLF001
+                              lineage_=teacher_lineage(cfg), schedule=COSINE)
+    store.save_checkpoint("pipelines/g/guided", tensors=tensors, manifest=manifest)
+    loaded = load_model(store, "pipelines/g/guided")
+    path = export_onnx(loaded, out=str(tmp_path / "guided.onnx"))
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = sample_labels(loaded, num=3, label=None, guidance=1.5)
+    want = sample_images(loaded, steps=2, num=3, sampler="ddim", gamma=0.0, seed=0, batch_size=3,
+                         device=torch.device("cpu"), labels=labels, guidance=1.5)
+    got = _run_onnx(path, noise, labels, torch.full((3,), 1.5))
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-4)
 
 
 def test_export_refuses_what_it_cannot_write_with_one_line(chain, own_unet_student, tmp_path):

@@ -6,7 +6,9 @@ diffusers UNet2DModel), reads (x_hat, eps_hat) with the student's parameterizati
 to [-1, 1] and recomputes eps_hat (``parameterization.to_x_eps(clip=True)``), then takes the DDIM
 step z <- alpha_i x_hat + sigma_i eps_hat (``distill.ddim_step``); the last step returns x_hat.
 That is ``samplers.ddim``, so onnxruntime reproduces ``pd sample`` on the same noise. A
-class-conditional network takes a second input ``labels`` (B,) int64. The batch dimension is
+class-conditional network takes a second input ``labels`` (B,) int64, and a guided-distilled student
+(a network with a guidance embedding) a third, ``guidance`` (B,) float32: the guidance weight w of each
+image (its own input; a teacher's two-call classifier-free guidance is not exported). The batch dimension is
 dynamic. Steps, parameterization and the source checkpoint are recorded in the graph's metadata.
 """
 
@@ -40,23 +42,27 @@ class UnrolledDDIM(nn.Module):
         self.kind = model.denoiser.parameterization
         self.steps = steps
         self.conditional = model.num_classes > 0
+        self.takes_w = model.architecture.guidance_embedding
         self.register_buffer("logsnr", grid.logsnr.clone(), persistent=False)  # (N + 1,)
         if isinstance(self.net, DiffusersUNetNet):  # the UNet2DModel's input: fractional timesteps
             self.register_buffer("timestep", grid.timestep.clone(), persistent=False)
 
-    def _network(self, z: Tensor, i: int, per_example: Tensor, labels: Tensor | None) -> Tensor:
+    def _network(self, z: Tensor, i: int, per_example: Tensor, labels: Tensor | None,
+                 guidance: Tensor | None) -> Tensor:
         """The network at grid point i, as a (B,) vector of its time input."""
         if isinstance(self.net, DiffusersUNetNet):
             return self.net.at_timestep(z, self.timestep[i] * per_example, labels)
         lam = self.logsnr[i] * per_example
+        if guidance is not None:
+            return self.net(z, lam, labels, guidance)
         return self.net(z, lam, labels) if labels is not None else self.net(z, lam)
 
-    def forward(self, noise: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, noise: Tensor, labels: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
         z = noise
         per_example = torch.ones_like(noise[:, 0, 0, 0])  # (B,): keeps the batch dimension dynamic
         for i in reversed(range(self.steps)):
             lam_t = self.logsnr[i + 1] * per_example
-            out = self._network(z, i + 1, per_example, labels)
+            out = self._network(z, i + 1, per_example, labels, guidance)
             x_hat, eps_hat = to_x_eps(out, z=z, logsnr=lam_t, kind=self.kind, clip=True)
             z = x_hat if i == 0 else ddim_step(x_hat=x_hat, eps_hat=eps_hat, logsnr_s=self.logsnr[i] * per_example)
         return z
@@ -78,6 +84,10 @@ def export_onnx(model: LoadedModel, *, out: str, steps: int | None = None) -> Pa
         inputs = (noise, torch.zeros(2, dtype=torch.long))
         names.append("labels")
         axes["labels"] = {0: "batch"}
+    if graph.takes_w:
+        inputs = (*inputs, torch.zeros(2))
+        names.append("guidance")
+        axes["guidance"] = {0: "batch"}
     tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -86,7 +96,8 @@ def export_onnx(model: LoadedModel, *, out: str, steps: int | None = None) -> Pa
                               dynamic_axes=axes, opset_version=OPSET, dynamo=False)
         proto = onnx.load(str(tmp))
         meta = {"pd.steps": steps, "pd.parameterization": graph.kind, "pd.sample_shape": list(shape),
-                "pd.num_classes": model.num_classes, "pd.source_sha256": model.manifest.get("sha256"),
+                "pd.num_classes": model.num_classes, "pd.guidance_input": graph.takes_w,
+                "pd.source_sha256": model.manifest.get("sha256"),
                 "pd.output": "images in [-1, 1]; uint8 = round((x + 1) * 127.5)"}
         for key, value in meta.items():
             entry = proto.metadata_props.add()
