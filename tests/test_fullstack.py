@@ -370,7 +370,7 @@ def _check_checkpoints(info: Any, monkeypatch: pytest.MonkeyPatch, *, name: str,
 def _check_mlflow(info: Any, *, name: str) -> None:
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=info.mlflow_url)
+    client = MlflowClient(tracking_uri=info.mlflow_url, registry_uri=info.mlflow_url)
     experiment = client.get_experiment_by_name("progressive-distillation")
     assert experiment is not None
     assert experiment.artifact_location.startswith("mlflow-artifacts:"), experiment.artifact_location  # proxied

@@ -9,7 +9,6 @@ is checked here is the plumbing, not the quality).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -63,8 +62,9 @@ def test_the_flow_imports_distills_evaluates_tracks_and_reports(run):
                                 filter_string=f"tags.`pd.pipeline` = '{NAME}' and tags.`pd.kind` = 'pipeline'",
                                 order_by=["attributes.start_time ASC"])[0]
     children = children_of(client, parent.info.run_id)
-    assert set(children) == {"teacher", "round-01-8to4", "round-02-4to2", "round-03-2to1"}
-    assert "fd_digits" in children["round-03-2to1"].data.metrics
+    assert set(children) == {f"{NAME}/teacher", f"{NAME}/round-01-8to4", f"{NAME}/round-02-4to2",
+                             f"{NAME}/round-03-2to1"}
+    assert "fd_digits" in children[f"{NAME}/round-03-2to1"].data.metrics
     assert client.get_model_version_by_alias(f"pd-{NAME}", "final") is not None
 
 
@@ -78,7 +78,7 @@ def test_a_rerun_trains_nothing(run):
     assert len(parents) == 2
     children = children_of(client, parents[1].info.run_id)
     assert {name: run.data.tags["skipped"] for name, run in children.items()} == {
-        "teacher": "true", "round-01-8to4": "true", "round-02-4to2": "true", "round-03-2to1": "true"}
+        f"{NAME}/{child}": "true" for child in ("teacher", "round-01-8to4", "round-02-4to2", "round-03-2to1")}
     assert not any("train_seconds" in run.data.metrics for run in children.values())
 
 
@@ -97,16 +97,17 @@ def test_the_registered_student_samples_and_exports_from_mlflow(run):
     assert json.loads((out / "pd_sampler.json").read_text())["steps"] == 1
 
 
-def test_the_registered_student_predicts_through_mlflow_pyfunc(run):
+def test_the_registered_student_predicts_through_mlflow_pyfunc(run, monkeypatch):
     _, _, tracking, _, _, _ = run
     import mlflow
 
+    old = mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", tracking)  # not mlflow.set_registry_uri: it leaks into os.environ
     mlflow.set_tracking_uri(tracking)
-    mlflow.set_registry_uri(tracking)
     try:
         images = mlflow.pyfunc.load_model(f"models:/pd-{NAME}@final").predict({"num_images": 3, "seed": 1})
     finally:
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", ""))
+        mlflow.set_tracking_uri(old)
     assert images.shape == (3, 8, 8, 1) and str(images.dtype) == "uint8"
 
 

@@ -141,12 +141,12 @@ def test_killed_run_resumes_in_the_round_it_was_killed_in(moto_server: MotoS3, p
     # MLflow: the rerun's round-2 run says where it resumed, and its loss curve starts after that update.
     client = mlflow_client(tracking_uri)
     children = children_of(client, parent_of(client, rounds[1]["mlflow_run_id"]))
-    run2 = children["round-02-4to2"]
+    run2 = children[f"{KILL_NAME}/round-02-4to2"]
     assert run2.data.metrics["resumed_from"] == killed_at
     steps = [m.step for m in client.get_metric_history(run2.info.run_id, "train_loss")]
     assert steps and min(steps) > killed_at and max(steps) == 40
-    assert children["round-01-8to4"].data.tags["skipped"] == "true"
-    assert not client.get_metric_history(children["round-01-8to4"].info.run_id, "train_loss")
+    assert children[f"{KILL_NAME}/round-01-8to4"].data.tags["skipped"] == "true"
+    assert not client.get_metric_history(children[f"{KILL_NAME}/round-01-8to4"].info.run_id, "train_loss")
 
     # The killed run's records are ended by the rerun that took its lease, not left RUNNING forever: its MLflow
     # parent run and the round it was in are KILLED, its Prefect flow run CRASHED.
@@ -155,7 +155,7 @@ def test_killed_run_resumes_in_the_round_it_was_killed_in(moto_server: MotoS3, p
     killed_parents = client.search_runs([experiment], filter_string=f"tags.`prefect.flow_run_id` = '{killed_flow_run}'")
     assert len(killed_parents) == 1 and killed_parents[0].info.status == "KILLED", killed_parents
     killed_children = children_of(client, killed_parents[0].info.run_id)
-    assert killed_children["round-02-4to2"].info.status == "KILLED"
+    assert killed_children[f"{KILL_NAME}/round-02-4to2"].info.status == "KILLED"
     assert {r.info.status for r in killed_children.values()} <= {"FINISHED", "KILLED"}, killed_children
     from prefect.client.orchestration import get_client
 
