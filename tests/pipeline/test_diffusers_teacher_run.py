@@ -100,14 +100,15 @@ def test_the_registered_student_samples_and_exports_from_mlflow(run):
 def test_the_registered_student_predicts_through_mlflow_pyfunc(run, monkeypatch):
     _, _, tracking, _, _, _ = run
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    old = mlflow.get_tracking_uri()
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", tracking)  # not mlflow.set_registry_uri: it leaks into os.environ
-    mlflow.set_tracking_uri(tracking)
-    try:
-        images = mlflow.pyfunc.load_model(f"models:/pd-{NAME}@final").predict({"num_images": 3, "seed": 1})
-    finally:
-        mlflow.set_tracking_uri(old)
+    # Through the environment only, undone after the test (mlflow.set_*_uri would leave global state behind).
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+    monkeypatch.setattr(registry_utils, "_registry_uri", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", tracking)
+    images = mlflow.pyfunc.load_model(f"models:/pd-{NAME}@final").predict({"num_images": 3, "seed": 1})
     assert images.shape == (3, 8, 8, 1) and str(images.dtype) == "uint8"
 
 
