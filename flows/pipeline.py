@@ -128,7 +128,8 @@ def distillation_pipeline(preset: PresetName = "smoke", overrides: list[str] | N
         preset: The shipped settings to start from (`pd presets` describes each).
         overrides: Config fields to change, each KEY=VALUE, e.g. distill.lr=1e-4 or eval.num_samples=1000.
         name: The pipeline name; its checkpoints live under pipelines/NAME (default: the preset's name).
-        teacher_uri: Import this teacher checkpoint (a store URI) instead of training one.
+        teacher_uri: Import this teacher instead of training one: a checkpoint folder URI, or
+            diffusers:<folder or URL> (a UNet2DModel with its scheduler config).
         storage: Checkpoint store root, a path or s3://bucket/prefix (default: the worker's PD_STORAGE).
         tracking_uri: MLflow tracking URI as the worker reaches it (default: the worker's MLFLOW_TRACKING_URI).
         config_path: A YAML config file merged over the preset (a path on the worker).
