@@ -12,7 +12,7 @@ WEIGHTINGS = ("constant", "snr", "snr_trunc", "snr_plus_one")
 STUDENT_PARAMETERIZATIONS = ("auto", *PARAMETERIZATIONS)
 # What "auto" gives the students of an eps teacher: eps students break down at one or two steps (paper
 # section 4); benchmarks/your_model/RESULTS.md measures eps vs x vs v students of an eps teacher.
-EPS_TEACHER_STUDENT = "x"
+EPS_TEACHER_STUDENT = "v"
 
 
 def check_kind(name: str, value: str, allowed: Iterable[str]) -> None:
