@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from flows.sampling import sample_images
-from pd_core import jobs
+from pd_core import jobs, kinds
 from pd_core.config import load_config
 from pd_core.export.files import ExportError
 from pd_core.export.to_diffusers import export_diffusers
 from pd_core.export.to_onnx import export_onnx
+from pd_core.interop.diffusers_folder import diffusers_prediction_type
 from pd_core.models import load_model
 from pd_core.store import CheckpointStore
 from tests.diffusers_models import diffusers, distilled_chain
@@ -66,8 +67,9 @@ def test_the_readme_loop_over_an_exported_diffusers_folder_reproduces_pd_sample(
     unet = diffusers.UNet2DModel.from_pretrained(str(out / "unet"))  # what users load
     assert isinstance(unet, diffusers.UNet2DModel)
     doc = json.loads((out / "pd_sampler.json").read_text())
-    assert doc["steps"] == student.steps and doc["prediction_type"] == "sample" and len(doc["timesteps"]) == doc[
-        "steps"]
+    want_type = diffusers_prediction_type(kinds.EPS_TEACHER_STUDENT)  # auto's student of the eps teacher
+    assert doc["steps"] == student.steps and doc["prediction_type"] == want_type
+    assert len(doc["timesteps"]) == doc["steps"]
     scope: dict = {}
     code = readme_loop().replace('folder = "student"', f"folder = {str(out)!r}")
     exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own loop, as a user runs it
@@ -111,7 +113,7 @@ def test_onnxruntime_runs_the_exported_sampler_of_a_diffusers_student_like_pd_sa
     import onnx
 
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    assert meta["pd.steps"] == str(student.steps) and meta["pd.parameterization"] == "x"
+    assert meta["pd.steps"] == str(student.steps) and meta["pd.parameterization"] == kinds.EPS_TEACHER_STUDENT
 
 
 def test_onnxruntime_runs_the_exported_sampler_of_our_own_unet_like_pd_sample(own_unet_student, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pd_core import kinds
 from tests.diffusers_models import save_teacher
 from tests.pipeline.helpers import assert_one_line_error, children_of, is_png, mlflow_client, run_pd
 
@@ -52,7 +53,7 @@ def test_the_flow_imports_distills_evaluates_tracks_and_reports(run):
     for key, steps in [("rounds/01-0004", 4), ("rounds/02-0002", 2), ("rounds/03-0001", 1)]:
         student = _manifest(root, key)
         assert student["steps"] == steps and student["diffusers_unet2d"] is not None
-        assert student["parameterization"] == "x"  # auto for an eps teacher
+        assert student["parameterization"] == kinds.EPS_TEACHER_STUDENT  # auto for an eps teacher
         assert is_png(root / "pipelines" / NAME / f"{key}.eval" / f"grid-ddim-{steps:04d}.png")
     assert "1 steps" in first.stdout and "teacher" in first.stdout
     report = (root / "pipelines" / NAME / "report" / "quality.csv").read_text()
