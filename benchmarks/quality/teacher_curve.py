@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pd_core import evaluation, jobs
+from pd_core import evaluation, jobs, lineage
 from pd_core.config import Config, load_config
 from pd_core.data import BatchSampler
 from pd_core.schedule import CosineSchedule
@@ -52,6 +52,20 @@ def bias_corrected_ema(state: TrainState, init: list[torch.Tensor], *, decay: fl
     return sd
 
 
+def _resume(store: CheckpointStore, key: str, state: TrainState, *, want: lineage.Lineage) -> None:
+    """Continue the curve's run: from a state of ``want``'s lineage, or from one that records no lineage (a run
+    started before states carried it; the curve's store holds this one run); a state of another lineage is
+    discarded by :func:`pd_core.jobs._resume`."""
+    meta = store.read_state_meta(jobs.state_key(key))
+    if meta is not None and "lineage" not in meta:
+        saved = store.load_state(jobs.state_key(key))
+        if saved is not None:
+            state.load_tensors(*saved)
+            print(f"resuming {store.uri(key)} from update {state.step} (a state without lineage)", flush=True)
+            return
+    jobs._resume(store, key, state, want=want, label="teacher", is_main=True)  # noqa: SLF001
+
+
 def train(cfg: Config, store: CheckpointStore, milestones: list[int]) -> None:
     """Train to max(milestones), saving a bias-corrected EMA checkpoint at each milestone."""
     data = jobs.load_train_data(cfg)
@@ -60,18 +74,19 @@ def train(cfg: Config, store: CheckpointStore, milestones: list[int]) -> None:
     state = new_teacher_state(spec=spec, teacher_cfg=cfg.teacher, runtime=runtime, seed=cfg.pipeline.seed)
     init = [p.detach().clone() for p in state.model.parameters()]
     key = "curve/teacher"
-    jobs._resume(store, key, state)  # noqa: SLF001
+    want = lineage.teacher_lineage(cfg)
+    _resume(store, key, state, want=want)
     started = time.perf_counter()
     base_seconds = float(json.loads(store.get_bytes("curve/seconds.json"))["seconds"]) \
         if store.exists("curve/seconds.json") else 0.0
-    save_state = jobs._state_saver(store, key)  # noqa: SLF001
+    save_state = jobs._state_saver(store, key, want)  # noqa: SLF001
 
     def snapshot(st: TrainState) -> None:
         seconds = base_seconds + time.perf_counter() - started
         if st.step in milestones and not store.is_complete(snapshot_key(st.step)):
             weights = copy_weights(bias_corrected_ema(st, init, decay=cfg.teacher.ema_decay))
             store.save_checkpoint(snapshot_key(st.step), tensors=weights, manifest=jobs._manifest(  # noqa: SLF001
-                cfg, kind="teacher", spec=spec, steps=cfg.distill.start_steps, round_index=0, parent_sha256=None,
+                cfg, kind="teacher", spec=spec, steps=cfg.distill.start_steps, round_index=0, lineage_=want,
                 schedule=CosineSchedule(logsnr_min=cfg.diffusion.logsnr_min, logsnr_max=cfg.diffusion.logsnr_max),
                 extra={"updates": st.step, "train_seconds": round(seconds, 1)}))
             print(f"snapshot at {st.step} updates ({seconds:.0f} s of training)", flush=True)
