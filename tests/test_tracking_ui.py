@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +30,11 @@ from tasks.tracking.views import (
     view_columns,
     view_tag,
 )
+from tests import test_tracking
 from tests.conftest import free_port
+
+# test_tracking's fixtures, shared: pytest finds fixtures among a module's attributes.
+migrated_db, db_uri = test_tracking.migrated_db, test_tracking.db_uri
 
 
 @pytest.fixture(autouse=True)
@@ -40,21 +43,6 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
                  "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture()
-def db_uri(tmp_path: Path, migrated_db: Path) -> str:
-    target = tmp_path / "mlflow" / "mlflow.db"
-    target.parent.mkdir()
-    shutil.copyfile(migrated_db, target)
-    return f"sqlite:///{target}"
 
 
 def test_a_new_experiment_is_declared_a_model_training_experiment(db_uri: str) -> None:

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.quality.reproduce import pipeline_durations, run_pipelines, with_notes
+from benchmarks.quality.reproduce import pipeline_durations, records_at, run_pipelines, with_notes
 from pd_core import jobs
 from pd_core.config import load_config
-from pd_core.evaluation import classifier_key, floor_key, grid_key, records_prefix, write_grid
+from pd_core.evaluation import classifier_key, floor_key, grid_key, write_grid
 from pd_core.metrics import quality_long
 from pd_core.store import CheckpointStore
 
@@ -66,15 +66,8 @@ def checkpoint_keys(cfg, *, pipeline: str) -> dict[str, str]:
 
 
 def records_of(store: CheckpointStore, cfg, *, pipeline: str) -> list[dict]:
-    """Every evaluation record of a finished pipeline's checkpoints (from the sha256-keyed caches)."""
-    out = []
-    for key in checkpoint_keys(cfg, pipeline=pipeline).values():
-        manifest = store.read_manifest(key)
-        if manifest is None:
-            raise SystemExit(f"error: {store.uri(key)} is not a complete checkpoint; run without --report-only first")
-        out += [json.loads(store.get_bytes(k)) for k in store.list(records_prefix(manifest["sha256"]))
-                if k.endswith(".json")]
-    return out
+    """Every evaluation record of a finished pipeline's checkpoints, stage 1 included (sha256-keyed caches)."""
+    return records_at(store, checkpoint_keys(cfg, pipeline=pipeline).values())
 
 
 def student_keys(cfg, *, pipeline: str) -> dict[int, str]:

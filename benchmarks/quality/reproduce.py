@@ -30,7 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -117,8 +117,13 @@ def classifier_manifest(store: CheckpointStore, cfg) -> dict:
 
 def records_of(store: CheckpointStore, cfg, *, pipeline: str) -> list[dict]:
     """Every evaluation record of a finished pipeline's checkpoints (from the sha256-keyed caches)."""
+    return records_at(store, checkpoint_keys(cfg, pipeline=pipeline).values())
+
+
+def records_at(store: CheckpointStore, keys: Iterable[str]) -> list[dict]:
+    """Every evaluation record of the complete checkpoints at ``keys`` (SystemExit naming one that is not)."""
     out = []
-    for key in checkpoint_keys(cfg, pipeline=pipeline).values():
+    for key in keys:
         manifest = store.read_manifest(key)
         if manifest is None:
             raise SystemExit(f"error: {store.uri(key)} is not a complete checkpoint; run without --report-only first")
