@@ -49,7 +49,7 @@ from pd_core.kinds import student_parameterization
 from pd_core.lineage import PipelineMismatchError
 from pd_core.models import check_weights_fit, manifest_schedule, model_from_tensors, split_uri
 from pd_core.schedule import CosineSchedule, Schedule
-from pd_core.store import CheckpointStore, StoreError
+from pd_core.store import NOT_SAVED, CheckpointStore, StoreError
 from pd_core.train import (
     ProgressCallback,
     ProgressEvent,
@@ -149,6 +149,8 @@ def ensure_teacher(cfg: Config, store: CheckpointStore, *, data: ImageData | Non
     """The pipeline's teacher checkpoint: reused (same lineage), imported (pipeline.teacher_uri), or trained."""
     key = teacher_key(cfg.pipeline.name)
     start = cfg.distill.start_steps
+    if is_diffusers_uri(cfg.pipeline.teacher_uri) and store.problem(key) == NOT_SAVED:
+        return import_teacher(cfg, store, uri=cfg.pipeline.teacher_uri)  # nothing to compare: one read of the folder
     source_sha256, own = _teacher_source(cfg, store)
     want = lineage.teacher_lineage(cfg, source_sha256=source_sha256)
     found = _reusable(store, cfg, key, want=want, label="teacher", steps=start, round_index=0)

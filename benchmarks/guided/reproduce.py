@@ -30,7 +30,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.quality.reproduce import pipeline_durations, records_at, run_pipelines, with_notes
+from benchmarks.quality.reproduce import (
+    pipeline_durations,
+    pipeline_wall_lines,
+    records_at,
+    run_pipelines,
+    with_notes,
+)
 from pd_core import jobs
 from pd_core.config import load_config
 from pd_core.evaluation import classifier_key, floor_key, grid_key, write_grid
@@ -382,9 +388,7 @@ def results_markdown(summary: Mapping, *, table: str, cfg, df: pd.DataFrame) -> 
     lines += [f"| {stage} | {f'{sec:.0f}' if sec is not None else 'imported'} |"
               for stage, sec in summary["train_seconds"].items()]
     lines.append("")
-    for name, d in summary["pipeline_wall_seconds"].items():
-        lines.append(f"- `{name}`: the pipeline run that did the work took {d['longest_run_s']:.0f} s wall "
-                     f"(MLflow run {d['longest_run_id']}); the latest run {d['latest_run_s']:.0f} s.")
+    lines += pipeline_wall_lines(summary["pipeline_wall_seconds"])
     return "\n".join(lines)
 
 

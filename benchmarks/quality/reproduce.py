@@ -115,6 +115,13 @@ def classifier_manifest(store: CheckpointStore, cfg) -> dict:
     return manifest
 
 
+def pipeline_wall_lines(walls: Mapping[str, Mapping]) -> list[str]:
+    """One Markdown bullet per pipeline: the wall time of the run that did the work and of the latest run."""
+    return [f"- `{name}`: the pipeline run that did the work took {d['longest_run_s']:.0f} s wall "
+            f"(MLflow run {d['longest_run_id']}); the latest run {d['latest_run_s']:.0f} s."
+            for name, d in walls.items()]
+
+
 def records_of(store: CheckpointStore, cfg, *, pipeline: str) -> list[dict]:
     """Every evaluation record of a finished pipeline's checkpoints (from the sha256-keyed caches)."""
     return records_at(store, checkpoint_keys(cfg, pipeline=pipeline).values())
@@ -465,9 +472,7 @@ def results_markdown(summary: Mapping, *, table: str, cfg, df: pd.DataFrame) -> 
         lines += [f"| {name} | {stage} | {f'{sec:.0f}' if sec is not None else 'imported'} |"
                   for stage, sec in stages.items()]
     lines += [""]
-    for name, d in summary["pipeline_wall_seconds"].items():
-        lines.append(f"- `{name}`: the pipeline run that did the work took {d['longest_run_s']:.0f} s wall "
-                     f"(MLflow run {d['longest_run_id']}); the latest run {d['latest_run_s']:.0f} s.")
+    lines += pipeline_wall_lines(summary["pipeline_wall_seconds"])
     lines.append("- Sampling seconds of the measurements in the table, summed over step "
                  "counts (the stochastic sampler's other gammas cost as much again each): "
                  + ", ".join(f"{k} {v:.0f}" for k, v in summary["eval_seconds_of_table_measurements"].items()) + ".")
