@@ -19,6 +19,8 @@ OFFLINE_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     # Our own logs say what happens; Prefect's per-task "Finished in state" lines are kept.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "pd_core",
+    # pd_core lines outside a flow run (pd eval, benchmarks) go to the console only, without a warning each.
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
 

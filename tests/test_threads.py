@@ -90,4 +90,7 @@ def test_null_threads_on_a_cpu_follow_the_load_and_a_number_is_a_fixed_count():
     assert isinstance(adaptive.threads, AdaptiveThreads)
     assert 1 <= adaptive.threads.threads <= adaptive.threads.cores
     assert torch.get_num_threads() == adaptive.threads.threads  # measured on this machine, then applied
+    torch.set_num_threads(adaptive.threads.threads + 1)  # a job with a fixed count ran in this process since
+    again = resolve_runtime(RuntimeConfig(device="cpu"))
+    assert again.threads is adaptive.threads and torch.get_num_threads() == adaptive.threads.threads
     torch.set_num_threads(1)

@@ -81,6 +81,11 @@ class AdaptiveThreads:
         except (OSError, ValueError, IndexError):
             return None
 
+    def reapply(self) -> None:
+        """Sets torch's count back to this instance's decision (others may have set it since)."""
+        if torch.get_num_threads() != self.threads:
+            self._set(self.threads)
+
     def update(self, *, force: bool = False) -> int:
         """Re-decide when a window has passed (or ``force``); returns the thread count in effect."""
         if self._mark is None or (not force and self._clock() - self._mark[0] < self.window_s):
@@ -109,4 +114,6 @@ def adaptive_threads() -> AdaptiveThreads:
     """The process's :class:`AdaptiveThreads`, made (and its first decision taken) on first use."""
     if not _PROCESS:
         _PROCESS.append(AdaptiveThreads())
+    else:  # a fixed runtime.threads since (another job in this process) may have changed torch's count
+        _PROCESS[0].reapply()
     return _PROCESS[0]
