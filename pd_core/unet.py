@@ -8,9 +8,11 @@ branch, of every attention block and of the output is zero-initialised.
 Optional conditioning, added to the time embedding emb:
 - a class embedding (``num_classes`` > 0): emb += E[y]; with ``null_class`` the table has one more
   row, the label ``num_classes``, which stands for "no class" (classifier-free guidance);
-- a guidance-weight embedding (``guidance_embedding``, Meng et al. 2023): emb += Dense(SiLU(Dense(
-  sinusoidal features of w))), the last Dense zero-initialised, so a net that gains it starts as
-  the net it was copied from.
+- a guidance-weight embedding (``guidance_embedding``, Meng et al. 2023): [g(w), h(w)] =
+  Dense(SiLU(Dense(sinusoidal features of w))), and emb += h(w) + g(w) * (E[y] - E[null]) where the
+  net has a null class (a per-channel gate on the label's offset from "no class", as the guided
+  prediction extrapolates from the unconditional one). The last Dense is zero-initialised, so a net
+  that gains the embedding starts as the net it was copied from.
 """
 
 from __future__ import annotations
@@ -202,7 +204,7 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(s.ch, s.emb_ch), nn.SiLU(), nn.Linear(s.emb_ch, s.emb_ch))
         rows = s.num_classes + int(s.null_class)
         self.class_emb = nn.Embedding(rows, s.emb_ch) if s.num_classes > 0 else None
-        self.guide_mlp = nn.Sequential(nn.Linear(s.ch, s.emb_ch), nn.SiLU(), _zero(nn.Linear(s.emb_ch, s.emb_ch))) \
+        self.guide_mlp = nn.Sequential(nn.Linear(s.ch, s.emb_ch), nn.SiLU(), _zero(nn.Linear(s.emb_ch, 2 * s.emb_ch))) \
             if s.guidance_embedding else None
         self.conv_in = nn.Conv2d(s.in_channels, s.ch, 3, padding=1)
 
@@ -266,7 +268,10 @@ class UNet(nn.Module):
             if w is None:
                 raise ValueError("w (guidance weights, shape (B,)) is required by a U-Net with a guidance embedding")
             wemb = guidance_features(w, s.ch)  # (B, ch), float32
-            emb = emb + self.guide_mlp(wemb.to(self.guide_mlp[0].weight.dtype)).to(emb.dtype)
+            gate, shift = self.guide_mlp(wemb.to(self.guide_mlp[0].weight.dtype)).to(emb.dtype).chunk(2, dim=1)
+            emb = emb + shift
+            if self.class_emb is not None and s.null_class:
+                emb = emb + gate * (self.class_emb(y) - self.class_emb.weight[s.num_classes])
         hs = [self.conv_in(z)]
         for module in self.down:
             if isinstance(module, nn.ModuleList):

@@ -267,3 +267,26 @@ def test_guidance_features_tell_weights_apart_at_every_scale():
     assert (f[2] - f[3]).abs().max() > 0.5
     assert (f[0] - f[4]).abs().max() > 0.5
     torch.testing.assert_close(f[0], timestep_embedding(torch.zeros(1), 32)[0])
+
+
+def test_the_guidance_gate_extrapolates_the_label_embedding_from_the_null_class_and_leaves_null_alone():
+    """With g(w) = c and h(w) = 0, emb gets E[y] + c (E[y] - E[null]): the teacher with class row y replaced by
+    (1 + c) E[y] - c E[null]; for y = null the gate has nothing to scale."""
+    teacher_spec = _tiny(num_classes=3, null_class=True)
+    torch.manual_seed(0)
+    teacher = UNet(teacher_spec).eval()
+    _perturb(teacher)
+    student = UNet(dataclasses.replace(teacher_spec, guidance_embedding=True)).eval()
+    student.load_state_dict({**student.state_dict(), **teacher.state_dict()})
+    c, emb_ch = 0.7, teacher_spec.emb_ch
+    with torch.no_grad():  # last Dense: weight 0, bias [c ... c | 0 ... 0] -> gate c, shift 0 at every w
+        student.guide_mlp[2].bias.copy_(torch.cat([torch.full((emb_ch,), c), torch.zeros(emb_ch)]))
+        extrapolated = UNet(teacher_spec).eval()
+        extrapolated.load_state_dict(teacher.state_dict())
+        table = extrapolated.class_emb.weight
+        table[:3] = (1 + c) * table[:3] - c * table[3]
+    z, lam = _inputs(teacher_spec, b=4)
+    y, w = torch.tensor([0, 1, 2, 3]), torch.tensor([0.0, 1.0, 2.0, 3.0])
+    got = student(z, lam, y, w)
+    torch.testing.assert_close(got[:3], extrapolated(z[:3], lam[:3], y[:3]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[3:], teacher(z[3:], lam[3:], y[3:]), rtol=1e-5, atol=1e-5)

@@ -222,7 +222,12 @@ class GuidanceConfig(_Section):
     updates: int = Field(1000, ge=1, description="Optimizer updates of stage 1.")
     batch_size: int = Field(64, ge=1, description="Examples per update.")
     lr: float = Field(1e-4, gt=0.0, description="Initial learning rate, annealed linearly to 0 over stage 1.")
-    grad_clip: float | None = Field(None, gt=0.0, description="Global grad-norm clip; null = off.")
+    embedding_lr_scale: float = Field(10.0, gt=0.0, le=1000.0,
+                                      description="Learning-rate multiplier of the new guidance (w) embedding, "
+                                                  "whose last layer starts at zero; the rest starts as the teacher.")
+    grad_clip: float | None = Field(1.0, gt=0.0, description="Global grad-norm clip; null = off. The guided "
+                                     "target's eps-space error is heavy-tailed at high SNR: unclipped, single "
+                                     "batches undo the teacher's weights.")
     log_every: int = Field(100, ge=1, description="Updates between progress/metric reports.")
     checkpoint_every: int = Field(1000, ge=1, description="Updates between resumable in-run checkpoints.")
 

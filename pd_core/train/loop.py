@@ -63,7 +63,7 @@ def train_step(*, state: TrainState, loss_fn: LossFn, x: Tensor, y: Tensor | Non
     """
     opt = state.optimizer
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     with runtime.autocast():
         loss = loss_fn(x, y).mean()
     if poison:

@@ -179,7 +179,8 @@ def new_student_state(*, teacher_weights: dict[str, Tensor], arch: Architecture,
 def new_guided_student_state(*, teacher_weights: dict[str, Tensor], arch: Architecture, distill_cfg: DistillConfig,
                              guidance_cfg: GuidanceConfig, runtime: Runtime, seed: int) -> TrainState:
     """Stage-1 student: the teacher's net plus a guidance embedding whose last layer is zero (so it starts as the
-    teacher's conditional model); dropout per distill config, fresh AdamW, no EMA. ``arch`` is the student's
+    teacher's conditional model); dropout per distill config, fresh AdamW (the embedding's lr times
+    guidance.embedding_lr_scale: from zero it must learn within stage 1's updates), no EMA. ``arch`` is the student's
     (its teacher's architecture with ``guidance_embedding``)."""
     torch.manual_seed(seed)  # the guidance embedding's first layer: the same init on every rank
     model = arch.build(dropout=distill_cfg.dropout)
@@ -191,7 +192,8 @@ def new_guided_student_state(*, teacher_weights: dict[str, Tensor], arch: Archit
     model.load_state_dict({**fresh, **teacher_weights})
     model = prepare_module(model, runtime)
     _seed_rank_rng(seed, runtime)
-    opt = make_optimizer(model, lr=guidance_cfg.lr, weight_decay=0.0, runtime=runtime)
+    opt = make_optimizer(model, lr=guidance_cfg.lr, weight_decay=0.0, runtime=runtime,
+                         lr_scales={"guide_mlp": guidance_cfg.embedding_lr_scale})
     gen = torch.Generator(device=runtime.device).manual_seed(dist.rank_seed(seed, runtime.rank))
     return TrainState(model=model, optimizer=opt, ema=None, step=0, noise_generator=gen)
 

@@ -126,10 +126,21 @@ def resolve_runtime(runtime_cfg: RuntimeConfig) -> Runtime:
                    compile=runtime_cfg.compile, rank=info.rank, world_size=info.world_size, threads=threads)
 
 
-def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, runtime: Runtime) -> torch.optim.Optimizer:
-    """AdamW over ``model``'s parameters (fused into one kernel on CUDA)."""
+def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, runtime: Runtime,
+                   lr_scales: dict[str, float] | None = None) -> torch.optim.Optimizer:
+    """AdamW over ``model``'s parameters (fused into one kernel on CUDA).
+
+    ``lr_scales`` maps a submodule name (e.g. ``"guide_mlp"``) to a learning-rate multiplier: its
+    parameters form a group with ``lr_scale``, which the training loop multiplies into each update's lr.
+    """
     kwargs = {"fused": True} if runtime.is_cuda else {}  # one kernel for all parameters instead of a loop
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **kwargs)
+    scales = lr_scales or {}
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        scale = next((v for k, v in scales.items() if name == k or name.startswith(k + ".")), 1.0)
+        groups.setdefault(scale, []).append(param)
+    param_groups = [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
 def prepare_module(model: nn.Module, runtime: Runtime) -> nn.Module:
