@@ -53,12 +53,15 @@ STUDENT_STEPS = (8, 4, 2, 1)
 WITHIN = 1.2  # target: the 4-step student's FD within 1.2x of the guided teacher's at its start steps
 
 
-def pipeline_command(*, preset: str, work: Path, overrides: Sequence[str] = ()) -> list[str]:
+def pipeline_command(*, preset: str, work: Path, overrides: Sequence[str] = (),
+                     teacher_uri: str | None = None) -> list[str]:
     """The ``pd run`` command line, with the work folder made absolute; ``overrides`` become ``--set`` options
-    (settings outside the training hash only, such as runtime.threads, or the run is another pipeline)."""
+    (settings outside the training hash only, such as runtime.threads, or the run is another pipeline);
+    ``teacher_uri``: import that class-conditional teacher instead of training one."""
     work = work.resolve()
     sets = [arg for o in overrides for arg in ("--set", o)]
-    return ["pd", "run", "--preset", preset, *sets, "--storage", str(work / "store"), "--tracking-uri",
+    imported = ["--teacher-uri", teacher_uri] if teacher_uri else []
+    return ["pd", "run", "--preset", preset, *sets, *imported, "--storage", str(work / "store"), "--tracking-uri",
             f"sqlite:///{work / 'mlflow.db'}"]
 
 
@@ -254,7 +257,7 @@ def update_readme(readme: Path, block: str) -> None:
 
 
 def build_report(*, preset: str, work: Path, out: Path, readme: Path | None, grid_w: float | None = None,
-                 overrides: Sequence[str] = ()) -> dict:
+                 overrides: Sequence[str] = (), teacher_uri: str | None = None) -> dict:
     from benchmarks.speed.common import machine
 
     work = work.resolve()
@@ -292,7 +295,7 @@ def build_report(*, preset: str, work: Path, out: Path, readme: Path | None, gri
 
     train = {name: store.read_manifest(key).get("train_seconds") for name, key in keys.items()}
     durations = pipeline_durations(f"sqlite:///{work / 'mlflow.db'}", pipelines=(preset,))
-    command = shlex.join(pipeline_command(preset=preset, work=work, overrides=overrides))
+    command = shlex.join(pipeline_command(preset=preset, work=work, overrides=overrides, teacher_uri=teacher_uri))
     shown = command.replace(str(REPO), "$PWD").replace("'", '"')
     report_command = shlex.join(["python", "-m", "benchmarks.guided.reproduce", "--preset", preset,
                                  *[arg for o in overrides for arg in ("--set", o)]])
@@ -402,11 +405,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--grid-w", type=float, help="guidance weight of samples.png (default: the evaluated w nearest 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to pd run (e.g. runtime.threads=1 on a crowded machine) and recorded")
+    p.add_argument("--teacher-uri", help="import this class-conditional teacher instead of training one")
     args = p.parse_args(argv)
     if not args.report_only:
-        run_pipelines({"distilled": pipeline_command(preset=args.preset, work=args.work, overrides=args.overrides)},
+        run_pipelines({"distilled": pipeline_command(preset=args.preset, work=args.work, overrides=args.overrides,
+                                                     teacher_uri=args.teacher_uri)},
                       log_dir=args.work.resolve() / "logs")
     summary = build_report(preset=args.preset, work=args.work, out=args.out, overrides=args.overrides,
+                           teacher_uri=args.teacher_uri,
                            readme=None if args.no_readme else REPO / "README.md", grid_w=args.grid_w)
     for c in summary["targets"]:
         print(f"{'met ' if c['met'] else 'MISS'}  w={c['w']:g} {c['target']}: "
