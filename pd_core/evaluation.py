@@ -345,7 +345,8 @@ def write_grid(cfg: Config, store: CheckpointStore, *, key: str, sampler: str, s
     class (row k asks for class k) at guidance weight ``w`` (default 0). Two PNGs of the same samples:
     the samples' own pixels at :func:`grid_key` and, at :func:`display_grid_key`, the grid for people
     (nearest-neighbour upscaled to at least ``images.DISPLAY_MIN_WIDTH`` pixels, captioned with
-    :func:`images.grid_caption`). Written once per checkpoint (and weight).
+    :func:`images.grid_caption`). Written once per checkpoint weights (and w): a ``.sha256`` file next
+    to them names the weights they show, and a checkpoint retrained at the same key gets new grids.
     """
     manifest = store.read_manifest(key)
     if manifest is None:
@@ -354,7 +355,10 @@ def write_grid(cfg: Config, store: CheckpointStore, *, key: str, sampler: str, s
     w = (0.0 if w is None else float(w)) if conditional else None
     raw_key = grid_key(key, sampler=sampler, steps=steps, w=w)
     out_key = display_grid_key(key, sampler=sampler, steps=steps, w=w)
-    if not (store.exists(out_key) and store.exists(raw_key)):
+    made_from = f"{raw_key}.sha256"  # written last: present and equal means both PNGs show these weights
+    current = (store.exists(made_from) and store.get_bytes(made_from).decode().strip() == manifest["sha256"]
+               and store.exists(out_key) and store.exists(raw_key))
+    if not current:
         device = torch.device(device)
         model = load_model(store, key, device=device)
         cols = cfg.eval.grid_size
@@ -372,6 +376,7 @@ def write_grid(cfg: Config, store: CheckpointStore, *, key: str, sampler: str, s
                                       steps=steps, w=w)
         store.put_bytes(raw_key, images.png_bytes(images.make_grid(u, nrow=cols)))
         store.put_bytes(out_key, images.png_bytes(images.display_grid(u, caption=caption, nrow=cols)))
+        store.put_bytes(made_from, manifest["sha256"].encode())
     return store.uri(out_key)
 
 

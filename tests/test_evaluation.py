@@ -104,6 +104,25 @@ def test_grids_hold_the_evaluation_samples_raw_and_readable(tiny):
     assert shown.shape[1] >= images.DISPLAY_MIN_WIDTH
 
 
+def test_a_checkpoint_retrained_at_the_same_key_gets_new_grids_and_unchanged_weights_keep_theirs(tiny):
+    cfg, store, _ = tiny
+    key = "pipelines/regrid/teacher"
+    weights, manifest = store.load_checkpoint("pipelines/a/teacher")
+    fields = {k: v for k, v in manifest.items() if k not in ("format", "sha256", "files", "status", "created_at")}
+    store.save_checkpoint(key, tensors=weights, manifest=fields)
+    raw = evaluation.grid_key(key, sampler="ddim", steps=2)
+    evaluation.write_grid(cfg, store, key=key, sampler="ddim", steps=2)
+    first = store.get_bytes(raw)
+    store.put_bytes(raw, b"not rewritten")  # same weights: the grid is kept, not sampled again
+    evaluation.write_grid(cfg, store, key=key, sampler="ddim", steps=2)
+    assert store.get_bytes(raw) == b"not rewritten"
+    retrained = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in weights.items()}
+    ref = store.save_checkpoint(key, tensors=retrained, manifest=fields)  # e.g. pd run --restart-from
+    evaluation.write_grid(cfg, store, key=key, sampler="ddim", steps=2)
+    assert store.get_bytes(raw) not in (b"not rewritten", first)
+    assert store.get_bytes(f"{raw}.sha256").decode() == ref.sha256
+
+
 def test_grid_captions_name_pipeline_round_steps_and_sampler():
     from pd_core import images
 
