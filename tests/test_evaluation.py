@@ -203,3 +203,26 @@ def test_a_conditional_grid_has_one_row_per_class(conditional):
     assert uri.endswith("samples-ddim-0002-w1.png")  # the display grid (captioned, upscaled); the raw one next to it
     png = Image.open(io.BytesIO(store.get_bytes(f"{jobs.guided_key('c')}.eval/grid-ddim-0002-w1.png")))
     assert png.size == (4 * 10 + 2, 10 * 10 + 2)  # grid_size 4 columns, 10 class rows of 8x8 images, 2-px padding
+
+
+@pytest.mark.slow
+def test_compiled_conditional_sampling_matches_eager_and_compiles_once_for_every_batch_of_labels(conditional):
+    """eval.compile: the guided teacher's denoiser is compiled for the first batch and reused (dynamo's guards
+    pass) for the next batches' labels; the images are the eager ones."""
+    from torch._dynamo.utils import counters
+
+    from pd_core.metrics import sample_noise
+    from pd_core.models import load_model
+
+    cfg, store, _ = conditional
+    model = load_model(store, jobs.teacher_key("c"))
+    noise = sample_noise(seed=cfg.eval.seed, start=0, count=60, shape=(1, 8, 8))
+    kwargs = dict(sampler="ddim", steps=2, gamma=None, seed=0, device=torch.device("cpu"), w=1.5)
+    eager = evaluation.make_sample_fn(model, **kwargs)
+    torch._dynamo.reset()
+    compiled = evaluation.make_sample_fn(model, compile=True, **kwargs)
+    frames = []
+    for batch in noise.split(20):  # three batches, classes 0..9, 0..9 in turn
+        torch.testing.assert_close(compiled(batch), eager(batch), rtol=1e-4, atol=1e-4)
+        frames.append(counters["frames"]["ok"])
+    assert frames[0] >= 1 and frames[1] == frames[0] and frames[2] == frames[0]
