@@ -46,6 +46,15 @@ def test_results_frame_is_the_quality_format_plus_w():
     assert rp.results_frame(preset="p", records=_records(), weights=(1.0,)).w.unique().tolist() == [1.0]
 
 
+def test_the_pipeline_command_passes_overrides_and_an_imported_teacher(tmp_path):
+    cmd = rp.pipeline_command(preset="fmnist-guided-cpu", work=tmp_path, overrides=["runtime.threads=1"])
+    assert cmd[:4] == ["pd", "run", "--preset", "fmnist-guided-cpu"] and "--teacher-uri" not in cmd
+    assert cmd[cmd.index("--set") + 1] == "runtime.threads=1"
+    assert cmd[cmd.index("--storage") + 1] == str(tmp_path.resolve() / "store")
+    imported = rp.pipeline_command(preset="fmnist-guided-cpu", work=tmp_path, teacher_uri="file:///t/teacher")
+    assert imported[imported.index("--teacher-uri") + 1] == "file:///t/teacher"
+
+
 def test_target_verdicts_follow_the_numbers():
     df = rp.results_frame(preset="p", records=_records(), weights=WEIGHTS)
     checks = rp.target_checks(df, metric="fd_fashion_mnist", start_steps=16, weights=WEIGHTS)
