@@ -137,6 +137,15 @@ def test_pipeline_commands_share_store_tracking_and_teacher(tmp_path):
     assert "distill.fast=true" in fast and fast[fast.index("--name") + 1] == "fmnist-cpu-fast"
     for flag in ("--storage", "--tracking-uri"):
         assert main[main.index(flag) + 1] == fast[fast.index(flag) + 1]
+    assert "--teacher-uri" not in main
+    imported = rp.pipeline_commands(preset="fmnist-cpu", work=tmp_path, teacher_uri="file:///t/teacher")
+    main = imported["distilled"]
+    assert main[main.index("--teacher-uri") + 1] == "file:///t/teacher"  # the main run imports; fast takes main's
+    assert imported["distilled_fast"] == fast
+    assert rp.report_command(preset="fmnist-cpu", work=rp.REPO / "runs" / "quality", teacher_uri=None) == \
+        "python -m benchmarks.quality.reproduce --preset fmnist-cpu"
+    assert rp.report_command(preset="p", work=tmp_path, teacher_uri="file:///t") == \
+        f"python -m benchmarks.quality.reproduce --preset p --work {tmp_path} --teacher-uri file:///t"
 
 
 @pytest.mark.skipif(not (QUALITY / "results.csv").exists(), reason="no committed results yet")

@@ -58,13 +58,18 @@ GRID_STEPS = (1, 2, 4, 8)
 # Running the pipelines
 
 
-def pipeline_commands(*, preset: str, work: Path) -> dict[str, list[str]]:
-    """The two ``pd run`` command lines (main and fast ablation), with the work folder made absolute."""
+def pipeline_commands(*, preset: str, work: Path, teacher_uri: str | None = None) -> dict[str, list[str]]:
+    """The two ``pd run`` command lines (main and fast ablation), with the work folder made absolute.
+
+    ``teacher_uri``: the main pipeline imports this teacher (e.g. one trained by teacher_curve.py with the
+    preset's settings) instead of training its own.
+    """
     work = work.resolve()
     common = ["--storage", str(work / "store"), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]
     teacher = f"file://{work / 'store'}/{jobs.teacher_key(preset)}"
+    imported = ["--teacher-uri", teacher_uri] if teacher_uri else []
     return {
-        "distilled": ["pd", "run", "--preset", preset, *common],
+        "distilled": ["pd", "run", "--preset", preset, *imported, *common],
         "distilled_fast": ["pd", "run", "--preset", preset, "--name", f"{preset}-fast", "--set", "distill.fast=true",
                            "--teacher-uri", teacher, *common],
     }
@@ -340,11 +345,21 @@ def pipeline_durations(tracking_uri: str, *, pipelines: Sequence[str]) -> dict[s
     return out
 
 
-def build_report(*, preset: str, work: Path, out: Path, readme: Path | None) -> dict:
+def report_command(*, preset: str, work: Path, teacher_uri: str | None) -> str:
+    """The reproduce command line that made a report (default options left out)."""
+    args = ["python", "-m", "benchmarks.quality.reproduce", "--preset", preset]
+    if Path(work).resolve() != (REPO / "runs" / "quality").resolve():
+        args += ["--work", str(work).replace(str(REPO), "$PWD")]
+    if teacher_uri:
+        args += ["--teacher-uri", teacher_uri]
+    return " ".join(args)  # paths without spaces; $PWD stays expandable
+
+
+def build_report(*, preset: str, work: Path, out: Path, readme: Path | None, teacher_uri: str | None = None) -> dict:
     from benchmarks.speed.common import machine
 
     work = work.resolve()
-    commands = pipeline_commands(preset=preset, work=work)
+    commands = pipeline_commands(preset=preset, work=work, teacher_uri=teacher_uri)
     store = CheckpointStore(str(work / "store"))
     cfg = load_config(preset=preset)
     fast_name = f"{preset}-fast"
@@ -389,7 +404,7 @@ def build_report(*, preset: str, work: Path, out: Path, readme: Path | None) -> 
     # shown with $PWD for the repository, so they read (and run) the same on any checkout
     shown = {k: shlex.join(v).replace(str(REPO), "$PWD").replace("'", '"') for k, v in commands.items()}
     summary = {"preset": preset, "machine": machine(), "commands": shown,
-               "report_command": f"python -m benchmarks.quality.reproduce --preset {preset}",
+               "report_command": report_command(preset=preset, work=work, teacher_uri=teacher_uri),
                "metric": metric, "n_samples": n_samples, "start_steps": cfg.distill.start_steps,
                "teacher_ddim_at_start": float(w.at[cfg.distill.start_steps, "teacher_ddim"]), "floor_value": floor,
                "classifier_test_accuracy": classifier.get("test_accuracy"), "eval_seed": cfg.eval.seed,
@@ -486,10 +501,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=OUT, help="where the results files go")
     p.add_argument("--report-only", action="store_true", help="do not run the pipelines; rebuild from the store")
     p.add_argument("--no-readme", action="store_true", help="leave README.md alone")
+    p.add_argument("--teacher-uri", help="the main pipeline imports this teacher instead of training one")
     args = p.parse_args(argv)
     if not args.report_only:
-        run_pipelines(pipeline_commands(preset=args.preset, work=args.work), log_dir=args.work.resolve() / "logs")
-    summary = build_report(preset=args.preset, work=args.work, out=args.out,
+        run_pipelines(pipeline_commands(preset=args.preset, work=args.work, teacher_uri=args.teacher_uri),
+                      log_dir=args.work.resolve() / "logs")
+    summary = build_report(preset=args.preset, work=args.work, out=args.out, teacher_uri=args.teacher_uri,
                            readme=None if args.no_readme else REPO / "README.md")
     for c in summary["targets"]:
         print(f"{'met ' if c['met'] else 'MISS'}  {c['target']}: ratio {c['ratio']:.3g}")
