@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from benchmarks.quality import frames, plots
 from benchmarks.quality import reproduce as rp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def _floor(n: int = 400) -> dict:
 
 def test_results_frame_has_exactly_the_issue_columns_and_samplers():
     main, fast = _records()
-    df = rp.results_frame(preset="fmnist-cpu", main=main, fast=fast)
+    df = frames.results_frame(preset="fmnist-cpu", main=main, fast=fast)
     assert list(df.columns) == ["preset", "sampler", "steps", "metric", "value", "n_samples", "seconds_per_image"]
     assert set(df.sampler) == {"teacher_ddim", "teacher_stochastic", "distilled", "distilled_fast"}  # no floor given
     assert (df.preset == "fmnist-cpu").all()
@@ -54,37 +55,37 @@ def test_results_frame_has_exactly_the_issue_columns_and_samplers():
 
 def test_floor_rows_carry_every_floor_metric_at_the_same_n_with_empty_steps(tmp_path):
     main, fast = _records()
-    df = rp.results_frame(preset="fmnist-cpu", main=main, fast=fast, floor=_floor())
+    df = frames.results_frame(preset="fmnist-cpu", main=main, fast=fast, floor=_floor())
     floor = df[df.sampler == "real_data_floor"]
     assert floor.set_index("metric").value.to_dict() == {
         "fd_fashion_mnist": 1.5, "kid_fashion_mnist": 0.001, "kid_fashion_mnist_std": 0.01, "precision": 0.85,
         "recall": 0.9}
     assert floor.steps.isna().all() and floor.seconds_per_image.isna().all() and (floor.n_samples == 400).all()
     assert list(df.sampler.unique())[-1] == "real_data_floor"  # after the samplers' rows
-    assert rp.floor_value(df, metric="fd_fashion_mnist") == 1.5
-    assert rp.floor_value(rp.results_frame(preset="p", main=main, fast=fast), metric="fd_fashion_mnist") is None
+    assert frames.floor_value(df, metric="fd_fashion_mnist") == 1.5
+    assert frames.floor_value(frames.results_frame(preset="p", main=main, fast=fast), metric="fd_fashion_mnist") is None
     # the floor stays out of the steps x sampler table, also after a round trip through the CSV
     df.to_csv(tmp_path / "r.csv", index=False)
     back = pd.read_csv(tmp_path / "r.csv")
-    assert list(back.columns) == rp.COLUMNS and back[back.sampler == "real_data_floor"].steps.isna().all()
-    w = rp.wide(back, metric="fd_fashion_mnist")
+    assert list(back.columns) == frames.COLUMNS and back[back.sampler == "real_data_floor"].steps.isna().all()
+    w = frames.wide(back, metric="fd_fashion_mnist")
     assert list(w.columns) == ["teacher_ddim", "teacher_stochastic", "distilled", "distilled_fast"]
     assert list(w.index) == [16, 8, 4, 2, 1] and w.index.dtype == "int64"
 
 
 def test_target_verdicts_follow_the_numbers():
     main, fast = _records()
-    df = rp.results_frame(preset="p", main=main, fast=fast, floor=_floor())
-    w = rp.wide(df, metric=rp.fd_metric(df))
-    checks = {c["target"]: c for c in rp.target_checks(w, start_steps=16, floor=1.5)}
+    df = frames.results_frame(preset="p", main=main, fast=fast, floor=_floor())
+    w = frames.wide(df, metric=frames.fd_metric(df))
+    checks = {c["target"]: c for c in frames.target_checks(w, start_steps=16, floor=1.5)}
     assert all(checks[f"distilled beats teacher DDIM at N={n}"]["met"] for n in (8, 4, 2, 1))
     within = checks["distilled 4-step within 1.2x of teacher DDIM at 16 steps"]
     assert math.isclose(within["ratio"], 12.0 / 11.0) and within["met"]
     near = checks["teacher DDIM at 16 steps within 4x of the real-data floor"]
     assert math.isclose(near["ratio"], 11.0 / 1.5) and not near["met"]  # 7.3x the floor
-    assert rp.target_checks(w, start_steps=16, floor=2.75)[0]["met"]  # exactly 4x: met
+    assert frames.target_checks(w, start_steps=16, floor=2.75)[0]["met"]  # exactly 4x: met
     w.loc[4, "distilled"] = 11.0 * 1.21  # just outside 1.2x, and still better than DDIM at 4 steps
-    checks = {c["target"]: c for c in rp.target_checks(w, start_steps=16, floor=None)}
+    checks = {c["target"]: c for c in frames.target_checks(w, start_steps=16, floor=None)}
     assert not checks["distilled 4-step within 1.2x of teacher DDIM at 16 steps"]["met"]
     assert checks["distilled beats teacher DDIM at N=4"]["met"]
     assert not any("floor" in name for name in checks)  # no floor measured: no verdict on it
@@ -92,7 +93,7 @@ def test_target_verdicts_follow_the_numbers():
 
 def test_headline_table_bolds_wins_and_names_the_metric_honestly():
     main, fast = _records()
-    df = rp.results_frame(preset="p", main=main, fast=fast)
+    df = frames.results_frame(preset="p", main=main, fast=fast)
     text = rp.headline_markdown(df, metric="fd_fashion_mnist", floor=1.5, n_samples=400, gammas={4: 1.0})
     assert "| 4 | 40 | 48 (gamma 1) | **12** | 15 |" in text
     assert "not Inception FID" in text and "floor at the same N: 1.5" in text
@@ -102,12 +103,12 @@ def test_plot_and_grids_write_pngs(tmp_path):
     import io
 
     main, fast = _records()
-    df = rp.results_frame(preset="p", main=main, fast=fast)
-    rp.plot_quality(df, metric="fd_fashion_mnist", floor=1.5, path=tmp_path / "q.png", title="t")
+    df = frames.results_frame(preset="p", main=main, fast=fast)
+    plots.plot_quality(df, metric="fd_fashion_mnist", floor=1.5, path=tmp_path / "q.png", title="t")
     assert Image.open(tmp_path / "q.png").size[0] > 300
     buf = io.BytesIO()
     Image.new("L", (34, 34), 128).save(buf, format="PNG")
-    rp.plot_grids({("teacher_ddim", 1): buf.getvalue(), ("distilled", 1): buf.getvalue()}, steps=(1, 2),
+    plots.plot_grids({("teacher_ddim", 1): buf.getvalue(), ("distilled", 1): buf.getvalue()}, steps=(1, 2),
                   path=tmp_path / "g.png", title="t")
     assert Image.open(tmp_path / "g.png").size[0] > 200
 
@@ -151,11 +152,11 @@ def test_pipeline_commands_share_store_tracking_and_teacher(tmp_path):
 @pytest.mark.skipif(not (QUALITY / "results.csv").exists(), reason="no committed results yet")
 def test_committed_results_match_results_md_and_readme():
     df = pd.read_csv(QUALITY / "results.csv")
-    assert list(df.columns) == rp.COLUMNS
-    assert set(df.sampler) <= {*rp.SAMPLERS, rp.FLOOR_SAMPLER}
-    floor = df[df.sampler == rp.FLOOR_SAMPLER]
+    assert list(df.columns) == frames.COLUMNS
+    assert set(df.sampler) <= {*frames.SAMPLERS, frames.FLOOR_SAMPLER}
+    floor = df[df.sampler == frames.FLOOR_SAMPLER]
     assert len(floor) and floor.steps.isna().all() and (floor.n_samples == df.n_samples.max()).all()
-    metric = rp.fd_metric(df)
+    metric = frames.fd_metric(df)
     n = int(df.n_samples.max())
     table = rp.headline_markdown(df, metric=metric, floor=None, n_samples=n, gammas={}).split("\n\n")[0]
     readme, results_md = (ROOT / "README.md").read_text(), (QUALITY / "RESULTS.md").read_text()
@@ -189,7 +190,7 @@ def test_reproduce_end_to_end_on_the_smoke_preset(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=850)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     df = pd.read_csv(out / "results.csv")
-    assert list(df.columns) == rp.COLUMNS
+    assert list(df.columns) == frames.COLUMNS
     fd = df[df.metric == "fd_digits"]
     assert len(fd[fd.sampler == "real_data_floor"]) == 1 and fd[fd.sampler == "real_data_floor"].steps.isna().all()
     assert sorted(fd[fd.sampler == "teacher_ddim"].steps) == [1, 2, 4, 8]

@@ -42,7 +42,7 @@ import torch
 from benchmarks.gpu import quality
 from benchmarks.gpu.fit import fit_schedule, measure_costs
 from benchmarks.gpu.report import fd_metric, target_checks, value_at
-from benchmarks.quality.reproduce import plot_grids, plot_quality
+from benchmarks.quality.plots import plot_grids, plot_quality
 from benchmarks.speed.common import COLUMNS as SPEED_COLUMNS
 from benchmarks.speed.common import machine
 from benchmarks.speed.gpu_bench import Budget, dry_run_plan, gpu_plan, measure
