@@ -297,8 +297,11 @@ def build_report(*, preset: str, work: Path, out: Path, readme: Path | None, gri
     durations = pipeline_durations(f"sqlite:///{work / 'mlflow.db'}", pipelines=(preset,))
     command = shlex.join(pipeline_command(preset=preset, work=work, overrides=overrides, teacher_uri=teacher_uri))
     shown = command.replace(str(REPO), "$PWD").replace("'", '"')
-    report_command = shlex.join(["python", "-m", "benchmarks.guided.reproduce", "--preset", preset,
-                                 *[arg for o in overrides for arg in ("--set", o)]])
+    report_args = ["python", "-m", "benchmarks.guided.reproduce", "--preset", preset,
+                   *[arg for o in overrides for arg in ("--set", o)]]
+    if Path(work).resolve() != (REPO / "runs" / "guided").resolve():
+        report_args += ["--work", str(work)]
+    report_command = shlex.join(report_args + (["--teacher-uri", teacher_uri] if teacher_uri else []))
     summary = {"preset": preset, "machine": machine(), "command": shown,
                "report_command": report_command, "metric": metric,
                "n_samples": n_samples, "start_steps": start, "weights": weights, "grid_w": grid_w,
@@ -356,7 +359,9 @@ def results_markdown(summary: Mapping, *, table: str, cfg, df: pd.DataFrame) -> 
              f"images, label dropout {summary['label_dropout']:g}; guided DDIM x_w = (1 + w) x(z, c) - w x(z, null), "
              "two network calls per step (one at w = 0).",
              f"- **Stage 1:** {cfg.guidance.updates} updates x {cfg.guidance.batch_size}, w ~ U{summary['w_range']}; "
-             f"its student (a guidance embedding added, zero-initialised) samples in {start} steps, 1 call each; it "
+             f"lr {cfg.guidance.lr:g} (x{cfg.guidance.embedding_lr_scale:g} for the new guidance embedding, whose last "
+             f"layer starts at zero), grad clip {cfg.guidance.grad_clip}; its student samples in {start} steps, 1 call "
+             "each; it "
              f"is the `distilled` row at {start} steps.",
              f"- **Stage 2:** rounds {start} -> {cfg.distill.final_steps}, {cfg.distill.updates_per_round} updates "
              + (f"each ({cfg.distill.last_rounds_updates} for the 2- and 1-step rounds)"
