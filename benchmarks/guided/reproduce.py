@@ -34,6 +34,7 @@ from benchmarks.quality.reproduce import (
     pipeline_durations,
     pipeline_wall_lines,
     records_at,
+    report_command,
     run_pipelines,
     with_notes,
 )
@@ -297,13 +298,10 @@ def build_report(*, preset: str, work: Path, out: Path, readme: Path | None, gri
     durations = pipeline_durations(f"sqlite:///{work / 'mlflow.db'}", pipelines=(preset,))
     command = shlex.join(pipeline_command(preset=preset, work=work, overrides=overrides, teacher_uri=teacher_uri))
     shown = command.replace(str(REPO), "$PWD").replace("'", '"')
-    report_args = ["python", "-m", "benchmarks.guided.reproduce", "--preset", preset,
-                   *[arg for o in overrides for arg in ("--set", o)]]
-    if Path(work).resolve() != (REPO / "runs" / "guided").resolve():
-        report_args += ["--work", str(work)]
-    report_command = shlex.join(report_args + (["--teacher-uri", teacher_uri] if teacher_uri else []))
+    report_cmd = report_command(preset=preset, work=work, teacher_uri=teacher_uri, overrides=overrides,
+                                module="benchmarks.guided.reproduce", default_work=REPO / "runs" / "guided")
     summary = {"preset": preset, "machine": machine(), "command": shown,
-               "report_command": report_command, "metric": metric,
+               "report_command": report_cmd, "metric": metric,
                "n_samples": n_samples, "start_steps": start, "weights": weights, "grid_w": grid_w,
                "w_range": [cfg.guidance.w_min, cfg.guidance.w_max], "label_dropout": cfg.teacher.label_dropout,
                "classifier_test_accuracy": classifier.get("test_accuracy"), "floor": floors, "floor_value": floor,

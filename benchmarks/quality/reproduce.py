@@ -221,14 +221,15 @@ def pipeline_durations(tracking_uri: str, *, pipelines: Sequence[str]) -> dict[s
     return out
 
 
-def report_command(*, preset: str, work: Path, teacher_uri: str | None) -> str:
-    """The reproduce command line that made a report (default options left out)."""
-    args = ["python", "-m", "benchmarks.quality.reproduce", "--preset", preset]
-    if Path(work).resolve() != (REPO / "runs" / "quality").resolve():
-        args += ["--work", str(work).replace(str(REPO), "$PWD")]
+def report_command(*, preset: str, work: Path, teacher_uri: str | None, overrides: Sequence[str] = (),
+                   module: str = "benchmarks.quality.reproduce", default_work: Path = REPO / "runs" / "quality") -> str:
+    """The reproduce command line that made a report (default options left out; $PWD for the repo)."""
+    args = ["python", "-m", module, "--preset", preset, *[arg for o in overrides for arg in ("--set", o)]]
+    if Path(work).resolve() != Path(default_work).resolve():
+        args += ["--work", str(work)]
     if teacher_uri:
         args += ["--teacher-uri", teacher_uri]
-    return " ".join(args)  # paths without spaces; $PWD stays expandable
+    return shlex.join(args).replace(str(REPO), "$PWD").replace("'", '"')  # double quotes: $PWD stays expandable
 
 
 def build_report(*, preset: str, work: Path, out: Path, readme: Path | None, teacher_uri: str | None = None) -> dict:
