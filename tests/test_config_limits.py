@@ -39,21 +39,20 @@ def test_a_billion_laughs_config_fails_fast_in_one_line_with_flat_memory(tmp_pat
         import resource, sys, time
         resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
         from pd_core.config import ConfigError, load_config, to_yaml
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         try:
             to_yaml(load_config(preset="smoke", path={str(path)!r}))
         except ConfigError as err:
             peak_kb = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
-            print(f"{{time.perf_counter() - t0:.3f}} {{peak_kb}} {{err}}")
+            print(f"{{time.process_time() - t0:.3f}} {{peak_kb}} {{err}}")
             sys.exit(0)
         sys.exit(3)
     """)
-    t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     seconds, peak_rss_kb, message = proc.stdout.strip().split(" ", 2)
-    assert float(seconds) < 1.0 and time.perf_counter() - t0 < 60
+    assert float(seconds) < 1.0  # CPU seconds of the check (an expansion would take minutes), not wall time
     assert int(peak_rss_kb) < 200_000, peak_rss_kb  # what importing pydantic/yaml/fsspec takes, nothing more
     assert message == (f"config file {path}: it expands to more than 100000 YAML nodes through aliases "
                        f"(an alias bomb?); refusing it")
@@ -63,10 +62,10 @@ def test_an_alias_bomb_in_an_override_value_is_refused_too() -> None:
     value = "{a: &a [x, x, x, x, x, x, x, x, x], b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a], " + \
             ", ".join(f"c{i}: &c{i} [" + ", ".join([f"*{'b' if i == 0 else f'c{i - 1}'}"] * 9) + "]"
                       for i in range(7)) + "}"
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: a neighbour's load does not count against the check
     with pytest.raises(ConfigError, match="the value of override storage.storage_options: it expands to more than"):
         load_config(preset="smoke", overrides=[f"storage.storage_options={value}"])
-    assert time.perf_counter() - t0 < 1.0
+    assert time.process_time() - t0 < 1.0
 
 
 def test_a_recursive_alias_is_refused() -> None:

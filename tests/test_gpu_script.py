@@ -68,10 +68,14 @@ def tiny_run(tmp_path_factory, idx_data) -> tuple[Path, subprocess.CompletedProc
     """One ``bash benchmarks/gpu/run.sh OUT --tiny`` on the test's data; (OUT, the finished process)."""
     base = tmp_path_factory.mktemp("gpu-run")
     out = base / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # Budgets far above what the tiny parts take: the tests check the files and rows, not that a loaded
+    # machine keeps within the device's time limits (a part over its budget skips measurements).
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "PD_GPU_TIMEOUT_S": "3500"}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), str(out), "--tiny",
-                           "--work", str(base / "work"), "--data", str(idx_data)],
-                          cwd=base, env=env, capture_output=True, text=True, timeout=600)
+                           "--work", str(base / "work"), "--data", str(idx_data),
+                           "--speed-s", "1200", "--quality-s", "1200", "--total-s", "3000"],
+                          cwd=base, env=env, capture_output=True, text=True, timeout=3600)
     return out, proc
 
 
@@ -104,7 +108,10 @@ def test_tiny_speed_rows_have_the_speed_results_format_and_every_measurement(tin
               "sampling_1step_images_per_s_b8_eager", "sampling_4step_images_per_s_b8_eager", "mfu_teacher", "mfu"]
     assert set(wanted) <= set(rows)
     assert all(float(rows[b]["value"]) > 0 for b in wanted)
-    assert 0 < float(rows["mfu_teacher"]["value"]) <= 1
+    # MFU divides two separately timed measurements (a busy core during the peak matmul can put it over 1):
+    # checked as the identity it is, the best of the bf16 configurations, not against a bound.
+    best = max(float(rows[f"mfu_teacher_{c}"]["value"]) for c in ("bf16", "bf16_compile") if f"mfu_teacher_{c}" in rows)
+    assert float(rows["mfu_teacher"]["value"]) == pytest.approx(best, rel=1e-6)
     assert {r["device"] for r in rows.values()} == {"cpu (tiny)"}
     assert all(r["command"].startswith("python -m benchmarks.gpu.run --out $OUT") for r in rows.values())
 

@@ -11,6 +11,10 @@ import pytest
 
 from tests.faults.helpers import _cfg, _copy_of, log_lines, run_cli
 
+# A refusal that waits on something (a network retry, a server start) takes minutes; a prompt one takes well under a
+# second on an idle machine. The bound tells the two apart on a loaded machine too: it is not a speed target.
+HANG_S = 60
+
 
 @pytest.fixture
 def student_uri(template: Path, tmp_path: Path) -> str:
@@ -44,7 +48,7 @@ def test_bad_sample_arguments_exit_2_with_one_line_at_once(cli_home: Path, stude
     assert rc == 2 and out == "", (rc, out, err)
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
-    assert time.perf_counter() - t0 < 10
+    assert time.perf_counter() - t0 < HANG_S
     assert not Path("grid.jpg").exists() and not Path("samples.png").exists()
 
 
@@ -68,7 +72,7 @@ def test_a_model_uri_that_is_not_a_checkpoint_fails_in_seconds(cli_home: Path, t
         t0 = time.perf_counter()
         rc, _, err = run_cli([command, "--model", model])
         assert rc == 2 and len(err.splitlines()) == 1 and expected in err, (model, rc, err)
-        assert time.perf_counter() - t0 < 5, model
+        assert time.perf_counter() - t0 < HANG_S, model
 
 
 def test_other_steps_than_a_student_was_distilled_for_warn_and_the_grid_is_written_atomically(
@@ -114,6 +118,6 @@ def test_an_unknown_storage_protocol_exits_2_before_anything_is_created(cli_home
     rc, out, err = run_cli(["run", "--storage", "nosuchproto://x"])
     assert rc == 2 and out == "" and len(err.splitlines()) == 1, err
     assert "storage.root has an unknown protocol 'nosuchproto'" in err
-    assert time.perf_counter() - t0 < 10
+    assert time.perf_counter() - t0 < HANG_S
     assert not cli_home.exists() or not any(cli_home.iterdir()), list(cli_home.rglob("*"))  # no MLflow db, no store
     assert not any(Path.cwd().iterdir())
