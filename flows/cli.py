@@ -243,7 +243,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"pipeline {cfg.pipeline.name} finished in {time.perf_counter() - t0:.1f}s")
     print(f"  teacher     {result.teacher.uri}")
     for student in result.rounds:
-        print(f"  {student.steps:>4d} steps  {student.uri}")
+        label = f"{student.steps} step" + ("" if student.steps == 1 else "s")
+        print(f"  {label:>10s}  {student.uri}")
+    if result.prefect_run:  # the embedded server ends with this command: its runs are gone, so no link to them
+        where = f"  {result.prefect_url}" if server is None and result.prefect_url else \
+            " (on the temporary server this command started; set PREFECT_API_URL to keep runs)"
+        print(f"  Prefect     {result.prefect_run}{where}")
     print(f"  MLflow      {result.report.mlflow_link}")
     if result.report.mlflow_view:
         print(f"  all runs    {result.report.mlflow_view}")
@@ -252,6 +257,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.report.table:
         print()
         print(result.report.table)
+    for line in result.report.warnings:
+        print(f"warning: {line}")
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from prefect.context import get_run_context
 from prefect.runtime import flow_run
+from prefect.utilities.urls import url_for
 
 from pd_core.config import list_presets
 from tasks.common import resolve_config
@@ -67,6 +68,20 @@ def current_flow_run_id() -> str:
         return str(get_run_context().flow_run.id)
     except Exception:  # noqa: BLE001 - called outside a flow run
         return "local"
+
+
+def flow_run_page() -> tuple[str | None, str | None]:
+    """The running flow run's name and its page in Prefect's UI (``PREFECT_UI_URL``, else derived from the API
+    URL); ``(None, None)`` outside a flow run, the URL None when Prefect cannot say where its UI is."""
+    try:
+        run = get_run_context().flow_run
+    except Exception:  # noqa: BLE001 - called outside a flow run
+        return None, None
+    try:
+        url = url_for("flow-run", obj_id=run.id)
+    except Exception:  # noqa: BLE001 - a link is a convenience: never fail a pipeline over it
+        url = None
+    return run.name, url
 
 
 def run_tags(*, pipeline: str, preset: str | None) -> list[str]:

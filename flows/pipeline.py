@@ -22,11 +22,18 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.events import emit_event
 from prefect.settings import get_current_settings
 
-from flows.identity import PresetName, current_flow_run_id, pipeline_run_name, run_tags, tag_flow_run
-from pd_core.config import Config, flatten
+from flows.identity import (
+    PresetName,
+    current_flow_run_id,
+    flow_run_page,
+    pipeline_run_name,
+    run_tags,
+    tag_flow_run,
+)
+from pd_core.config import Config
 from pd_core.jobs import pipeline_prefix
 from pd_core.store import Lease, LeaseHeldError, LeaseLostError, StoreError
-from tasks.common import gpu_task_tags, open_store, resolve_config, tracker_for
+from tasks.common import gpu_task_tags, open_store, resolve_config, start_pipeline_run, tracker_for
 from tasks.evaluate import evaluate_round_task, evaluate_teacher_task
 from tasks.reconcile import FLOW_RUN_TAG, end_dead_run
 from tasks.report import publish_report_task
@@ -90,7 +97,7 @@ def parent_run(tracker, cfg: Config, *, continue_run: str | None, logger) -> str
             tracker.set_tags(reopened, tags)
             return reopened
         logger.warning("MLflow has no run %s to continue: this pipeline gets a new parent run", continue_run)
-    return tracker.start_run(run_name=cfg.pipeline.name, params=flatten(cfg), tags=tags)
+    return start_pipeline_run(tracker, cfg, tags=tags)
 
 
 def _end_tracking_of_failed_run(_flow: Flow, flow_run: FlowRun, state: State) -> None:
@@ -196,5 +203,6 @@ def distillation_pipeline(preset: PresetName = "smoke", overrides: list[str] | N
         if pending:
             logger.warning("MLflow: %d tracking calls still pending in the journal; they replay on the next run",
                            pending)
+    run_name, run_url = flow_run_page()
     return PipelineResult(pipeline=name, teacher=teacher, rounds=[r.student for r in rounds], report=report,
-                          guided=guided.student if guided else None)
+                          guided=guided.student if guided else None, prefect_run=run_name, prefect_url=run_url)

@@ -13,9 +13,8 @@ from prefect.settings import get_current_settings
 
 from flows.identity import PresetName, current_flow_run_id, run_tags, tag_flow_run, teacher_run_name
 from flows.pipeline import pipeline_resource
-from pd_core.config import flatten
 from pd_core.jobs import CheckpointInfo
-from tasks.common import gpu_task_tags, resolve_config, tracker_for
+from tasks.common import gpu_task_tags, resolve_config, start_pipeline_run, tracker_for
 from tasks.training import ensure_teacher_task
 
 
@@ -43,9 +42,8 @@ def train_teacher_flow(preset: PresetName = "smoke", overrides: list[str] | None
                          storage=storage, tracking_uri=tracking_uri)
     tag_flow_run(run_tags(pipeline=cfg.pipeline.name, preset=preset))
     tracker = tracker_for(cfg)
-    parent = tracker.start_run(run_name=cfg.pipeline.name, params=flatten(cfg),
-                               tags={"pd.pipeline": cfg.pipeline.name, "pd.kind": "pipeline",
-                                     "prefect.teacher_flow_run_id": current_flow_run_id()})
+    parent = start_pipeline_run(tracker, cfg, tags={"pd.pipeline": cfg.pipeline.name, "pd.kind": "pipeline",
+                                                    "prefect.teacher_flow_run_id": current_flow_run_id()})
     gpu_tags = gpu_task_tags(task_tags, api_url=get_current_settings().api.url)
     teacher = ensure_teacher_task.with_options(tags=gpu_tags)(cfg, parent_run_id=parent)
     tracker.end_run(parent)  # finished until a distillation run continues it

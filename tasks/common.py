@@ -129,6 +129,25 @@ def tracker_for(cfg: Config):
     return _tracker(uri, cfg.tracking.experiment, cfg.tracking.enabled, None, str(journal))
 
 
+def start_pipeline_run(tracker, cfg: Config, *, tags: dict[str, str]) -> str | None:
+    """A pipeline's MLflow parent run, named after the pipeline: the settings that tell pipelines apart as
+    params (``pipeline_params``), the whole resolved config as the artifact ``config.yaml`` (secret-named
+    values ``***``)."""
+    import yaml
+
+    from pd_core.config import pipeline_params
+    from tasks.tracking.redact import redacted_mapping, redactor
+
+    run_id = tracker.start_run(run_name=cfg.pipeline.name, params=pipeline_params(cfg), tags=tags)
+    dump = redacted_mapping(cfg.model_dump(mode="json"), redactor())
+    tracker.log_text(run_id, yaml.safe_dump(dump, sort_keys=False, default_flow_style=None, width=100),
+                     artifact_file=CONFIG_ARTIFACT)
+    return run_id
+
+
+CONFIG_ARTIFACT = "config.yaml"  # the resolved config among a pipeline run's artifacts
+
+
 @functools.lru_cache(maxsize=8)
 def _tracker(uri: str, experiment: str, enabled: bool, artifacts: str | None, journal: str):
     from tasks.tracking import Tracker

@@ -13,6 +13,7 @@ tagged ``sample_grid_w<w>``.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -47,8 +48,11 @@ def per_step_keys(metrics: dict[str, float], *, steps: int) -> dict[str, float]:
 
 
 def grid_artifact_path(grid_uri: str) -> str:
-    """Where a display grid sits among its run's artifacts."""
-    return f"samples/{grid_uri.rstrip('/').rsplit('/', 1)[-1]}"
+    """Where a display grid sits among its run's artifacts: ``samples/ddim.png`` (``samples/ddim-w1.png`` at a
+    guidance weight), the same name in every round's run, so MLflow's Compare page shows the rounds' grids side
+    by side (it compares artifacts of the same path). The step count is in the run and in the grid's caption."""
+    name = grid_uri.rstrip("/").rsplit("/", 1)[-1]
+    return "samples/" + re.sub(r"^samples-([a-z_]+)-\d{4}", r"\1", name)
 
 
 def _grid_tag(w: float | None) -> str:

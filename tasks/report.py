@@ -65,11 +65,26 @@ def _register_students(cfg: Config, store, tracker, rounds: list[RoundResult], *
             save_file(tensors, str(path))
             _, version = tracker.log_sampler_model(student.mlflow_run_id, weights_path=str(path), manifest=manifest,
                                                    registered_model=name, alias=aliases,
-                                                   tags={"steps": str(student.steps), "checkpoint_uri": student.uri})
+                                                   tags={"steps": str(student.steps), "checkpoint_uri": student.uri,
+                                                         "pd.pipeline": cfg.pipeline.name,
+                                                         "round": str(student.round)},
+                                                   description=version_description(cfg, r, fd_name=fd_name))
         if version is not None:
             versions[student.key] = version
             store.put_bytes(marker, json.dumps({"version": version, "model": name}).encode())
     return {"registered_model": name, **{k.rsplit("/", 1)[-1]: v for k, v in versions.items()}}
+
+
+def version_description(cfg: Config, result: RoundResult, *, fd_name: str | None) -> str:
+    """What a registered version is, in the registry's words: steps, pipeline, round and its measured quality."""
+    s = result.student
+    text = (f"{s.steps}-step DDIM sampler of pipeline `{cfg.pipeline.name}`: round {s.round} "
+            f"({2 * s.steps} -> {s.steps} steps).")
+    value = _number((result.metrics or {}).get(fd_name)) if fd_name else None
+    if value is not None:
+        what = "FID" if fd_name == "fid" else "FD in our classifier's feature space"
+        text += f" {fd_name} {value:.4g} at {cfg.eval.num_samples} samples ({what}; lower is better)."
+    return text + f" Checkpoint: {s.uri}"
 
 
 def _number(value: object) -> float | None:
@@ -91,15 +106,55 @@ def concise_rows(wide: pd.DataFrame) -> list[dict[str, object]]:
     return rows
 
 
-def markdown_table(rows: list[dict[str, object]]) -> str:
-    """Rows as a markdown table (numbers as :func:`concise_rows` left them, gaps empty)."""
+def markdown_table(rows: list[dict[str, object]], *, headers: dict[str, str] | None = None) -> str:
+    """Rows as a markdown table (numbers as :func:`concise_rows` left them, gaps empty); ``headers`` renames
+    columns in the header line."""
     if not rows:
         return ""
     columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---:" for _ in columns) + "|"]
+    shown = [(headers or {}).get(c, c) for c in columns]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "|".join("---:" for _ in columns) + "|"]
     lines += ["| " + " | ".join("" if r[c] is None else f"{r[c]:g}" if isinstance(r[c], float) else str(r[c])
                                 for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+_SHORT = (("teacher_stochastic", "teacher stochastic"), ("teacher_ddim", "teacher DDIM"),
+          ("_sample_accuracy", " accuracy"), ("_seconds_per_image", " s/image"), ("_gamma", " gamma"), ("_", " "))
+
+
+def short_headers(columns: list[str], *, fd_name: str | None) -> dict[str, str]:
+    """Header names that let the report's table fit a page: the metric's name (``_fd_digits``) dropped from the
+    FD columns (the caption names it), words instead of snake case: ``teacher_ddim_fd_digits`` -> ``teacher DDIM``."""
+    out = {}
+    for column in columns:
+        name = column.replace(f"_{fd_name}", "") if fd_name else column
+        for long, short in _SHORT:
+            name = name.replace(long, short)
+        out[column] = name
+    return out
+
+
+def worse_than_teacher(rows: list[dict[str, object]], *, fd_name: str | None) -> list[str]:
+    """One warning line per step count where a distilled sampler's ``fd_name`` is above (worse than) the
+    teacher's DDIM at the same step count and guidance weight (``distilled_w2_...`` against
+    ``teacher_ddim_w2_...``); rows as :func:`concise_rows` gives them."""
+    if not fd_name:
+        return []
+    lines = []
+    for row in rows:
+        for column, value in row.items():
+            if not (column.startswith("distilled") and column.endswith(f"_{fd_name}")) or value is None:
+                continue
+            teacher = row.get("teacher_ddim" + column[len("distilled"):])
+            if isinstance(teacher, float) and isinstance(value, float) and value > teacher:
+                which = column[len("distilled"):-len(fd_name) - 1].strip("_")
+                at = f" at {which.replace('w', 'w = ', 1)}" if which else ""
+                n = row["steps"]
+                lines.append(f"the {n}-step student{at} is worse than the teacher's {n}-step DDIM ({fd_name} "
+                             f"{value:g} > {teacher:g}): distil longer (distill.updates_per_round) or from a "
+                             f"better teacher")
+    return lines
 
 
 def parent_metrics(wide: pd.DataFrame) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
@@ -166,9 +221,11 @@ def _report_markdown(cfg: Config, *, teacher: CheckpointInfo, rounds: list[Round
               for text, url in links if url]
     if rows:
         what = "FID" if fd_name == "fid" else "FD in our classifier's feature space"
-        lines += ["", "## Quality vs sampling steps", "", markdown_table(rows), "",
-                  f"`{fd_name}` is {what}; lower is better. `floor_*`: real images scored the same way "
-                  f"(the best a sampler can reach at this sample size)."]
+        lines += ["", "## Quality vs sampling steps", "",
+                  markdown_table(rows, headers=short_headers(list(rows[0]), fd_name=fd_name)), "",
+                  f"Each sampler's `{fd_name}` ({what}; lower is better). `floor`: real images scored the same "
+                  f"way (the best a sampler can reach at this sample size). Every column: `quality.csv`."]
+        lines += [f"> **Warning:** {line}" for line in worse_than_teacher(rows, fd_name=fd_name)]
     lines += ["", "## Samples", ""]
     for r in reversed(rounds):  # fewest steps first
         s = r.student
@@ -215,7 +272,7 @@ def publish_report_task(cfg: Config, *, teacher: CheckpointInfo, baselines: list
         store.put_bytes(f"{prefix}/quality_long.csv", long.to_csv(index=False).encode())
         rows = concise_rows(wide)
         store.put_bytes(f"{prefix}/quality.md", markdown_table(rows).encode())
-        table = summary_view(wide).to_string(index=False, float_format=lambda v: f"{v:.4g}")
+        table = summary_view(wide).to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
         report_uri = store.uri(f"{prefix}/quality.csv")
         what = "FID" if fd_name == "fid" else "FD in our classifier's feature space"
         create_table_artifact(table=rows, key=artifact_key(f"{name}-quality"),
@@ -239,6 +296,10 @@ def publish_report_task(cfg: Config, *, teacher: CheckpointInfo, baselines: list
                              description=f"{name}: quality, samples, where everything is")
     tracker.log_text(parent_run_id, markdown, artifact_file="report.md")
     tracker.flush()
+    warnings = worse_than_teacher(rows, fd_name=fd_name)
+    for line in warnings:
+        logger.warning("%s", line)
     logger.info("report of %s published (%d records)", name, len(records))
     return Report(mlflow_link=tracker.run_link(parent_run_id), table=table, report_uri=report_uri,
-                  registered=registered, mlflow_view=tracker.view_link(QUALITY_VIEW) if fd_name else None)
+                  registered=registered, mlflow_view=tracker.view_link(QUALITY_VIEW) if fd_name else None,
+                  warnings=warnings)

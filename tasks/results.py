@@ -32,6 +32,7 @@ class Report:
     report_uri: str | None = None  # quality.csv in the store
     registered: dict[str, str] = field(default_factory=dict)  # registered model name and versions
     mlflow_view: str | None = None  # MLflow's runs table of every pipeline, quality by step count
+    warnings: list[str] = field(default_factory=list)  # step counts where a student is worse than the teacher's DDIM
 
 
 @dataclass(frozen=True)
@@ -43,3 +44,5 @@ class PipelineResult:
     rounds: list[CheckpointInfo]
     report: Report
     guided: CheckpointInfo | None = None  # guided distillation's stage-1 student (guidance.enabled)
+    prefect_run: str | None = None  # the flow run's name
+    prefect_url: str | None = None  # its page in Prefect's UI (None when Prefect cannot say where its UI is)

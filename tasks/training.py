@@ -16,7 +16,7 @@ from prefect.cache_policies import NONE
 from prefect.tasks import exponential_backoff
 
 from pd_core import jobs, launch
-from pd_core.config import Config, flatten
+from pd_core.config import Config, pipeline_params
 from pd_core.jobs import CheckpointInfo
 from pd_core.store import CheckpointStore, StorageIOError
 from tasks.common import open_store, tracker_for
@@ -49,8 +49,10 @@ def _fault_step() -> int | None:
 
 
 def run_params(cfg: Config, *, round_index: int, teacher_steps: int, student_steps: int) -> dict[str, Any]:
-    """MLflow params of every run: the flattened resolved config plus round and step counts."""
-    return {**flatten(cfg), "round": round_index, "teacher_steps": teacher_steps, "student_steps": student_steps}
+    """MLflow params of every run: the settings that tell pipelines apart (``pipeline_params``) plus round and
+    step counts; the whole resolved config is the parent run's ``config.yaml``."""
+    return {**pipeline_params(cfg), "round": round_index, "teacher_steps": teacher_steps,
+            "student_steps": student_steps}
 
 
 GPU_TASK = dict(cache_policy=NONE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -376,3 +377,13 @@ def test_arbitrary_trees_validate_or_raise_config_error(tree: dict) -> None:
         C.validate_config(tree)
     except ConfigError as exc:
         assert "\n" not in str(exc)
+
+
+def test_the_import_preset_is_the_settings_the_your_model_benchmark_measured() -> None:
+    """fmnist-import-cpu's time and quality are those of benchmarks/your_model (its config over fmnist-cpu)."""
+    from pd_core.config import flatten
+
+    preset = flatten(load_config(preset="fmnist-import-cpu"))
+    config = Path(__file__).resolve().parents[1] / "benchmarks" / "your_model" / "config.yaml"
+    measured = flatten(load_config(preset="fmnist-cpu", path=str(config)))
+    assert {k: v for k, v in preset.items() if measured[k] != v} == {"pipeline.name": "fmnist-import-cpu"}

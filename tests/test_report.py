@@ -11,7 +11,16 @@ import pytest
 
 from pd_core.metrics import quality_table
 from pd_core.metrics.table import summary_view
-from tasks.report import _grid_line, concise_rows, markdown_table, parent_metrics, quality_columns
+from tasks.evaluate import grid_artifact_path
+from tasks.report import (
+    _grid_line,
+    concise_rows,
+    markdown_table,
+    parent_metrics,
+    quality_columns,
+    short_headers,
+    worse_than_teacher,
+)
 from tasks.tracking import Tracker
 
 RECORDS = [
@@ -69,12 +78,56 @@ def test_report_shows_grids_from_a_server_and_says_where_they_are_otherwise(tmp_
     server = Tracker(tracking_uri="http://mlflow:5000", experiment="x", journal_path=str(tmp_path / "j.jsonl"))
     grid = "s3://b/p/pipelines/smoke/rounds/03-0001.eval/samples-ddim-0001.png"
     shown = _grid_line("1 step", grid_uri=grid, run_id="abc", tracker=server)
-    url = "http://mlflow:5000/get-artifact?path=samples/samples-ddim-0001.png&run_uuid=abc"
+    url = "http://mlflow:5000/get-artifact?path=samples/ddim.png&run_uuid=abc"  # one name in every round
     assert f"![sample grid]({url})" in shown and f"[open the PNG]({url})" in shown
     local = Tracker(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="x",
                     journal_path=str(tmp_path / "j.jsonl"))
     line = _grid_line("1 step", grid_uri="file:///data/store/x.eval/samples-ddim-0001.png", run_id="abc",
                       tracker=local)
     assert "`/data/store/x.eval/samples-ddim-0001.png`" in line and "![" not in line
-    assert "http://127.0.0.1:5000/get-artifact?path=samples/samples-ddim-0001.png&run_uuid=abc" in line
+    assert "http://127.0.0.1:5000/get-artifact?path=samples/ddim.png&run_uuid=abc" in line
     assert _grid_line("1 step", grid_uri=None, run_id="abc", tracker=local) == "- 1 step: no sample grid"
+
+
+def test_the_reports_headers_drop_the_metric_name_and_snake_case():
+    wide = quality_table(RECORDS)
+    headers = short_headers(list(summary_view(wide).columns), fd_name="fd_digits")
+    assert headers == {"steps": "steps", "distilled_fd_digits": "distilled", "teacher_ddim_fd_digits": "teacher DDIM",
+                       "floor_fd_digits": "floor", "distilled_seconds_per_image": "distilled s/image"}
+    assert short_headers(["teacher_stochastic_gamma", "distilled_w2_sample_accuracy"], fd_name="fd_digits") == {
+        "teacher_stochastic_gamma": "teacher stochastic gamma", "distilled_w2_sample_accuracy": "distilled w2 accuracy"}
+
+
+def test_a_student_worse_than_the_teachers_ddim_at_the_same_steps_gets_one_warning_line_per_step_count():
+    rows = concise_rows(quality_table(RECORDS))  # distilled 20.1.. > teacher DDIM 10.x at 1, 2 and 4 steps
+    warnings = worse_than_teacher(rows, fd_name="fd_digits")
+    assert [w.split("-step")[0] for w in warnings] == ["the 1", "the 2", "the 4"]
+    assert warnings[0] == ("the 1-step student is worse than the teacher's 1-step DDIM (fd_digits 20.12 > 11): "
+                           "distil longer (distill.updates_per_round) or from a better teacher")
+    better = [{**r, "distilled_fd_digits": None if r["distilled_fd_digits"] is None else 1.0} for r in rows]
+    assert worse_than_teacher(better, fd_name="fd_digits") == [] and worse_than_teacher(rows, fd_name=None) == []
+    guided = [{"steps": 4, "distilled_w2_fd_digits": 9.0, "teacher_ddim_w2_fd_digits": 8.0,
+               "distilled_w0_fd_digits": 7.0, "teacher_ddim_w0_fd_digits": 8.0}]
+    (line,) = worse_than_teacher(guided, fd_name="fd_digits")
+    assert line.startswith("the 4-step student at w = 2 is worse than the teacher's 4-step DDIM (fd_digits 9 > 8)")
+
+
+def test_every_rounds_grid_has_one_artifact_name_so_compare_lines_them_up():
+    assert grid_artifact_path("s3://b/p/pipelines/x/rounds/03-0001.eval/samples-ddim-0001.png") == "samples/ddim.png"
+    assert grid_artifact_path("file:///s/pipelines/x/rounds/01-0004.eval/samples-ddim-0004.png") == "samples/ddim.png"
+    assert grid_artifact_path("file:///s/x.eval/samples-ddim-0002-w1.5.png") == "samples/ddim-w1.5.png"
+
+
+def test_a_registered_versions_description_says_steps_round_pipeline_and_fd():
+    from pd_core.config import load_config
+    from pd_core.jobs import CheckpointInfo
+    from tasks.report import version_description
+    from tasks.results import RoundResult
+
+    cfg = load_config(preset="smoke", overrides=["pipeline.name=p1"])
+    student = CheckpointInfo(key="pipelines/p1/rounds/03-0001", uri="file:///s/pipelines/p1/rounds/03-0001",
+                             sha256="0" * 64, steps=1, round=3, trained=True, train_seconds=1.0, resumed_from=0)
+    text = version_description(cfg, RoundResult(student=student, metrics={"fd_digits": 12.345678}), fd_name="fd_digits")
+    assert text == ("1-step DDIM sampler of pipeline `p1`: round 3 (2 -> 1 steps). fd_digits 12.35 at "
+                    f"{cfg.eval.num_samples} samples (FD in our classifier's feature space; lower is better). "
+                    "Checkpoint: file:///s/pipelines/p1/rounds/03-0001")

@@ -180,3 +180,24 @@ def test_the_printed_mlflow_ui_command_serves_the_store_without_the_venv(db_uri:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+def test_a_pipelines_params_are_the_settings_that_tell_pipelines_apart_and_the_config_yaml_is_redacted():
+    from pd_core.config import load_config, pipeline_params
+    from pd_core.config.views import PIPELINE_PARAMS, config_hash
+    from tasks.tracking.redact import redacted_mapping
+
+    cfg = load_config(preset="smoke", overrides=["distill.lr=0.001"])
+    params = pipeline_params(cfg)
+    assert list(params) == [*PIPELINE_PARAMS, "settings_sha256"] and params["distill.lr"] == 0.001
+    other_runtime = load_config(preset="smoke", overrides=["distill.lr=0.001", "runtime.threads=2"])
+    other_eval = load_config(preset="smoke", overrides=["distill.lr=0.001", "eval.seed=7"])
+    assert pipeline_params(other_runtime)["settings_sha256"] == params["settings_sha256"]  # where it runs: same
+    assert pipeline_params(other_eval)["settings_sha256"] != params["settings_sha256"]  # how it measures: not
+    assert params["settings_sha256"] == config_hash(cfg, sections=("model", "diffusion", "data", "teacher", "distill",
+                                                                   "guidance", "eval"))[:16]
+    dump = {"storage": {"root": "s3://b", "storage_options": {"secret": "s3cr3t", "client_kwargs": {"x": 1}}},
+            "tags": ["a", {"token": "t0k"}]}
+    assert redacted_mapping(dump, lambda s: s) == {
+        "storage": {"root": "s3://b", "storage_options": {"secret": "***", "client_kwargs": {"x": 1}}},
+        "tags": ["a", {"token": "***"}]}

@@ -31,12 +31,12 @@ from pd_core.config.training import (
     ModelConfig,
     TeacherConfig,
 )
-from pd_core.config.views import config_hash, field_descriptions, flatten, to_yaml
+from pd_core.config.views import config_hash, field_descriptions, flatten, pipeline_params, to_yaml
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "DiffusionConfig", "DistillConfig", "EvalConfig", "GuidanceConfig",
     "ModelConfig",
     "PipelineConfig", "RuntimeConfig", "StorageConfig", "TeacherConfig", "TrackingConfig",
     "config_hash", "deep_merge", "field_descriptions", "flatten", "list_presets", "load_config",
-    "parse_override", "preset_yaml", "to_yaml", "validate_config",
+    "parse_override", "pipeline_params", "preset_yaml", "to_yaml", "validate_config",
 ]

@@ -1,7 +1,9 @@
 """Views of a validated config: its hash, flat MLflow params, YAML text, and field descriptions.
 
 ``config_hash`` is sha256 of the canonical JSON (sorted keys, no NaN) of the whole config or of the
-named sections; ``flatten`` gives dotted keys -> scalars (lists as JSON, None as 'null').
+named sections; ``flatten`` gives dotted keys -> scalars (lists as JSON, None as 'null');
+``pipeline_params`` picks the few of them that tell pipelines apart (MLflow params; the whole config
+travels as a YAML artifact).
 """
 
 from __future__ import annotations
@@ -64,6 +66,26 @@ def flatten(cfg: Config) -> dict[str, str | int | float | bool]:
 
     walk(cfg.model_dump(mode="json"), "")
     return out
+
+
+# The settings that tell one pipeline from another, in the order a comparison reads them: what was distilled,
+# how, and how it was measured. Everything else is in the run's config.yaml and in ``settings_sha256``.
+PIPELINE_PARAMS = (
+    "pipeline.name", "pipeline.teacher_uri", "pipeline.seed", "data.name", "data.image_size", "model.ch",
+    "model.class_conditional", "diffusion.parameterization", "diffusion.weighting", "teacher.updates", "teacher.lr",
+    "distill.start_steps", "distill.final_steps", "distill.updates_per_round", "distill.batch_size", "distill.lr",
+    "distill.student_parameterization", "guidance.enabled", "eval.num_samples", "eval.features",
+)
+# The sections that decide a pipeline's weights and numbers (not where it stores, tracks or runs).
+RESULT_SECTIONS = ("model", "diffusion", "data", "teacher", "distill", "guidance", "eval")
+
+
+def pipeline_params(cfg: Config) -> dict[str, str | int | float | bool]:
+    """MLflow params of a pipeline's runs: the :data:`PIPELINE_PARAMS` of ``flatten(cfg)`` and
+    ``settings_sha256``, the first 16 hex digits of :func:`config_hash` over :data:`RESULT_SECTIONS` (equal
+    when every setting that decides the results is equal, whatever the params show)."""
+    flat = flatten(cfg)
+    return {**{k: flat[k] for k in PIPELINE_PARAMS}, "settings_sha256": config_hash(cfg, sections=RESULT_SECTIONS)[:16]}
 
 
 def to_yaml(cfg: Config) -> str:

@@ -26,6 +26,8 @@ from tasks.tracking.journal import PENDING_PREFIX, Journal
 from tasks.tracking.sampler_model import log_model, sha256_file
 from tasks.tracking.uris import local_store_path
 from tasks.tracking.views import (
+    DESCRIPTION_TAG,
+    EXPERIMENT_DESCRIPTION,
     EXPERIMENT_KIND_TAG,
     MODEL_TRAINING,
     VIEW_TAG_PREFIX,
@@ -93,7 +95,8 @@ class MlflowOps:
             if found is None:
                 try:
                     exp_id = client.create_experiment(self.experiment, artifact_location=self.artifact_location,
-                                                      tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+                                                      tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING,
+                                                            DESCRIPTION_TAG: EXPERIMENT_DESCRIPTION})
                     where = f" (artifacts at {self.artifact_location})" if self.artifact_location else ""
                     log.info("MLflow experiment %r created%s", self.experiment, where)
                 except MlflowException as err:
@@ -107,6 +110,8 @@ class MlflowOps:
                     log.info("MLflow experiment %r was deleted: restored", self.experiment)
                 if EXPERIMENT_KIND_TAG not in found.tags:
                     client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+                if DESCRIPTION_TAG not in found.tags:  # a description a user wrote stays
+                    client.set_experiment_tag(exp_id, DESCRIPTION_TAG, EXPERIMENT_DESCRIPTION)
             self._experiment_id_cache = exp_id
         return exp_id
 
@@ -266,14 +271,17 @@ class MlflowOps:
         log.info("MLflow model %s logged for run %s (weights sha256 %s)", uri, run_id, sha[:12])
         version = None
         if p["registered_model"]:
-            version = self._register(p["registered_model"], model_id=model_id, run_id=run_id, tags=tags)
+            version = self._register(p["registered_model"], model_id=model_id, run_id=run_id, tags=tags,
+                                     description=p.get("description"))
             # "alias": one name, in journals written before "aliases" existed
             for alias in p.get("aliases") or ([p["alias"]] if p.get("alias") else []):
                 self._op_set_alias({"registered_model": p["registered_model"], "alias": alias, "version": version})
         return uri, version
 
-    def _register(self, name: str, *, model_id: str, run_id: str, tags: dict[str, str]) -> str:
-        """Create the registered model if missing and a version from the logged model; its number."""
+    def _register(self, name: str, *, model_id: str, run_id: str, tags: dict[str, str],
+                  description: str | None = None) -> str:
+        """Create the registered model if missing and a version from the logged model (with ``description``:
+        what the registry's version page says of it); its number."""
         client = self.client
         try:
             client.create_registered_model(name)
@@ -288,6 +296,7 @@ class MlflowOps:
             source = client.get_logged_model(model_id).artifact_location
         else:
             source = f"models:/{model_id}"
-        version = client.create_model_version(name=name, source=source, run_id=run_id, tags=tags, model_id=model_id)
+        version = client.create_model_version(name=name, source=source, run_id=run_id, tags=tags, model_id=model_id,
+                                              description=description)
         log.info("MLflow model %s version %s registered", name, version.version)
         return str(version.version)

@@ -119,6 +119,20 @@ def clean_params(params: Mapping[str, object], red: Callable[[str], str]) -> dic
     return out
 
 
+def redacted_mapping(d: Mapping[str, Any], red: Callable[[str], str]) -> dict[str, Any]:
+    """A nested mapping with every secret-named key's value ``***`` and every string redacted (same shape)."""
+    def clean(key: str, value: Any) -> Any:
+        if _SECRET_KEY.search(key) and value not in (None, ""):
+            return "***"
+        if isinstance(value, Mapping):
+            return {k: clean(str(k), v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean("", v) for v in value]
+        return red(value) if isinstance(value, str) else value
+
+    return {str(k): clean(str(k), v) for k, v in d.items()}
+
+
 def clean_tags(tags: Mapping[str, object] | None, red: Callable[[str], str]) -> dict[str, str]:
     """Redacted, truncated tag values; secret-named keys get ``***``."""
     out: dict[str, str] = {}

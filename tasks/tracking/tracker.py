@@ -284,12 +284,14 @@ class Tracker:
 
     def log_sampler_model(self, run_id: str | None, *, weights_path: str, manifest: dict,
                           registered_model: str | None, tags: dict[str, str] | None = None,
-                          alias: str | Sequence[str] | None = None) -> tuple[str, str | None]:
+                          alias: str | Sequence[str] | None = None,
+                          description: str | None = None) -> tuple[str, str | None]:
         """Log the sampler as a models-from-code pyfunc (safetensors + manifest); register it if asked.
 
         Returns ``(model_uri, version)``: ``models:/<model_id>`` and the registered version (None when
         not registered). ``alias`` (one name or several) is set on that version in the same (journaled)
-        call, so a version registered during an outage gets its aliases on replay. While MLflow
+        call, so a version registered during an outage gets its aliases on replay; ``description`` is the
+        version's description in the registry. While MLflow
         is unreachable returns ``("runs:/<run_id>/sampler", None)`` and the replay does it all later;
         ``("", None)`` when MLflow refused it (logged).
         """
@@ -299,7 +301,8 @@ class Tracker:
         payload = {"run_id": run_id, "weights_path": str(weights_path),
                    "manifest": json.loads(red(json.dumps(manifest))),
                    "registered_model": registered_model, "tags": clean_tags(tags, red),
-                   "aliases": [alias] if isinstance(alias, str) else list(alias or [])}
+                   "aliases": [alias] if isinstance(alias, str) else list(alias or []),
+                   "description": red(description) if description else None}
         result = self._submit("log_sampler_model", payload, offline_result=(f"runs:/{run_id}/{MODEL_NAME}", None))
         return ("", None) if result is None else (result[0], result[1])
 

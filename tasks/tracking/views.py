@@ -1,12 +1,16 @@
 """What MLflow's web UI shows of a pipeline: links that open its model-training view, artifact URLs, saved views.
 
-MLflow 3 (3.17 here) opens an experiment in its GenAI view unless told otherwise. Two things say
-otherwise, and both are used:
+MLflow 3 (3.18 here) opens an experiment in its GenAI view unless told otherwise. What says otherwise:
 
-- the experiment tag ``mlflow.experimentKind`` = ``custom_model_development`` declares the experiment
-  a model-training one (what the UI's own experiment-type selector writes);
-- the UI's workflow toggle lives in each browser, so every link carries ``workflowType=machine_learning``,
-  which opens the "Model training" view (runs, not traces) whatever the browser last used.
+- the UI's workflow switch (*GenAI* / *Model training*, top of the sidebar) lives in each browser
+  (local storage ``mlflow.workflowType``, default GenAI) and, in 3.18, decides the view of every
+  experiment; so every link carries ``workflowType=machine_learning``, which opens the "Model training"
+  view (runs, not traces) whatever the browser last used. Opened from MLflow's home page, an experiment
+  follows the switch: the experiment's description (``mlflow.note.content``, shown on the home page and
+  above the runs table) tells a newcomer to flip it once;
+- the experiment tag ``mlflow.experimentKind`` = ``custom_model_development`` declares the experiment a
+  model-training one (what the UI's own experiment-type selector writes; 3.18's UI reads the switch
+  instead, other MLflow versions and clients read the tag).
 
 A saved view of the runs table (the "Views" menu) is an experiment tag ``mlflow.sharedViewState.<id>``
 whose value is ``{"name", "createdAt", "updatedAt", "state"}``; ``state`` is the JSON of the search
@@ -22,6 +26,11 @@ from collections.abc import Sequence
 from urllib.parse import quote
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+DESCRIPTION_TAG = "mlflow.note.content"  # the experiment's description (markdown) in MLflow's UI
+EXPERIMENT_DESCRIPTION = ("Progressive-distillation pipelines: one parent run per pipeline, a child run per round. "
+                          "A model-training experiment: if MLflow shows traces here, switch the sidebar's toggle "
+                          "from GenAI to Model training (once per browser). The view 'Pipelines: quality by "
+                          "sampling steps' (Views menu) shows every pipeline's FD per step count.")
 MODEL_TRAINING = "custom_model_development"
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 MODEL_TRAINING_QUERY = "workflowType=machine_learning"

@@ -124,7 +124,8 @@ def test_store_holds_one_verified_checkpoint_per_round(pipeline: Pipeline) -> No
 
 
 def test_mlflow_holds_parent_and_one_child_per_round(pipeline: Pipeline) -> None:
-    from pd_core.config import flatten
+    from pd_core.config import flatten, validate_config
+    from pd_core.config.views import PIPELINE_PARAMS
     from tasks.common import resolve_config
 
     client = mlflow_client(pipeline.tracking_uri)
@@ -138,13 +139,18 @@ def test_mlflow_holds_parent_and_one_child_per_round(pipeline: Pipeline) -> None
     names = [f"{NAME}/round-{i:02d}-{t}to{s}" for i, (t, s) in enumerate(ROUND_STEPS, start=1)]
     assert sorted(children) == sorted([f"{NAME}/teacher", *names])
 
-    # Params: the resolved config flattened, same names in every run (+ round/teacher_steps/student_steps).
+    # Params: the settings that tell pipelines apart, same names in every run (+ round/teacher_steps/student_steps);
+    # the whole resolved config is the parent's config.yaml.
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PD_HOME", str(pipeline.home))
         cfg = resolve_config(preset="smoke", name=NAME, config_path=str(pipeline.config_path),
                              tracking_uri=pipeline.tracking_uri)
-    config_names = set(flatten(cfg))
-    assert set(parent.data.params) == config_names
+    config_names = set(PIPELINE_PARAMS) | {"settings_sha256"}
+    assert set(parent.data.params) == config_names and len(config_names) <= 25
+    (pipeline.home / "cfg").mkdir(exist_ok=True)
+    logged = yaml.safe_load(Path(client.download_artifacts(parent_id, "config.yaml", str(pipeline.home / "cfg")))
+                            .read_text())
+    assert flatten(validate_config(logged)) == flatten(cfg)  # the whole resolved config, loadable as it is
     assert parent.data.params["distill.start_steps"] == "8" and parent.data.params["pipeline.name"] == NAME
     per_run = {"round", "teacher_steps", "student_steps"}
     for run in children.values():
@@ -174,7 +180,7 @@ def test_mlflow_holds_parent_and_one_child_per_round(pipeline: Pipeline) -> None
         assert run.data.metrics["seconds_per_image"] > 0
         assert run.data.tags["sample_grid"].endswith(f"/rounds/{index:02d}-{s:04d}.eval/samples-ddim-{s:04d}.png")
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
-        assert artifacts == [f"samples/samples-ddim-{s:04d}.png"], artifacts
+        assert artifacts == ["samples/ddim.png"], artifacts  # one name in every round: Compare shows them side by side
     # The teacher's DDIM baselines at every step count of the chain: a series by step, and a key per step count.
     steps = sorted(m.step for m in client.get_metric_history(teacher_run.info.run_id, "ddim_fd_digits"))
     assert steps == [1, 2, 4, 8]
@@ -182,7 +188,7 @@ def test_mlflow_holds_parent_and_one_child_per_round(pipeline: Pipeline) -> None
         assert teacher_run.data.metrics[f"ddim_fd_digits_{n}steps"] == next(
             m.value for m in client.get_metric_history(teacher_run.info.run_id, "ddim_fd_digits") if m.step == n)
     assert [a.path for a in client.list_artifacts(teacher_run.info.run_id, "samples")] == [
-        "samples/samples-ddim-0008.png"]
+        "samples/ddim.png"]
     # The parent carries the quality table, the series by step count and one key per step count (what
     # MLflow's overview and Compare page show), equal to the table's values.
     assert "distilled_fd_digits" in parent.data.metrics and "teacher_ddim_fd_digits" in parent.data.metrics
