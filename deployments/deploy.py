@@ -10,7 +10,10 @@ idempotently (rerun it after every change):
    `gpu` runs per GPU whatever the number of flow runs;
 3. creates or updates each deployment: its flow is loaded from --project-dir by entrypoint
    (flows are imported only here, lazily), the worker is pointed at --code-dir, and its triggers
-   become automations owned by the deployment (replaced, not duplicated, on each run).
+   become automations owned by the deployment (replaced, not duplicated, on each run);
+4. with --notify-block, the automation `pd-round-notify` (deployments/automation.py): every finished
+   round sent to that notification block by the server, with no flow run. The `pd-notify` flow
+   deployment (a flow run per round: a log line and an artifact) is deployed only with --notify-flow.
 
 `--dry-run` prints the resolved plan as JSON, without a server and without importing the flows.
 Exit codes: 0 ok, 2 bad arguments or configuration, 1 the server refused something.
@@ -91,9 +94,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--notify-block", default=None, metavar="TYPE/NAME",
-        help="notification block pd-notify sends round summaries to (e.g. slack-webhook/team)",
+        help="notification block the automation pd-round-notify sends each finished round to "
+        "(e.g. slack-webhook/team); no flow runs",
     )
-    p.add_argument("--no-notify", action="store_true", help="do not deploy pd-notify")
+    p.add_argument("--notify-flow", action="store_true",
+                   help="also deploy pd-notify: a flow run per finished round (log line and artifact)")
+    p.add_argument("--no-notify", action="store_true", help="deploy no notification (the default without "
+                                                             "--notify-block and --notify-flow)")
     p.add_argument("--spec", default=str(SPEC_PATH), help="the deployment spec (prefect.yaml)")
     p.add_argument("--dry-run", action="store_true", help="print the plan; contact nothing")
     args = p.parse_args(argv)
@@ -140,7 +147,7 @@ def plan(spec: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]
     out: list[dict[str, Any]] = []
     for d in spec["deployments"]:
         name = d["name"]
-        if name == NOTIFY_DEPLOYMENT and args.no_notify:
+        if name == NOTIFY_DEPLOYMENT and (args.no_notify or not args.notify_flow):
             continue
         parameters = dict(d.get("parameters") or {})
         if name in PIPELINE_DEPLOYMENTS:
@@ -153,8 +160,6 @@ def plan(spec: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]
                 parameters["storage"] = args.storage
             if args.tracking_uri:
                 parameters["tracking_uri"] = args.tracking_uri
-        if name == NOTIFY_DEPLOYMENT and args.notify_block:
-            parameters["notify_block"] = args.notify_block
         work_pool = d.get("work_pool") or {}
         job_variables = json.loads(json.dumps(work_pool.get("job_variables") or {}))
         env = job_variables.get("env")
@@ -281,6 +286,16 @@ def register(items: list[dict[str, Any]], args: argparse.Namespace) -> list[tupl
         ids.append((f"{flow.name}/{item['name']}", str(deployment_id)))
         print(f"deployment {flow.name}/{item['name']}: {deployment_id}"
               f" (default parameters {json.dumps(item['parameters'])})")
+    if args.notify_block and not args.no_notify:
+        from deployments.automation import AUTOMATION_NAME, ensure_round_notify_automation
+
+        try:
+            with get_client(sync_client=True) as client:
+                automation_id = ensure_round_notify_automation(client, block=args.notify_block)
+        except ValueError as exc:  # Block.load: no such block
+            raise DeployError(f"--notify-block {args.notify_block}: {exc}") from None
+        ids.append((AUTOMATION_NAME, str(automation_id)))
+        print(f"automation {AUTOMATION_NAME}: {automation_id} (pd.round.completed -> {args.notify_block})")
     return ids
 
 

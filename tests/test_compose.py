@@ -272,7 +272,7 @@ def deploy_plan() -> list[dict]:
 
     args = deploy.parse_args([
         "--gpus", "2", "--preset", "smoke", "--set", "teacher.updates=10",
-        "--storage", "s3://checkpoints/pd", "--tracking-uri", "http://mlflow:5000",
+        "--storage", "s3://checkpoints/pd", "--tracking-uri", "http://mlflow:5000", "--notify-flow",
     ])
     return deploy.plan(deploy.load_spec(SPEC), args)
 

@@ -185,7 +185,7 @@ def test_teacher_run_triggers_distillation_on_the_full_stack(tmp_path: Path, mon
 
     with fs.FullStack(tmp_path / "stack", server_timeout_s=120) as stack:
         info = stack.info
-        stack.deploy(pool=POOL)
+        stack.deploy(pool=POOL, extra_args=("--notify-flow",))  # the pd-notify flow: a run per round
         stack.start_worker(pool=POOL, storage=storage)
         timings["stack up (servers, deploy, worker)"] = round(time.monotonic() - t_start, 1)
         deadline = Deadline(TOTAL_BUDGET_S)
