@@ -247,7 +247,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  {label:>10s}  {student.uri}")
     if result.prefect_run:  # the embedded server ends with this command: its runs are gone, so no link to them
         where = f"  {result.prefect_url}" if server is None and result.prefect_url else \
-            " (on the temporary server this command started; set PREFECT_API_URL to keep runs)"
+            " (on the temporary Prefect server this command started; with PREFECT_API_URL set: a link to it)"
         print(f"  Prefect     {result.prefect_run}{where}")
     print(f"  MLflow      {result.report.mlflow_link}")
     if result.report.mlflow_view:

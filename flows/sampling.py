@@ -180,7 +180,7 @@ def sample_to_grid(*, model: str, steps: int | None, num: int, out: str, sampler
     write_atomically(out, images.png_bytes(images.display_grid(x, caption=caption, scale=scale, nrow=nrow)))
     what = "" if labels is None else f", {'class ' + str(label) if label is not None else 'every class'}, " \
                                      f"guidance w = {guidance or 0.0:g}"
-    line = f"wrote {num} samples ({sampler}, {steps} steps{what}) to {out}"
+    line = f"wrote {num} samples ({sampler}, {steps} step{'' if steps == 1 else 's'}{what}) to {out}"
     if throughput:
         line += f"; {num / seconds:.1f} images/s ({seconds / num * 1e3:.2f} ms/image on {dev.type})"
     return line

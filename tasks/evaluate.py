@@ -48,11 +48,12 @@ def per_step_keys(metrics: dict[str, float], *, steps: int) -> dict[str, float]:
 
 
 def grid_artifact_path(grid_uri: str) -> str:
-    """Where a display grid sits among its run's artifacts: ``samples/ddim.png`` (``samples/ddim-w1.png`` at a
-    guidance weight), the same name in every round's run, so MLflow's Compare page shows the rounds' grids side
-    by side (it compares artifacts of the same path). The step count is in the run and in the grid's caption."""
+    """Where a display grid sits among its run's artifacts: ``samples-ddim.png`` (``samples-ddim-w1.png`` at a
+    guidance weight), the same name in every round's run and at the artifact root, since MLflow's Compare page
+    shows side by side the top-level files the runs have in common. The step count is in the run and in the
+    grid's caption."""
     name = grid_uri.rstrip("/").rsplit("/", 1)[-1]
-    return "samples/" + re.sub(r"^samples-([a-z_]+)-\d{4}", r"\1", name)
+    return re.sub(r"^samples-([a-z_]+)-\d{4}", r"samples-\1", name)
 
 
 def _grid_tag(w: float | None) -> str:
@@ -130,9 +131,10 @@ def _log_grid(tracker, run_id: str | None, store, *, grid_uri: str) -> None:
     if key is None or run_id is None:
         return
     artifact = grid_artifact_path(grid_uri)
+    folder, _, name = artifact.rpartition("/")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / artifact.rsplit("/", 1)[-1]
+        path = Path(tmp) / name
         path.write_bytes(store.get_bytes(key))
-        tracker.log_artifact(run_id, str(path), artifact_path=artifact.rsplit("/", 1)[0])
+        tracker.log_artifact(run_id, str(path), artifact_path=folder or None)
 
 

@@ -78,14 +78,14 @@ def test_report_shows_grids_from_a_server_and_says_where_they_are_otherwise(tmp_
     server = Tracker(tracking_uri="http://mlflow:5000", experiment="x", journal_path=str(tmp_path / "j.jsonl"))
     grid = "s3://b/p/pipelines/smoke/rounds/03-0001.eval/samples-ddim-0001.png"
     shown = _grid_line("1 step", grid_uri=grid, run_id="abc", tracker=server)
-    url = "http://mlflow:5000/get-artifact?path=samples/ddim.png&run_uuid=abc"  # one name in every round
+    url = "http://mlflow:5000/get-artifact?path=samples-ddim.png&run_uuid=abc"  # one name in every round
     assert f"![sample grid]({url})" in shown and f"[open the PNG]({url})" in shown
     local = Tracker(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="x",
                     journal_path=str(tmp_path / "j.jsonl"))
     line = _grid_line("1 step", grid_uri="file:///data/store/x.eval/samples-ddim-0001.png", run_id="abc",
                       tracker=local)
     assert "`/data/store/x.eval/samples-ddim-0001.png`" in line and "![" not in line
-    assert "http://127.0.0.1:5000/get-artifact?path=samples/ddim.png&run_uuid=abc" in line
+    assert "http://127.0.0.1:5000/get-artifact?path=samples-ddim.png&run_uuid=abc" in line
     assert _grid_line("1 step", grid_uri=None, run_id="abc", tracker=local) == "- 1 step: no sample grid"
 
 
@@ -113,9 +113,9 @@ def test_a_student_worse_than_the_teachers_ddim_at_the_same_steps_gets_one_warni
 
 
 def test_every_rounds_grid_has_one_artifact_name_so_compare_lines_them_up():
-    assert grid_artifact_path("s3://b/p/pipelines/x/rounds/03-0001.eval/samples-ddim-0001.png") == "samples/ddim.png"
-    assert grid_artifact_path("file:///s/pipelines/x/rounds/01-0004.eval/samples-ddim-0004.png") == "samples/ddim.png"
-    assert grid_artifact_path("file:///s/x.eval/samples-ddim-0002-w1.5.png") == "samples/ddim-w1.5.png"
+    assert grid_artifact_path("s3://b/p/pipelines/x/rounds/03-0001.eval/samples-ddim-0001.png") == "samples-ddim.png"
+    assert grid_artifact_path("file:///s/pipelines/x/rounds/01-0004.eval/samples-ddim-0004.png") == "samples-ddim.png"
+    assert grid_artifact_path("file:///s/x.eval/samples-ddim-0002-w1.5.png") == "samples-ddim-w1.5.png"
 
 
 def test_a_registered_versions_description_says_steps_round_pipeline_and_fd():

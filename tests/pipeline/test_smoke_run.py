@@ -179,16 +179,15 @@ def test_mlflow_holds_parent_and_one_child_per_round(pipeline: Pipeline) -> None
             assert metric in run.data.metrics, f"{run_name} lacks {metric}"
         assert run.data.metrics["seconds_per_image"] > 0
         assert run.data.tags["sample_grid"].endswith(f"/rounds/{index:02d}-{s:04d}.eval/samples-ddim-{s:04d}.png")
-        artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
-        assert artifacts == ["samples/ddim.png"], artifacts  # one name in every round: Compare shows them side by side
+        artifacts = [a.path for a in client.list_artifacts(run.info.run_id) if not a.is_dir]
+        assert artifacts == ["samples-ddim.png"], artifacts  # one top-level name in every round: Compare shows them
     # The teacher's DDIM baselines at every step count of the chain: a series by step, and a key per step count.
     steps = sorted(m.step for m in client.get_metric_history(teacher_run.info.run_id, "ddim_fd_digits"))
     assert steps == [1, 2, 4, 8]
     for n in steps:
         assert teacher_run.data.metrics[f"ddim_fd_digits_{n}steps"] == next(
             m.value for m in client.get_metric_history(teacher_run.info.run_id, "ddim_fd_digits") if m.step == n)
-    assert [a.path for a in client.list_artifacts(teacher_run.info.run_id, "samples")] == [
-        "samples/ddim.png"]
+    assert [a.path for a in client.list_artifacts(teacher_run.info.run_id) if not a.is_dir] == ["samples-ddim.png"]
     # The parent carries the quality table, the series by step count and one key per step count (what
     # MLflow's overview and Compare page show), equal to the table's values.
     assert "distilled_fd_digits" in parent.data.metrics and "teacher_ddim_fd_digits" in parent.data.metrics
@@ -298,7 +297,7 @@ def test_registered_model_loads_back_through_pd_sample(pipeline: Pipeline) -> No
     proc = pipeline.pd("sample", "--model", f"models:/{model}@final", "--num", "4", "--out", str(out),
                        env={"MLFLOW_TRACKING_URI": pipeline.tracking_uri})
     assert proc.returncode == 0, proc.stderr
-    assert "wrote 4 samples (ddim, 1 steps)" in proc.stdout
+    assert "wrote 4 samples (ddim, 1 step)" in proc.stdout
     assert is_png(out)
     # Embedded defaults: no MLFLOW_TRACKING_URI, the sqlite file `pd run` tracks into (PD_HOME/mlflow.db) is found.
     assert pipeline.tracking_uri == f"sqlite:///{pipeline.home / 'mlflow.db'}"
