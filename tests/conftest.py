@@ -129,3 +129,31 @@ def _pd_core_logs_reach_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
     its extra loggers (``pd_core``): turn it back on per test, so caplog sees pd_core's records
     whatever ran before. Order-independent tests, not a change to what the product logs."""
     monkeypatch.setattr(logging.getLogger("pd_core"), "propagate", True)
+
+
+@pytest.fixture(scope="session")
+def smoke_guided(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The smoke-guided preset run twice (same name, store and MLflow), shared by the files that need a finished
+    guided pipeline: tests/pipeline/test_guided_run.py reads it, and benchmarks/guided/reproduce.py (whose
+    ``--work`` layout it uses: ``store/``, ``mlflow.db``) reuses its checkpoints and evaluations instead of
+    training the same pipeline again. Keys: home, tracking_uri, first / second (PipelineResult), their
+    plain-data forms first_data / second_data, and each run's seconds."""
+    import time
+
+    from flows.pipeline import distillation_pipeline
+    from tests.pipeline.helpers import as_plain_data
+
+    home = tmp_path_factory.mktemp("pd-smoke-guided")
+    tracking_uri = f"sqlite:///{home / 'mlflow.db'}"
+    out: dict = {"home": home, "tracking_uri": tracking_uri}
+    for run in ("first", "second"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PD_HOME", str(home))
+            mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+            mp.delenv("PD_STORAGE", raising=False)
+            t0 = time.perf_counter()
+            result = distillation_pipeline(preset="smoke-guided", storage=str(home / "store"),
+                                           tracking_uri=tracking_uri)
+            out.update({run: result, f"{run}_data": as_plain_data(result), f"{run}_s": time.perf_counter() - t0})
+    print(f"\nsmoke-guided: first run {out['first_s']:.1f}s, second run {out['second_s']:.1f}s")
+    return out

@@ -113,9 +113,10 @@ def test_committed_results_match_results_md_and_readme():
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.timeout(1500)
-def test_reproduce_end_to_end_on_the_smoke_guided_preset(tmp_path):
+def test_reproduce_end_to_end_on_the_smoke_guided_preset(tmp_path, smoke_guided):
     """The one command on smoke-guided: a real `pd run`, then every results file from the store and MLflow; a rerun
-    trains nothing and gives the same table."""
+    trains nothing and gives the same table. Its --work is the shared smoke-guided pipeline's (tests/conftest.py):
+    the `pd run` finds every checkpoint and evaluation there, so the pipeline is trained once per session."""
     import json
     import os
     import subprocess
@@ -123,11 +124,12 @@ def test_reproduce_end_to_end_on_the_smoke_guided_preset(tmp_path):
 
     env = {**os.environ, "PD_HOME": str(tmp_path / "home")}
     env.pop("PREFECT_API_URL", None)
-    out, work = tmp_path / "out", tmp_path / "work"
+    out, work = tmp_path / "out", smoke_guided["home"]
     cmd = [sys.executable, "-m", "benchmarks.guided.reproduce", "--preset", "smoke-guided", "--work", str(work),
            "--out", str(out), "--no-readme"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "teacher step" not in proc.stdout  # the shared pipeline's checkpoints were reused, nothing trained again
     df = pd.read_csv(out / "results.csv")
     assert list(df.columns) == rp.COLUMNS
     acc = df[df.metric == "sample_accuracy"]

@@ -5,45 +5,24 @@ store. A second run trains nothing.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.pipeline.helpers import as_plain_data, assert_one_line_error, children_of, is_png, mlflow_client, parent_of
+from tests.pipeline.helpers import assert_one_line_error, children_of, is_png, mlflow_client, parent_of
 from tests.pipeline.helpers import run_pd as run_pd_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-NAME = "guided"
+NAME = "smoke-guided"  # the preset's pipeline name, as benchmarks/guided/reproduce.py runs it
 ROUND_STEPS = [(8, 4), (4, 2), (2, 1)]
 WEIGHTS = (0.0, 1.0)  # eval.guidance_weights of the smoke-guided preset
 
 
-def _run(home: Path, tracking_uri: str) -> tuple[object, dict, float]:
-    from flows.pipeline import distillation_pipeline
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PD_HOME", str(home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("PD_STORAGE", raising=False)
-        t0 = time.perf_counter()
-        result = distillation_pipeline(preset="smoke-guided", name=NAME, storage=str(home / "store"),
-                                       tracking_uri=tracking_uri)
-        return result, as_plain_data(result), time.perf_counter() - t0
-
-
 @pytest.fixture(scope="module")
-def runs(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """The smoke-guided preset run twice with the same name, store and MLflow."""
-    home = tmp_path_factory.mktemp("pd-guided")
-    tracking_uri = f"sqlite:///{home / 'mlflow.db'}"
-    first, first_data, first_s = _run(home, tracking_uri)
-    second, second_data, second_s = _run(home, tracking_uri)
-    print(f"\nsmoke-guided: first run {first_s:.1f}s, second run {second_s:.1f}s")
-    yield {"home": home, "tracking_uri": tracking_uri, "first": first, "first_data": first_data,
-           "second": second, "second_data": second_data}
+def runs(smoke_guided: dict) -> dict:
+    """The smoke-guided preset run twice with the same name, store and MLflow (tests/conftest.py)."""
+    return smoke_guided
 
 
 def test_both_stages_run_and_each_checkpoint_descends_from_the_last(runs: dict) -> None:
