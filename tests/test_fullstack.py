@@ -58,7 +58,9 @@ FAST_OVERRIDES = [
     "eval.stochastic_gammas=[]",  # teacher baselines: DDIM only (the stochastic sampler has its own tests)
 ]
 ROUNDS = [(1, 8, 4), (2, 4, 2), (3, 2, 1)]  # smoke: start_steps 8, final_steps 1
-TOTAL_BUDGET_S = 360  # every wait after the stack is up (~40 s); pytest-timeout below is the backstop
+# Every wait after the stack is up, together: a bound on a hang, not a speed target. 344 s for the whole test was
+# measured on 2 cores at load 12; an idle machine needs a fraction of it. pytest-timeout below is the backstop.
+TOTAL_BUDGET_S = 900
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 REQUIRE_TRAINING_LINES = True  # pd_core lines reach Prefect run logs (tasks.env.attach_pd_core_logs)
 
@@ -166,7 +168,7 @@ def _fail_with_logs(prefect: Prefect, run: Any, what: str, stack: Any) -> None:
                     f"{prefect.logs_of(run.id)}\n--- worker:\n{fs.tail(stack.services['worker'].log_path)}")
 
 
-@pytest.mark.timeout(480, method="signal")  # backstop: a signal, so the stack's cleanup still runs
+@pytest.mark.timeout(1080, method="signal")  # backstop: a signal, so the stack's cleanup still runs
 def test_teacher_run_triggers_distillation_on_the_full_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reason = _skip_reason()
     if reason:
@@ -183,7 +185,7 @@ def test_teacher_run_triggers_distillation_on_the_full_stack(tmp_path: Path, mon
     t_start = time.monotonic()
     timings: dict[str, float] = {}
 
-    with fs.FullStack(tmp_path / "stack", server_timeout_s=120) as stack:
+    with fs.FullStack(tmp_path / "stack", server_timeout_s=300) as stack:
         info = stack.info
         stack.deploy(pool=POOL, extra_args=("--notify-flow",))  # the pd-notify flow: a run per round
         stack.start_worker(pool=POOL, storage=storage)
@@ -202,13 +204,13 @@ def test_teacher_run_triggers_distillation_on_the_full_stack(tmp_path: Path, mon
             teacher_run = run_deployment("train-teacher/pd-teacher", timeout=0, flow_run_name=f"teacher-{name}",
                                          parameters={"preset": "smoke", "name": name, "overrides": overrides})
             fs.log(f"pd-teacher: flow run {teacher_run.id} created (pipeline {name}, storage {storage})")
-            teacher_run = prefect.wait_for(teacher_run.id, what="pd-teacher", timeout_s=deadline.left(240), stack=stack)
+            teacher_run = prefect.wait_for(teacher_run.id, what="pd-teacher", timeout_s=deadline.left(600), stack=stack)
             _fail_with_logs(prefect, teacher_run, "pd-teacher", stack)
             timings["teacher flow run"] = round(time.monotonic() - t0, 1)
 
             # 2. The trigger starts pd-distill for the same pipeline name.
             t0 = time.monotonic()
-            wait_s = deadline.left(90)
+            wait_s = deadline.left(300)
             distill_run = None
             while distill_run is None:
                 distill_run = next((r for r in prefect.flow_runs_of(distill_id) if r.parameters.get("name") == name),
@@ -224,7 +226,7 @@ def test_teacher_run_triggers_distillation_on_the_full_stack(tmp_path: Path, mon
             fs.log(f"pd-distill: flow run {distill_run.id} created by the trigger (automation "
                    f"{distill_run.created_by.display_value if distill_run.created_by else '?'})")
             t0 = time.monotonic()
-            distill_run = prefect.wait_for(distill_run.id, what="pd-distill", timeout_s=deadline.left(360), stack=stack)
+            distill_run = prefect.wait_for(distill_run.id, what="pd-distill", timeout_s=deadline.left(900), stack=stack)
             _fail_with_logs(prefect, distill_run, "pd-distill", stack)
             timings["distill flow run"] = round(time.monotonic() - t0, 1)
 
@@ -269,7 +271,7 @@ def test_teacher_run_triggers_distillation_on_the_full_stack(tmp_path: Path, mon
 
             # 3. pd-notify: one run per pd.round.completed event.
             t0 = time.monotonic()
-            wait_s = deadline.left(120)
+            wait_s = deadline.left(300)
             while True:
                 notify_runs = [r for r in prefect.flow_runs_of(notify_id) if r.parameters.get("pipeline") == name]
                 done = [r for r in notify_runs if r.state and r.state.type.value in TERMINAL]
