@@ -362,7 +362,7 @@ def _start_server(*, db: Path, port: int, artifacts: Path, log_path: Path) -> su
         # Own session: the server's worker processes are killed with it (os.killpg).
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=db.parent, env=env,
                                 start_new_session=True)
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 300  # a hang bound: MLflow starts slowly on a loaded machine
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"mlflow server exited: {log_path.read_text()[-2000:]}")
@@ -373,7 +373,7 @@ def _start_server(*, db: Path, port: int, artifacts: Path, log_path: Path) -> su
         except OSError:
             time.sleep(0.2)
     _kill(proc)
-    raise RuntimeError(f"mlflow server did not start in 90 s: {log_path.read_text()[-2000:]}")
+    raise RuntimeError(f"mlflow server did not start in 300 s: {log_path.read_text()[-2000:]}")
 
 
 def _kill(proc: subprocess.Popen) -> None:
