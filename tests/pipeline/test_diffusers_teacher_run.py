@@ -55,7 +55,7 @@ def test_the_flow_imports_distills_evaluates_tracks_and_reports(run):
         assert student["steps"] == steps and student["diffusers_unet2d"] is not None
         assert student["parameterization"] == kinds.EPS_TEACHER_STUDENT  # auto for an eps teacher
         assert is_png(root / "pipelines" / NAME / f"{key}.eval" / f"grid-ddim-{steps:04d}.png")
-    assert "1 steps" in first.stdout and "teacher" in first.stdout
+    assert "      1 step  " in first.stdout and "teacher" in first.stdout  # the 1-step student's line
     report = (root / "pipelines" / NAME / "report" / "quality.csv").read_text()
     assert "teacher_ddim" in report and "distilled" in report
     client = mlflow_client(tracking)
