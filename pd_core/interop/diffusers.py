@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from pd_core._checks import state_misfit
 from pd_core.interop.diffusers_folder import WEIGHTS_NAME, DiffusersImportError, FolderConfigs, read_configs
 from pd_core.schedule import DiscreteSchedule
 
+log = logging.getLogger(__name__)
 PREFIX = "unet."  # key prefix of the UNet2DModel's tensors inside DiffusersUNetNet's state dict
 MAX_WEIGHTS_BYTES = 8 << 30  # bigger than any UNet2DModel published so far
 
@@ -102,6 +104,8 @@ def read_diffusers_model(uri: str, *, storage_options: dict | None = None) -> Di
     except ValueError as err:  # a table DiscreteSchedule refuses (not decreasing, values outside (0, 1))
         raise DiffusersImportError(f"{configs.scheduler_source}: {err}") from None
     weights, sha256 = _read_weights(configs)
+    for note in configs.scheduler_notes:  # every scheduler setting the import does not use, and why
+        log.warning("%s", note)
     check_weights_fit(weights, configs.unet_config, source=configs.weights_url())
     return DiffusersModel(unet_config=configs.unet_config, scheduler_config=configs.scheduler_config,
                           weights=weights, parameterization=configs.parameterization, schedule=schedule,
