@@ -3,9 +3,10 @@
 A model trained in discrete time sees timestep k of its table alpha_bar_k (``alphas_cumprod``).
 Its noise schedule is :class:`~pd_core.schedule.DiscreteSchedule` of the scheduler's own float32
 table (what diffusers computes from the config, not a re-derivation), and the network runs at the
-fractional timestep tau = timestep(lambda) that schedule assigns to a log-SNR
-(:class:`DiffusersUNetNet`), so DDIM over it is diffusers' "trailing" DDIM. Which folders and
-configs are accepted is :mod:`pd_core.interop.diffusers_folder`; weights come from safetensors only.
+timestep tau = timestep(lambda) that schedule assigns to a log-SNR (:class:`DiffusersUNetNet`; an
+integer on every sampler grid), so DDIM over it is diffusers' "trailing" DDIM. Which folders and
+configs are accepted is :mod:`pd_core.interop.diffusers_folder` and :mod:`pd_core.interop.schedulers`
+(every scheduler setting not used is logged as a warning at import); weights come from safetensors only.
 
 Stored checkpoints hold the state dict of :class:`DiffusersUNetNet`, i.e. the UNet2DModel's
 tensors under ``unet.``; :func:`unet_state_dict` strips that prefix again.
