@@ -6,7 +6,11 @@ its default call arguments (:func:`pd_core.interop.diffusers_ddim.folder_ddim`: 
 clipped, the model's eps kept), on the same noise as every other record. Our own DDIM over the
 imported teacher (trailing integer timesteps, x_hat clipped, eps re-derived) is ``teacher_ddim``.
 ``teacher_ddim_seed1``: our DDIM over the imported teacher with another noise seed (FD only), for the
-sampling noise of one measurement. Both use the pipeline's feature network, reference and
+sampling noise of one measurement. ``distilled_unclipped`` and ``distilled_eps_from_clipped_x``: each
+distilled student at its own N sampled without clipping, and with x_hat clipped and eps re-derived
+from it, beside ``distilled`` (x_hat clipped, the model's eps kept: what the stock ``DDIMPipeline``
+does with an export's ``clip_sample=True``): the clipped-vs-unclipped measurement behind that choice.
+All use the pipeline's feature network, reference and
 evaluation settings, and are cached in the store under the teacher's weights sha256 like the
 pipeline's own records.
 """
@@ -19,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pd_core import evaluation
+from pd_core import evaluation, samplers
 from pd_core.config import Config
 from pd_core.evaluation import FeatureContext, eval_hash, records_prefix
 from pd_core.interop.diffusers_ddim import folder_ddim
@@ -95,4 +99,32 @@ def seed_spread_records(cfg: Config, store: CheckpointStore, ctx: FeatureContext
                     "model_sha256": manifest["sha256"]}
 
         out.append(_cached(store, key, compute))
+    return out
+
+
+CLIP_MODES = {"distilled_unclipped": {"clip": False}, "distilled_eps_from_clipped_x": {"clip": True, "keep_eps": False}}
+
+
+def clip_study_records(cfg: Config, store: CheckpointStore, ctx: FeatureContext, *,
+                       student_keys: dict[int, str]) -> list[dict]:
+    """Each student (N -> key) sampled by DDIM at its N in the :data:`CLIP_MODES` (cached), FD and the rest."""
+    out = []
+    for n, key in sorted(student_keys.items()):
+        manifest = store.read_manifest(key)
+        model = load_model(store, key)
+        denoiser = evaluation.sampling_denoiser(model, autocast_dtype=None, compile=False)
+        for label, mode in CLIP_MODES.items():
+            cache = f"{records_prefix(manifest['sha256'])}/ddim-{label}-{n:04d}-{eval_hash(cfg)}.json"
+
+            def compute(n: int = n, label: str = label, mode: dict = mode, model=model, denoiser=denoiser,
+                        sha256: str = manifest["sha256"]) -> dict:
+                def sample(noise: Tensor) -> Tensor:
+                    with torch.inference_mode():
+                        return samplers.ddim(denoiser, noise, num_steps=n, schedule=model.schedule, **mode)
+
+                metrics = _measure(cfg, ctx, sample, shape=model.image_shape, seed=cfg.eval.seed)
+                return {"sampler": label, "steps": n, "gamma": None, **metrics, "model_sha256": sha256}
+
+            out.append(_cached(store, cache, compute))
+            print(f"{label} {n:>3d} steps: {ctx.extractor.fd_name} {out[-1][ctx.extractor.fd_name]:.3f}", flush=True)
     return out

@@ -12,7 +12,8 @@ import pandas as pd
 MAIN = "fmnist-diffusers"
 SAMPLERS = {"diffusers_ddim": "diffusers' DDIM",
             "teacher_ddim": "our trailing DDIM (same noise)", "teacher_ddim_seed1": "our DDIM (other noise seed)",
-            "distilled": "distilled"}
+            "distilled": "distilled", "distilled_unclipped": "distilled, unclipped",
+            "distilled_eps_from_clipped_x": "distilled, eps from the clipped x"}
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -62,8 +63,10 @@ def results_markdown(df: pd.DataFrame, summary: Mapping, *, store: Path) -> str:
               "(num_inference_steps=N)` does with its defaults (the folder's own scheduler settings: spacing, "
               "`steps_offset`, `set_alpha_to_one`, `clip_sample`; x0 clipped, the model's eps kept), same noise; "
               "`teacher_ddim` = our DDIM over the imported teacher (diffusers' trailing integer timesteps, x_hat "
-              "clipped, eps re-derived); `teacher_ddim_seed1` = ours with another noise "
-              "seed (how much one number moves with the noise); `distilled` = the N-step student.",
+              "clipped, the model's eps kept, as the stock pipeline over an export); `teacher_ddim_seed1` = ours "
+              "with another noise seed (how much one number moves with the noise); `distilled` = the N-step "
+              "student (x clipped, eps kept); `distilled_unclipped`, `distilled_eps_from_clipped_x` = the same "
+              "student unclipped, and with eps re-derived from the clipped x (the clipping choice).",
               "", f"## Quality vs steps ({fd}, lower is better)", "",
               "| steps | " + " | ".join(SAMPLERS[s] for s in SAMPLERS if s in w.columns) + " |",
               "|---:|" + "---:|" * sum(s in w.columns for s in SAMPLERS)]
