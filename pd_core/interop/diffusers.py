@@ -149,8 +149,8 @@ class DiffusersUNetNet(nn.Module):
     """net(z, logsnr, y) = unet(z, tau(logsnr), class_labels=y).sample, tau from the model's own schedule.
 
     The network :class:`~pd_core.denoiser.Denoiser` wraps for an imported model: it maps the
-    log-SNR the samplers and the distillation target work in to the fractional timestep the
-    UNet2DModel was trained on (:meth:`DiscreteSchedule.timestep`). :meth:`at_timestep` calls it at
+    log-SNR the samplers and the distillation target work in to the timestep the UNet2DModel was
+    trained on (:meth:`DiscreteSchedule.timestep`: an integer at every grid point). :meth:`at_timestep` calls it at
     a given timestep (the ONNX export bakes the timesteps in as constants).
     """
 
@@ -160,7 +160,7 @@ class DiffusersUNetNet(nn.Module):
         self.schedule = schedule
 
     def at_timestep(self, z: Tensor, timestep: Tensor, y: Tensor | None = None) -> Tensor:
-        """The UNet2DModel's output at (fractional) timesteps ``timestep`` (B,); ``y`` only reaches a
+        """The UNet2DModel's output at timesteps ``timestep`` (B,); ``y`` only reaches a
         class-conditional model (training batches carry their dataset's labels either way)."""
         labels = y if self.unet.class_embedding is not None else None
         return self.unet(z, timestep, class_labels=labels).sample
