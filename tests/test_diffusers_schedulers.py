@@ -111,3 +111,16 @@ def test_each_unused_scheduler_setting_is_named_at_import_saying_why(caplog):
     notes = read_configs(f"diffusers:{folder}").scheduler_notes
     assert any("variance_type=" in n and "DDPMScheduler" in n for n in notes)
     assert not any("clip_sample=" in n for n in notes)  # True is what our samplers do
+
+
+def test_ddim_settings_at_our_values_are_not_named_and_thresholding_names_its_own_settings():
+    from pd_core.interop.schedulers import scheduler_notes
+
+    ours = {"timestep_spacing": "trailing", "set_alpha_to_one": True, "clip_sample": True, "clip_sample_range": 1.0,
+            "thresholding": False, "steps_offset": 0, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0,
+            "beta_schedule": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon"}
+    assert scheduler_notes("DDIMScheduler", ours, source="s.json") == ()
+    notes = scheduler_notes("DDIMScheduler", {**ours, "thresholding": True, "solver_order": 2}, source="s.json")
+    named = {n.split(": ", 1)[1].split("=")[0] for n in notes}
+    assert named == {"thresholding", "dynamic_thresholding_ratio", "sample_max_value", "solver_order"}
+    assert all(n.startswith("s.json: ") and "\n" not in n for n in notes)
