@@ -22,9 +22,10 @@ def export_model(*, model: str, fmt: str, out: str, steps: int | None = None,
         from pd_core.export.to_diffusers import export_diffusers
 
         path = export_diffusers(loaded, out=out, steps=steps)
+        card = (path / "README.md").read_text(encoding="utf-8")
         return (f"wrote a diffusers folder ({steps}-step {loaded.denoiser.parameterization} sampler) to {path}: "
-                f"UNet2DModel.from_pretrained('{path}', subfolder='unet'); the sampling loop reads "
-                f"{path}/pd_sampler.json")
+                f"DDIMPipeline.from_pretrained('{path}')(num_inference_steps={steps}) samples it as pd sample "
+                f"does; its model card, {path}/README.md:\n\n{card}")
     from pd_core.export.to_onnx import export_onnx
 
     path = export_onnx(loaded, out=out, steps=steps)

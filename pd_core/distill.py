@@ -5,6 +5,11 @@ Student with N steps, teacher with 2N. For t = (i + 1) / N, t' = t - 0.5/N, t'' 
     z_t'' = alpha_t'' x_hat(z_t', t') + sigma_t'' eps_hat(z_t', t')
     x_tilde = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t)
 and for i = 0 (the student's last step, which returns x_hat) x_tilde = x_hat(z_t', t').
+Each step lands where the sampler's DDIM step does (:func:`schedule.ddim_destination`): t' and t''
+above on a continuous schedule; on a discrete one diffusers' rule tau(t) - T // (2N) for the
+teacher's steps and tau(t) - T // N in x_tilde (the student's step), which is the same when N
+divides T; a destination at the clean end (lambda = +inf: alpha = 1, sigma = 0) makes the formula
+x_tilde = z_t'' (= x_hat(z_t', t') when the teacher's second step ends there too).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from torch import Tensor
 
 from pd_core._checks import broadcast_to, check_batch_vector, check_image_batch, check_num_steps
 from pd_core.denoiser import Denoiser, DenoiserFn
-from pd_core.schedule import COSINE, Schedule, alpha_sigma
+from pd_core.schedule import COSINE, Schedule, alpha_sigma, ddim_destination
 from pd_core.weighting import check_combination, per_example_loss
 
 
@@ -40,28 +45,28 @@ def distillation_target(teacher: DenoiserFn, *, z: Tensor, t: Tensor, num_steps:
     check_num_steps("num_steps", num_steps)
     check_image_batch("z", z)
     check_batch_vector("t", t, batch=z.shape[0])
-    i = _check_student_times(t, num_steps=num_steps)
+    _check_student_times(t, num_steps=num_steps)
     t = t.to(z.dtype)
-    return _two_step_target(teacher, z=z, t=t, lam_t=schedule.logsnr(t), last=i == 0, num_steps=num_steps,
+    return _two_step_target(teacher, z=z, t=t, lam_t=schedule.logsnr(t), num_steps=num_steps,
                             schedule=schedule)
 
 
-def _two_step_target(teacher: DenoiserFn, *, z: Tensor, t: Tensor, lam_t: Tensor, last: Tensor, num_steps: int,
+def _two_step_target(teacher: DenoiserFn, *, z: Tensor, t: Tensor, lam_t: Tensor, num_steps: int,
                      schedule: Schedule) -> Tensor:
     """:func:`distillation_target` for a valid grid t (no checks: no host syncs), lam_t = lambda(t) given."""
-    lam_mid = schedule.logsnr_unchecked((t - 0.5 / num_steps).clamp(min=0.0))
-    lam_s = schedule.logsnr_unchecked((t - 1.0 / num_steps).clamp(min=0.0))
-
+    t_mid = (t - 0.5 / num_steps).clamp(min=0.0)
+    lam_mid = schedule.logsnr_unchecked(t_mid)  # the teacher's second evaluation, on its grid
     x_hat, eps_hat = teacher(z, lam_t)
-    z_mid = ddim_step(x_hat=x_hat, eps_hat=eps_hat, logsnr_s=lam_mid)
+    z_mid = ddim_step(x_hat=x_hat, eps_hat=eps_hat, logsnr_s=ddim_destination(schedule, t, num_steps=2 * num_steps))
     x_mid, eps_mid = teacher(z_mid, lam_mid)
-    z_s = ddim_step(x_hat=x_mid, eps_hat=eps_mid, logsnr_s=lam_s)
+    z_s = ddim_step(x_hat=x_mid, eps_hat=eps_mid, logsnr_s=ddim_destination(schedule, t_mid, num_steps=2 * num_steps))
 
+    lam_s = ddim_destination(schedule, t, num_steps=num_steps)  # where the student's one step lands
     alpha_t, sigma_t = (broadcast_to(v, z) for v in alpha_sigma(lam_t))
     alpha_s, sigma_s = (broadcast_to(v, z) for v in alpha_sigma(lam_s))
     ratio = sigma_s / sigma_t
     x_tilde = (z_s - ratio * z) / (alpha_s - ratio * alpha_t)
-    return torch.where(broadcast_to(last, z), x_mid, x_tilde)
+    return x_tilde  # = z_s = x_mid at the student's last step (lambda_s = +inf: alpha_s = 1, sigma_s = 0)
 
 
 class DistillationLoss:
@@ -93,7 +98,7 @@ class DistillationLoss:
         alpha, sigma = (broadcast_to(v, x) for v in alpha_sigma(lam))
         z = alpha * x + sigma * eps
         with torch.no_grad():
-            x_tilde = _two_step_target(self.teacher, z=z, t=t, lam_t=lam, last=i == 0, num_steps=n,
+            x_tilde = _two_step_target(self.teacher, z=z, t=t, lam_t=lam, num_steps=n,
                                        schedule=self.schedule)
         return z, lam, x_tilde.float()
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from pd_core._checks import broadcast_to, check_image_batch, check_num_steps
 from pd_core.denoiser import DenoiserFn
 from pd_core.parameterization import clip_x_eps
-from pd_core.schedule import COSINE, Schedule, alpha_sigma
+from pd_core.schedule import COSINE, DiscreteSchedule, Schedule, alpha_sigma, ddim_destination
 
 Callback = Callable[[int, int], None]
 
@@ -31,8 +31,21 @@ def _logsnr_table(*, num_steps: int, batch: int, like: Tensor, schedule: Schedul
     return table.to(like.device, non_blocking=True)
 
 
-def _denoise(denoiser: DenoiserFn, z: Tensor, lam: Tensor, *, clip: bool) -> tuple[Tensor, Tensor]:
+def _destination_table(*, num_steps: int, batch: int, like: Tensor, schedule: Schedule) -> tuple[Tensor, list[bool]]:
+    """Where DDIM step i (from t = (i + 1) / N) lands, :func:`schedule.ddim_destination`: shape (N, B), and
+    per step whether that is the clean end (the step returns x_hat)."""
+    t = torch.arange(1, num_steps + 1, dtype=torch.float64) / num_steps
+    dest = ddim_destination(schedule, t, num_steps=num_steps)  # (N,) float64, on the host
+    clean = [bool(v) for v in torch.isinf(dest)]
+    table = dest.to(like.dtype)[:, None].expand(num_steps, batch).contiguous()
+    return table.to(like.device, non_blocking=True), clean
+
+
+def _denoise(denoiser: DenoiserFn, z: Tensor, lam: Tensor, *, clip: bool,
+            keep_eps: bool = False) -> tuple[Tensor, Tensor]:
     x_hat, eps_hat = denoiser(z, lam)
+    if clip and keep_eps:
+        return x_hat.clamp(-1.0, 1.0), eps_hat
     return clip_x_eps(x_hat, z=z, logsnr=lam) if clip else (x_hat, eps_hat)
 
 
@@ -43,17 +56,27 @@ def _validate(z: Tensor, num_steps: int) -> None:
 
 @torch.no_grad()
 def ddim(denoiser: DenoiserFn, z: Tensor, *, num_steps: int, clip: bool = True, callback: Callback | None = None,
-         schedule: Schedule = COSINE) -> Tensor:
-    """DDIM: z_s = alpha_s x_hat + sigma_s eps_hat; returns x_hat at the last step (N network calls)."""
+         schedule: Schedule = COSINE, keep_eps: bool | None = None) -> Tensor:
+    """DDIM: z_s = alpha_s x_hat + sigma_s eps_hat (N network calls).
+
+    Step i evaluates the network at t = (i + 1) / N and lands at :func:`schedule.ddim_destination`
+    (t - 1 / N; on a discrete schedule diffusers' ``DDIMScheduler`` rule, so DDIM over an imported
+    model is diffusers' trailing DDIM at every N); a step landing on the clean end returns x_hat.
+    With ``clip``, x_hat is clipped to [-1, 1] and eps_hat re-derived from it, or, with ``keep_eps``,
+    the model's eps_hat kept: diffusers' ``DDIMScheduler`` with ``clip_sample=True`` and its default
+    ``use_clipped_model_output=False``. ``keep_eps=None`` keeps eps on a discrete schedule (so DDIM over
+    an imported model or its student is the stock ``DDIMPipeline`` call) and re-derives it otherwise.
+    """
+    keep_eps = isinstance(schedule, DiscreteSchedule) if keep_eps is None else keep_eps
     _validate(z, num_steps)
     lams = _logsnr_table(num_steps=num_steps, batch=z.shape[0], like=z, schedule=schedule)
+    dest, clean = _destination_table(num_steps=num_steps, batch=z.shape[0], like=z, schedule=schedule)
     for i in reversed(range(num_steps)):
-        lam_t, lam_s = lams[i + 1], lams[i]
-        x_hat, eps_hat = _denoise(denoiser, z, lam_t, clip=clip)
-        if i == 0:
+        x_hat, eps_hat = _denoise(denoiser, z, lams[i + 1], clip=clip, keep_eps=keep_eps)
+        if clean[i]:
             z = x_hat
         else:
-            alpha_s, sigma_s = (broadcast_to(v, z) for v in alpha_sigma(lam_s))
+            alpha_s, sigma_s = (broadcast_to(v, z) for v in alpha_sigma(dest[i]))
             z = alpha_s * x_hat + sigma_s * eps_hat
         if callback is not None:
             callback(num_steps - i, num_steps)

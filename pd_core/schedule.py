@@ -132,12 +132,15 @@ COSINE = CosineSchedule()  # the default schedule of every function that takes o
 class DiscreteSchedule:
     """A DDPM-style schedule given by its table alpha_bar_k (``alphas_cumprod``), k = 0 .. T - 1.
 
-    lambda_k = log(alpha_bar_k / (1 - alpha_bar_k)). Continuous time maps to the fractional timestep
-    tau(t) = t T - 1, so the uniform N-step grid t_i = i / N lands on the "trailing" timesteps
-    i T / N - 1 of diffusers' DDIM (t = 1 is the last training timestep; t = 0 is the clean end,
-    alpha = 1, lambda = +inf, as with ``set_alpha_to_one``). Between table points lambda is
-    interpolated linearly in tau; times 0 < t < 1 / T are finer than the model's timesteps and are
-    refused by :meth:`logsnr`. :meth:`timestep` inverts the map for the network's time input.
+    lambda_k = log(alpha_bar_k / (1 - alpha_bar_k)). Continuous time maps to the integer timestep
+    tau(t) = round(t T) - 1 (round half to even, as numpy), so the N-step grid t_i = i / N lands on
+    diffusers' "trailing" timesteps round(i T / N) - 1 at every N (exactly diffusers'
+    ``set_timesteps`` whenever T / N is a binary fraction: every power-of-two N and every N dividing
+    T), and the grid of N / 2 steps is every other point of the grid of N (the same t, the same
+    tau): a distilled student walks timesteps its teacher was trained on. t = 0 is the clean end,
+    alpha = 1, lambda = +inf, as with ``set_alpha_to_one``; times 0 < t < 1 / T are finer than the
+    model's timesteps and are refused by :meth:`logsnr`. :meth:`timestep` inverts the map for the
+    network's time input. Where a DDIM step lands is :func:`ddim_destination`.
     """
 
     def __init__(self, alphas_cumprod: Tensor | list[float]):
@@ -174,29 +177,50 @@ class DiscreteSchedule:
                                  f"in [{t.min().item()}, {t.max().item()}] (a grid finer than the model's timesteps)")
         return self.logsnr_unchecked(t)
 
+    def timesteps(self, t: Tensor) -> Tensor:
+        """tau(t) = round(t T) - 1 (int64, clamped to [0, T - 1]); t = 0 maps to 0 (the clean end is lambda = +inf)."""
+        return (torch.round(t.double() * self.num_timesteps) - 1.0).clamp(0.0, self.num_timesteps - 1.0).long()
+
     def logsnr_unchecked(self, t: Tensor) -> Tensor:
-        """lambda at tau = t T - 1, linear between table points; +inf at t = 0, lambda_0 for 0 < t < 1 / T."""
-        table = self.table.to(t.device)
-        tau = (t.double() * self.num_timesteps - 1.0).clamp(0.0, self.num_timesteps - 1.0)
-        lo = tau.floor().long().clamp(max=self.num_timesteps - 2)
-        frac = tau - lo.double()
-        lam = table[lo] + frac * (table[lo + 1] - table[lo])
+        """lambda_{tau(t)}; +inf at t = 0, lambda_0 for 0 < t < 1 / T."""
+        lam = self.table.to(t.device)[self.timesteps(t)]
         lam = torch.where(t == 0, torch.full_like(lam, math.inf), lam)
         return lam.to(t.dtype)
 
     def timestep(self, lam: Tensor) -> Tensor:
-        """The fractional timestep tau whose interpolated log-SNR is ``lam`` (inverse of the map above), float32."""
+        """The timestep tau whose log-SNR is ``lam``, float32: linear in tau between table points, and the
+        integer k itself where ``lam`` is lambda_k up to float32 round-off (within 1e-3 of a timestep)."""
         table = self.table.to(lam.device)
         lam64 = lam.double().clamp(min=float(table[-1]), max=float(table[0]))
         # table is decreasing: searchsorted on -table (increasing) gives the segment [lo, lo + 1] holding lam
         hi = torch.searchsorted(-table, -lam64.contiguous(), right=False).clamp(1, self.num_timesteps - 1)
         lo = hi - 1
-        frac = (table[lo] - lam64) / (table[lo] - table[hi])
-        return (lo.double() + frac).float()
+        tau = lo.double() + (table[lo] - lam64) / (table[lo] - table[hi])
+        nearest = torch.round(tau)
+        return torch.where((tau - nearest).abs() < 1e-3, nearest, tau).float()
 
     def to_dict(self) -> dict:
         """``{"kind": "discrete", "alphas_cumprod": [...]}``."""
         return {"kind": "discrete", "alphas_cumprod": [float(v) for v in self.alphas_cumprod]}
+
+
+def ddim_destination(schedule: Schedule, t: Tensor, *, num_steps: int) -> Tensor:
+    """The log-SNR where one DDIM step of an N-step sampler from grid time t (in {1/N, ..., 1}) lands.
+
+    +inf means the clean end: the step returns x_hat. Continuous schedules: lambda(t - 1/N), and +inf
+    from t = 1/N. :class:`DiscreteSchedule`: diffusers' ``DDIMScheduler.step`` rule, timestep
+    k = tau(t) - T // N, lambda_k (+inf when k < 0, ``set_alpha_to_one``); that is the next grid point
+    tau(t - 1/N) whenever N divides T, and so a student sampled this way is diffusers' DDIM at every N.
+    """
+    check_num_steps("num_steps", num_steps)
+    t = as_tensor(t)
+    if isinstance(schedule, DiscreteSchedule):
+        k = schedule.timesteps(t) - schedule.num_timesteps // num_steps
+        lam = schedule.table.to(t.device)[k.clamp(min=0)]
+        return torch.where(k < 0, torch.full_like(lam, math.inf), lam).to(t.dtype)
+    s = (t.double() - 1.0 / num_steps).clamp(min=0.0)
+    lam = schedule.logsnr_unchecked(s.to(t.dtype))
+    return torch.where(s * num_steps < 0.5, torch.full_like(lam, math.inf), lam)
 
 
 def schedule_from_dict(d: dict | None) -> Schedule:

@@ -81,7 +81,7 @@ def manifest_of(store_root: Path, key: str) -> dict:
 
 
 def distilled_chain(root: Path, *, prediction_type: str = "epsilon", start_steps: int = 8, classes: int | None = None,
-                    overrides: tuple[str, ...] = ()):
+                    overrides: tuple[str, ...] = (), num_train_timesteps: int = 1000):
     """Import a tiny teacher through ``jobs`` and distill it down to 1 step in a few updates per round.
 
     Returns (cfg, store, [teacher info, round infos...]); 8x8 digits, the smoke preset's round settings.
@@ -90,7 +90,8 @@ def distilled_chain(root: Path, *, prediction_type: str = "epsilon", start_steps
     from pd_core.config import load_config
     from pd_core.store import CheckpointStore
 
-    folder = save_teacher(root / "teacher", prediction_type=prediction_type, num_class_embeds=classes)
+    folder = save_teacher(root / "teacher", prediction_type=prediction_type, num_class_embeds=classes,
+                          num_train_timesteps=num_train_timesteps)
     cfg = load_config(preset="smoke", overrides=[
         f"pipeline.teacher_uri=diffusers:{folder}", f"storage.root={root / 'store'}",
         f"distill.start_steps={start_steps}", "distill.updates_per_round=4", "distill.checkpoint_every=2",

@@ -45,13 +45,15 @@ class OnLogsnr(nn.Module):
         return self.toy.at_timestep(z, self.sched.timestep(logsnr).double())
 
 
-def diffusers_scheduler(beta_schedule: str, prediction_type: str = "epsilon"):
-    return diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule, clip_sample=False,
-                                   set_alpha_to_one=True, prediction_type=prediction_type, timestep_spacing="trailing")
+def diffusers_scheduler(beta_schedule: str, prediction_type: str = "epsilon", num_train_timesteps: int = 1000):
+    return diffusers.DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                                   clip_sample=False, set_alpha_to_one=True, prediction_type=prediction_type,
+                                   timestep_spacing="trailing")
 
 
-def diffusers_ddim(toy: ToyNet, z: Tensor, *, steps: int, beta_schedule: str, prediction_type: str) -> Tensor:
-    sched = diffusers_scheduler(beta_schedule, prediction_type)
+def diffusers_ddim(toy: ToyNet, z: Tensor, *, steps: int, beta_schedule: str, prediction_type: str,
+                   num_train_timesteps: int = 1000) -> Tensor:
+    sched = diffusers_scheduler(beta_schedule, prediction_type, num_train_timesteps)
     sched.set_timesteps(steps)
     x = z.clone()
     for tau in sched.timesteps:
@@ -62,16 +64,18 @@ def diffusers_ddim(toy: ToyNet, z: Tensor, *, steps: int, beta_schedule: str, pr
 
 @pytest.mark.parametrize("prediction_type", list(KINDS))
 @pytest.mark.parametrize("beta_schedule", schedule.BETA_SCHEDULES)
-@pytest.mark.parametrize("steps", [1, 2, 8, 50])
+@pytest.mark.parametrize(("big_t", "steps"), [(1000, n) for n in (1, 2, 7, 8, 16, 50, 64)]
+                         + [(100, n) for n in (3, 6, 8, 16)])
 @torch.no_grad()
-def test_our_ddim_equals_diffusers_ddim_trailing(steps, beta_schedule, prediction_type):
+def test_our_ddim_equals_diffusers_ddim_trailing_at_every_step_count(big_t, steps, beta_schedule, prediction_type):
     toy = ToyNet()
     # the teacher's own table, as an import reads it from the model's scheduler (diffusers keeps it in float32)
-    sched = schedule.DiscreteSchedule(diffusers_scheduler(beta_schedule).alphas_cumprod)
+    sched = schedule.DiscreteSchedule(diffusers_scheduler(beta_schedule, num_train_timesteps=big_t).alphas_cumprod)
     z = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ours = samplers.ddim(Denoiser(OnLogsnr(toy, sched), parameterization=KINDS[prediction_type]), z,
                          num_steps=steps, clip=False, schedule=sched)
-    ref = diffusers_ddim(toy, z, steps=steps, beta_schedule=beta_schedule, prediction_type=prediction_type)
+    ref = diffusers_ddim(toy, z, steps=steps, beta_schedule=beta_schedule, prediction_type=prediction_type,
+                         num_train_timesteps=big_t)
     assert ours.shape == ref.shape
     # 1e-4, relative where an eps teacher's unclipped x_hat at alpha_bar ~ 2e-9 reaches 1e4 (diffusers computes
     # its alphas in float32, we in float64: the two agree to ~1e-8 relative there)
@@ -79,25 +83,29 @@ def test_our_ddim_equals_diffusers_ddim_trailing(steps, beta_schedule, predictio
 
 
 @pytest.mark.parametrize("kind", ["eps", "v", "x"])
-@pytest.mark.parametrize("n", [1, 2, 4, 16])
+@pytest.mark.parametrize("n", [1, 2, 4, 16, 32])
 @torch.no_grad()
-def test_one_student_step_on_x_tilde_lands_on_two_teacher_steps_on_a_discrete_schedule(n, kind):
+def test_one_student_step_on_x_tilde_lands_on_two_teacher_steps_of_diffusers_ddim(n, kind):
+    """Checked against diffusers' own DDIMScheduler steps (2N for the teacher, N for the student), whose
+    previous timestep tau - T // N is not the next trailing timestep when N does not divide T (16, 32)."""
+    prediction = {v: k for k, v in KINDS.items()}[kind]
     sched = schedule.DiscreteSchedule(schedule.ddpm_alphas_cumprod(beta_schedule="scaled_linear"))
-    teacher = Denoiser(OnLogsnr(ToyNet(), sched), parameterization=kind)
-    g = torch.Generator().manual_seed(2)
-    z = torch.randn(n, 2, 3, 3, generator=g, dtype=torch.float64)
+    toy = ToyNet()
+    teacher = Denoiser(OnLogsnr(toy, sched), parameterization=kind)
+    z = torch.randn(n, 2, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     t = (torch.arange(n, dtype=torch.float64) + 1) / n  # every student time, i = 0 .. N - 1
     x_tilde = distill.distillation_target(teacher, z=z, t=t, num_steps=n, schedule=sched)
-    lam = lambda s: sched.logsnr(s)  # noqa: E731
-    x1, e1 = teacher(z, lam(t))
-    a_mid, s_mid = (v[:, None, None, None] for v in schedule.alpha_sigma(lam(t - 0.5 / n)))
-    z_mid = a_mid * x1 + s_mid * e1
-    x2, e2 = teacher(z_mid, lam(t - 0.5 / n))
-    a_s, s_s = (v[:, None, None, None] for v in schedule.alpha_sigma(lam(t - 1.0 / n)))
-    z_two = a_s * x2 + s_s * e2  # the teacher's two-step point
-    a_t, s_t = (v[:, None, None, None] for v in schedule.alpha_sigma(lam(t)))
-    eps_student = (z - a_t * x_tilde) / s_t
-    z_one = a_s * x_tilde + s_s * eps_student  # one student DDIM step with x_hat = x_tilde
-    last = t == 1.0 / n  # the last step returns x_hat: the target is the teacher's x_hat at t'
-    np.testing.assert_allclose(z_one[~last].numpy(), z_two[~last].numpy(), rtol=0, atol=1e-9)
-    np.testing.assert_allclose(x_tilde[last].numpy(), x2[last].numpy(), rtol=0, atol=1e-12)
+    two = diffusers.DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, prediction_type=prediction,
+                                  timestep_spacing="trailing")
+    one = diffusers.DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, prediction_type="sample",
+                                  timestep_spacing="trailing")
+    two.alphas_cumprod = one.alphas_cumprod = sched.alphas_cumprod  # the same table in float64
+    two.set_timesteps(2 * n)
+    one.set_timesteps(n)
+    for i in range(n):
+        zi, k = z[i:i + 1], 2 * (n - 1 - i)  # the student's time (i + 1) / N is the teacher's index k
+        taus = two.timesteps[k:k + 2]
+        z_mid = two.step(toy.at_timestep(zi, taus[:1].double()), int(taus[0]), zi).prev_sample
+        z_two = two.step(toy.at_timestep(z_mid, taus[1:].double()), int(taus[1]), z_mid).prev_sample
+        z_one = one.step(x_tilde[i:i + 1], int(one.timesteps[n - 1 - i]), zi).prev_sample
+        np.testing.assert_allclose(z_one.numpy(), z_two.numpy(), rtol=0, atol=1e-9)

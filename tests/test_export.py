@@ -1,10 +1,9 @@
-"""``pd export``: a student as a diffusers folder whose documented loop reproduces ``pd sample``, and the whole
-N-step sampler as one ONNX graph that onnxruntime runs to within 1e-4 of ``pd sample`` on the same noise."""
+"""``pd export``: a student as a diffusers folder the stock ``DDIMPipeline`` samples like ``pd sample``
+(tests/test_export_stock.py), and the whole N-step sampler as one ONNX graph that onnxruntime runs to within
+1e-4 of ``pd sample`` on the same noise."""
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +16,9 @@ from pd_core.config import load_config
 from pd_core.export.files import ExportError
 from pd_core.export.to_diffusers import export_diffusers
 from pd_core.export.to_onnx import export_onnx
-from pd_core.interop.diffusers_folder import diffusers_prediction_type
 from pd_core.models import load_model
 from pd_core.store import CheckpointStore
-from tests.diffusers_models import diffusers, distilled_chain
+from tests.diffusers_models import distilled_chain
 from tests.pipeline.helpers import assert_one_line_error, run_pd
 
 ort = pytest.importorskip("onnxruntime")
@@ -30,8 +28,8 @@ REPO = README.parent
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    """A diffusers eps teacher distilled 8 -> 4 -> 2 -> 1 (x students) through the jobs."""
-    return distilled_chain(tmp_path_factory.mktemp("export-chain"))
+    """A diffusers eps teacher distilled 16 -> 8 -> 4 -> 2 -> 1 (v students) through the jobs."""
+    return distilled_chain(tmp_path_factory.mktemp("export-chain"), start_steps=16)
 
 
 @pytest.fixture(scope="module")
@@ -50,45 +48,6 @@ def pd_sample(store: CheckpointStore, key: str, *, num: int, steps: int | None =
     loaded = load_model(store, key)
     return sample_images(loaded, steps=steps or loaded.steps, num=num, sampler="ddim", gamma=0.0, seed=seed,
                          batch_size=256, device=torch.device("cpu"))
-
-
-def readme_loop() -> str:
-    """The README's sampling loop for an exported diffusers folder (the block that reads pd_sampler.json)."""
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "pd_sampler.json" in b]
-    assert len(blocks) == 1, "the README must show one sampling loop over pd_sampler.json"
-    return blocks[0]
-
-
-@pytest.mark.parametrize("round_index", [1, 2, 3])
-def test_the_readme_loop_over_an_exported_diffusers_folder_reproduces_pd_sample(chain, tmp_path, round_index):
-    _, store, infos = chain
-    student = infos[round_index]
-    out = export_diffusers(load_model(store, student.key), out=str(tmp_path / "student"))
-    unet = diffusers.UNet2DModel.from_pretrained(str(out / "unet"))  # what users load
-    assert isinstance(unet, diffusers.UNet2DModel)
-    doc = json.loads((out / "pd_sampler.json").read_text())
-    want_type = diffusers_prediction_type(kinds.EPS_TEACHER_STUDENT)  # auto's student of the eps teacher
-    assert doc["steps"] == student.steps and doc["prediction_type"] == want_type
-    assert len(doc["timesteps"]) == doc["steps"]
-    scope: dict = {}
-    code = readme_loop().replace('folder = "student"', f"folder = {str(out)!r}")
-    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own loop, as a user runs it
-    want = pd_sample(store, student.key, num=scope["x"].shape[0])
-    np.testing.assert_allclose(scope["x"].numpy(), want.numpy(), rtol=0, atol=1e-4)
-
-
-def test_diffusers_own_ddim_loop_over_the_export_is_pd_sample_when_the_steps_divide_the_timesteps(chain, tmp_path):
-    _, store, infos = chain
-    student = infos[2]  # 2 steps: 1000 / 2 timesteps apart, integer timesteps 999 and 499
-    out = export_diffusers(load_model(store, student.key), out=str(tmp_path / "student"))
-    unet = diffusers.UNet2DModel.from_pretrained(str(out / "unet")).eval()
-    scheduler = diffusers.DDIMScheduler.from_pretrained(str(out / "scheduler"))
-    scheduler.set_timesteps(student.steps)
-    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            x = scheduler.step(unet(x, t).sample, t, x, use_clipped_model_output=True).prev_sample
-    np.testing.assert_allclose(x.numpy(), pd_sample(store, student.key, num=6).numpy(), rtol=0, atol=1e-4)
 
 
 def _run_onnx(path: Path, noise: torch.Tensor, labels: torch.Tensor | None = None,
@@ -182,10 +141,11 @@ def test_export_refuses_what_it_cannot_write_with_one_line(chain, own_unet_stude
 
 def test_pd_export_writes_both_formats_and_bad_arguments_exit_2_with_one_line(chain, tmp_path):
     _, store, infos = chain
-    uri = infos[3].uri
+    uri = infos[-1].uri  # the 1-step student
     ok = run_pd("export", "--model", uri, "--format", "diffusers", "--out", str(tmp_path / "d"), cwd=REPO)
     assert ok.returncode == 0, ok.stderr
     assert "wrote a diffusers folder" in ok.stdout and (tmp_path / "d" / "unet" / "config.json").is_file()
+    assert "num_inference_steps=1" in ok.stdout and "# A 1-step sampler" in ok.stdout  # the model card, printed
     ok = run_pd("export", "--model", uri, "--format", "onnx", "--out", str(tmp_path / "s.onnx"), cwd=REPO)
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "s.onnx").is_file()

@@ -211,24 +211,53 @@ def test_discrete_grid_points_are_the_table_and_t0_is_clean(beta_schedule):
     np.testing.assert_allclose(alpha[1].item() ** 2, acp[-1], rtol=1e-12)
 
 
-def test_discrete_interpolates_linearly_in_tau_between_table_points():
+@pytest.mark.parametrize("big_t", [100, 1000, 4000])
+def test_discrete_grids_are_diffusers_trailing_timesteps_and_nest_across_halvings(big_t):
+    diffusers = pytest.importorskip("diffusers")
+    sched = _discrete(n=big_t)
+    counts = [n for n in range(1, big_t + 1) if big_t % n == 0 or n & (n - 1) == 0]  # divisors, powers of two
+    for n in counts:
+        ref = diffusers.DDIMScheduler(num_train_timesteps=big_t, timestep_spacing="trailing")
+        ref.set_timesteps(n)
+        t = torch.arange(n, 0, -1, dtype=torch.float64) / n
+        np.testing.assert_array_equal(sched.timesteps(t).numpy(), ref.timesteps.numpy())
+        np.testing.assert_array_equal(sched.timestep(sched.logsnr(t).float()).numpy(), ref.timesteps.numpy())
+    for n in range(1, big_t // 2 + 1):  # every N: the grid of N is every other point of the grid of 2N
+        coarse = sched.timesteps(torch.arange(1, n + 1, dtype=torch.float64) / n)
+        fine = sched.timesteps(torch.arange(1, 2 * n + 1, dtype=torch.float64) / (2 * n))
+        assert torch.equal(coarse, fine[1::2])
+
+
+def test_discrete_times_between_grid_points_take_the_nearest_timestep():
     sched = _discrete("scaled_linear")
     acp = np_alphas_cumprod("scaled_linear")
-    table = np.log(acp / (1 - acp))
-    tau = np.array([0.25, 10.5, 332.333, 998.9])
+    tau = np.array([0.25, 10.5, 11.5, 332.333, 998.9])
     lam = sched.logsnr(torch.tensor((tau + 1) / 1000.0, dtype=torch.float64)).numpy()
-    lo = np.floor(tau).astype(int)
-    np.testing.assert_allclose(lam, table[lo] + (tau - lo) * (table[lo + 1] - table[lo]), rtol=0, atol=1e-9)
+    k = np.array([0, 11, 11, 332, 999])  # round(tau + 1) - 1, half to even (11.5 -> 12, 12.5 -> 12) as numpy
+    np.testing.assert_allclose(lam, np.log(acp[k] / (1 - acp[k])), rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("beta_schedule", schedule.BETA_SCHEDULES)
 def test_timestep_inverts_the_discrete_logsnr(beta_schedule):
     sched = _discrete(beta_schedule)
     t = torch.tensor(np.random.default_rng(0).uniform(1 / 1000, 1.0, 500), dtype=torch.float64)
-    tau = sched.timestep(sched.logsnr(t))
-    np.testing.assert_allclose(tau.double().numpy(), (t * 1000 - 1).numpy(), rtol=0, atol=1e-3)
-    grid = torch.arange(1, 9, dtype=torch.float64) / 8  # an 8-step grid lands on diffusers' trailing timesteps
-    np.testing.assert_allclose(sched.timestep(sched.logsnr(grid)).numpy(), np.arange(1, 9) * 125 - 1, atol=1e-3)
+    tau = sched.timestep(sched.logsnr(t).float())  # float32 log-SNR, as the samplers hand it to the network
+    np.testing.assert_array_equal(tau.double().numpy(), np.round(t.numpy() * 1000) - 1)
+    table = sched.table
+    mid = (table[10] + table[11]) / 2  # between table points: linear in tau
+    assert abs(float(sched.timestep(mid[None])) - 10.5) < 1e-3
+
+
+def test_ddim_destination_is_diffusers_previous_timestep():
+    sched = _discrete(n=100)
+    t = torch.arange(1, 9, dtype=torch.float64) / 8  # trailing timesteps round(12.5 i) - 1
+    dest = schedule.ddim_destination(sched, t, num_steps=8)  # tau - 100 // 8
+    k = np.array([11, 24, 37, 49, 61, 74, 87, 99]) - 12
+    assert math.isinf(dest[0]) and k[0] < 0
+    np.testing.assert_allclose(dest[1:].numpy(), sched.table[k[1:]].numpy(), rtol=0, atol=0)
+    cos = schedule.ddim_destination(schedule.COSINE, t, num_steps=8)
+    assert math.isinf(cos[0])
+    np.testing.assert_allclose(cos[1:].numpy(), schedule.logsnr(t[:-1]).numpy(), rtol=0, atol=1e-12)
 
 
 def test_discrete_refuses_times_finer_than_its_timesteps_and_bad_tables():

@@ -1,14 +1,18 @@
 """Teacher baselines computed by diffusers itself, and the seed-to-seed spread of our own, over the pipeline's store.
 
-``diffusers_ddim``: the teacher sampled by diffusers, ``DDIMPipeline``'s loop with the teacher's own
-scheduler config as a ``DDIMScheduler`` with "trailing" spacing (``set_alpha_to_one``, ``clip_sample``
-as saved: true), eta 0 and ``use_clipped_model_output=True`` (eps re-derived from the clipped x0, as
-our sampler does). ``diffusers_ddim_default``: the same with ``DDIMPipeline``'s default
-``use_clipped_model_output=None`` (x0 clipped, the model's own eps kept for the direction).
+``diffusers_ddim``: the teacher sampled as ``DDIMPipeline.from_pretrained(teacher folder)`` does with
+its default call arguments (:func:`pd_core.interop.diffusers_ddim.folder_ddim`: the folder's own
+``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one``, ``clip_sample``, ``thresholding``; x0
+clipped, the model's eps kept), on the same noise as every other record. Our own DDIM over the
+imported teacher (trailing integer timesteps, x_hat clipped, eps re-derived) is ``teacher_ddim``.
 ``teacher_ddim_seed1``: our DDIM over the imported teacher with another noise seed (FD only), for the
-sampling noise of one measurement. Both use the pipeline's feature network, reference and
-evaluation settings (same N, same noise stream as every other record unless stated), and are cached
-in the store under the teacher's weights sha256 like the pipeline's own records.
+sampling noise of one measurement. ``distilled_unclipped`` and ``distilled_eps_from_clipped_x``: each
+distilled student at its own N sampled without clipping, and with x_hat clipped and eps re-derived
+from it, beside ``distilled`` (x_hat clipped, the model's eps kept: what the stock ``DDIMPipeline``
+does with an export's ``clip_sample=True``): the clipped-vs-unclipped measurement behind that choice.
+All use the pipeline's feature network, reference and
+evaluation settings, and are cached in the store under the teacher's weights sha256 like the
+pipeline's own records.
 """
 
 from __future__ import annotations
@@ -19,29 +23,26 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pd_core import evaluation
+from pd_core import evaluation, samplers
 from pd_core.config import Config
 from pd_core.evaluation import FeatureContext, eval_hash, records_prefix
+from pd_core.interop.diffusers_ddim import folder_ddim
+from pd_core.interop.diffusers_folder import read_configs
 from pd_core.metrics import evaluate_sampler
 from pd_core.models import load_model
 from pd_core.store import CheckpointStore
 
 
-def diffusers_sampler(teacher_dir: Path, *, steps: int, clipped_eps: bool):
-    """noise -> images with diffusers' own DDIM over the saved teacher (DDIMPipeline's loop)."""
-    from diffusers import DDIMScheduler, UNet2DModel
+def diffusers_sampler(teacher_dir: Path, *, steps: int):
+    """noise -> images with ``DDIMPipeline.from_pretrained(teacher_dir)``'s loop and default call arguments."""
+    from diffusers import UNet2DModel
 
     unet = UNet2DModel.from_pretrained(str(teacher_dir), subfolder="unet").eval()
-    scheduler = DDIMScheduler.from_pretrained(str(teacher_dir), subfolder="scheduler", timestep_spacing="trailing")
-    scheduler.set_timesteps(steps)
+    scheduler_config = read_configs(str(teacher_dir)).scheduler_config
 
     def sample(noise: Tensor) -> Tensor:
-        x = noise.clone()
         with torch.inference_mode():
-            for t in scheduler.timesteps:
-                x = scheduler.step(unet(x, t).sample, t, x, eta=0.0,
-                                   use_clipped_model_output=True if clipped_eps else None).prev_sample
-        return x
+            return folder_ddim(unet, scheduler_config, noise, steps=steps)
 
     return sample
 
@@ -64,22 +65,20 @@ def _measure(cfg: Config, ctx: FeatureContext, sample, *, shape: tuple[int, ...]
 
 def diffusers_ddim_records(cfg: Config, store: CheckpointStore, ctx: FeatureContext, *, teacher_key: str,
                            teacher_dir: Path, steps: list[int]) -> list[dict]:
-    """``diffusers_ddim`` and ``diffusers_ddim_default`` records per step count (cached)."""
+    """``diffusers_ddim`` records per step count (cached)."""
     manifest = store.read_manifest(teacher_key)
     shape = tuple(load_model(store, teacher_key).image_shape)
     out = []
-    for label, clipped_eps in (("diffusers_ddim", True), ("diffusers_ddim_default", False)):
-        for n in steps:
-            name = "diffusers-ddim-clipped-eps" if clipped_eps else "diffusers-ddim-default"
-            key = f"{records_prefix(manifest['sha256'])}/{name}-{n:04d}-{eval_hash(cfg)}.json"
+    for n in steps:
+        key = f"{records_prefix(manifest['sha256'])}/diffusers-ddim-pipeline-{n:04d}-{eval_hash(cfg)}.json"
 
-            def compute(n: int = n, label: str = label, clipped_eps: bool = clipped_eps) -> dict:
-                fn = diffusers_sampler(teacher_dir, steps=n, clipped_eps=clipped_eps)
-                metrics = _measure(cfg, ctx, fn, shape=shape, seed=cfg.eval.seed)
-                return {"sampler": label, "steps": n, "gamma": None, **metrics, "model_sha256": manifest["sha256"]}
+        def compute(n: int = n) -> dict:
+            metrics = _measure(cfg, ctx, diffusers_sampler(teacher_dir, steps=n), shape=shape, seed=cfg.eval.seed)
+            return {"sampler": "diffusers_ddim", "steps": n, "gamma": None, **metrics,
+                    "model_sha256": manifest["sha256"]}
 
-            out.append(_cached(store, key, compute))
-            print(f"{label} {n:>3d} steps: {ctx.extractor.fd_name} {out[-1][ctx.extractor.fd_name]:.3f}", flush=True)
+        out.append(_cached(store, key, compute))
+        print(f"diffusers_ddim {n:>3d} steps: {ctx.extractor.fd_name} {out[-1][ctx.extractor.fd_name]:.3f}", flush=True)
     return out
 
 
@@ -100,4 +99,32 @@ def seed_spread_records(cfg: Config, store: CheckpointStore, ctx: FeatureContext
                     "model_sha256": manifest["sha256"]}
 
         out.append(_cached(store, key, compute))
+    return out
+
+
+CLIP_MODES = {"distilled_unclipped": {"clip": False}, "distilled_eps_from_clipped_x": {"clip": True, "keep_eps": False}}
+
+
+def clip_study_records(cfg: Config, store: CheckpointStore, ctx: FeatureContext, *,
+                       student_keys: dict[int, str]) -> list[dict]:
+    """Each student (N -> key) sampled by DDIM at its N in the :data:`CLIP_MODES` (cached), FD and the rest."""
+    out = []
+    for n, key in sorted(student_keys.items()):
+        manifest = store.read_manifest(key)
+        model = load_model(store, key)
+        denoiser = evaluation.sampling_denoiser(model, autocast_dtype=None, compile=False)
+        for label, mode in CLIP_MODES.items():
+            cache = f"{records_prefix(manifest['sha256'])}/ddim-{label}-{n:04d}-{eval_hash(cfg)}.json"
+
+            def compute(n: int = n, label: str = label, mode: dict = mode, model=model, denoiser=denoiser,
+                        sha256: str = manifest["sha256"]) -> dict:
+                def sample(noise: Tensor) -> Tensor:
+                    with torch.inference_mode():
+                        return samplers.ddim(denoiser, noise, num_steps=n, schedule=model.schedule, **mode)
+
+                metrics = _measure(cfg, ctx, sample, shape=model.image_shape, seed=cfg.eval.seed)
+                return {"sampler": label, "steps": n, "gamma": None, **metrics, "model_sha256": sha256}
+
+            out.append(_cached(store, cache, compute))
+            print(f"{label} {n:>3d} steps: {ctx.extractor.fd_name} {out[-1][ctx.extractor.fd_name]:.3f}", flush=True)
     return out

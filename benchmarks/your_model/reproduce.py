@@ -10,8 +10,10 @@
 3. The parameterization study: the same teacher distilled 4 -> 2 -> 1 with eps, x and v students
    (pipelines ``param-eps``, ``param-x``, ``param-v``; 80 updates per round; eps with weighting ``snr``,
    its own MSE, since eps with truncated SNR diverges; x and v with ``snr_trunc``).
-4. ``diffusers_ddim``: the teacher sampled by diffusers itself (``baselines.py``), and our teacher DDIM
-   with another noise seed, for the sampling noise of one number.
+4. ``diffusers_ddim``: the teacher sampled as ``DDIMPipeline.from_pretrained(teacher)`` does with its
+   defaults (``baselines.py``), our teacher DDIM with another noise seed, for the sampling noise of one
+   number, and each student sampled unclipped and with eps re-derived from the clipped x (the
+   clipped-vs-unclipped measurement).
 5. ``results.csv`` (long: preset, sampler, steps, metric, value, n_samples, seconds_per_image; floor rows
    with sampler ``real_data_floor``), ``results.json`` (wall times, commands, machine) and the generated
    top of RESULTS.md (its "## Notes" section is written by people and kept).
@@ -33,7 +35,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from benchmarks.your_model.baselines import diffusers_ddim_records, seed_spread_records
+from benchmarks.your_model.baselines import clip_study_records, diffusers_ddim_records, seed_spread_records
 from pd_core import evaluation, jobs
 from pd_core.config import load_config
 from pd_core.metrics import quality_long
@@ -131,10 +133,13 @@ def collect(work: Path, *, extra: list[str]) -> tuple[pd.DataFrame, dict]:
     theirs = diffusers_ddim_records(cfg, store, ctx, teacher_key=teacher_key, teacher_dir=work / "teacher",
                                     steps=steps)
     spread = seed_spread_records(cfg, store, ctx, teacher_key=teacher_key, steps=steps, seed=cfg.eval.seed + 1)
+    students = {s: jobs.round_key(MAIN, round_index=i, student_steps=s)
+                for i, (_, s) in enumerate(cfg.distill.rounds(), start=1)}
+    clipping = clip_study_records(cfg, store, ctx, student_keys=students)
     baseline_seconds = time.perf_counter() - t0
     main = _records(store, cfg, pipeline=MAIN)
     floor = evaluation.floor_record(cfg, store, ctx)
-    frames = [_long(MAIN, main + theirs + spread + [floor])]
+    frames = [_long(MAIN, main + theirs + spread + clipping + [floor])]
     for kind, overrides in STUDY.items():
         study_cfg = _cfg(work, f"param-{kind}", f"distill.student_parameterization={kind}",
                          *[o for o in (overrides + STUDY_SETTINGS) if o != "--set"], *extra)

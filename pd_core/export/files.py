@@ -1,7 +1,9 @@
-"""What every export shares: its one-line error, a fresh local output path, the step-count check."""
+"""What every export shares: its one-line error, a fresh local output path, the step-count check, and
+permissions others can read (0755 folders, 0644 files, less what the user's umask removes)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pd_core.interop.diffusers_folder import check_timesteps
@@ -29,3 +31,32 @@ def check_steps(schedule: Schedule, *, steps: int, most: int) -> None:
         raise ExportError(f"--steps must be an integer between 1 and {most}, got {steps!r}")
     if isinstance(schedule, DiscreteSchedule):
         check_timesteps(steps=steps, num_train_timesteps=schedule.num_timesteps, source="the model", field="--steps")
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask would set it for a moment)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish(path: Path) -> None:
+    """Make ``path`` (a file, or a folder and everything under it) 0755 for folders and 0644 for files, less the
+    user's umask, as a plain ``mkdir`` and ``open`` would (a temporary folder is created 0700)."""
+    mask = _umask()
+    if path.is_dir():
+        for root, dirs, names in os.walk(path):
+            os.chmod(root, 0o755 & ~mask)
+            for name in names:
+                os.chmod(os.path.join(root, name), 0o644 & ~mask)
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o755 & ~mask)
+    else:
+        os.chmod(path, 0o644 & ~mask)

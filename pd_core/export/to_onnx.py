@@ -1,15 +1,18 @@
 """The whole N-step DDIM sampler as one ONNX graph: noise (B, C, H, W) in, images in [-1, 1] out.
 
 The loop is unrolled: step i = N - 1 .. 0 evaluates the network at the grid constants of
-:func:`pd_core.export.grid.sampler_grid` (lambda_{i+1}, or the fractional timestep tau_{i+1} of a
-diffusers UNet2DModel), reads (x_hat, eps_hat) with the student's parameterization, clips x_hat
-to [-1, 1] and recomputes eps_hat (``parameterization.to_x_eps(clip=True)``), then takes the DDIM
-step z <- alpha_i x_hat + sigma_i eps_hat (``distill.ddim_step``); the last step returns x_hat.
-That is ``samplers.ddim``, so onnxruntime reproduces ``pd sample`` on the same noise. A
-class-conditional network takes a second input ``labels`` (B,) int64, and a guided-distilled student
-(a network with a guidance embedding) a third, ``guidance`` (B,) float32: the guidance weight w of each
-image (its own input; a teacher's two-call classifier-free guidance is not exported). The batch dimension is
-dynamic. Steps, parameterization and the source checkpoint are recorded in the graph's metadata.
+:func:`pd_core.export.grid.sampler_grid` (lambda_{i+1}, or the integer timestep tau_{i+1} of a
+diffusers UNet2DModel), reads (x_hat, eps_hat) with the student's parameterization
+(:mod:`pd_core.parameterization`, alpha and sigma as float32 constants computed in float64: no
+Sigmoid of an extreme log-SNR in the graph), clips x_hat to [-1, 1] and recomputes eps_hat from it
+(or keeps the model's eps_hat on a discrete schedule, as ``samplers.ddim`` does), then takes the
+DDIM step z <- alpha_s x_hat + sigma_s eps_hat to where the sampler's step lands; a step landing on
+the clean end returns x_hat. That is ``samplers.ddim``, so onnxruntime reproduces ``pd sample`` on
+the same noise. A class-conditional network takes a second input ``labels`` (B,) int64, and a
+guided-distilled student (a network with a guidance embedding) a third, ``guidance`` (B,) float32:
+the guidance weight w of each image (its own input; a teacher's two-call classifier-free guidance is
+not exported). The batch dimension is dynamic. Steps, parameterization and the source checkpoint
+are recorded in the graph's metadata.
 """
 
 from __future__ import annotations
@@ -21,15 +24,37 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pd_core.distill import ddim_step
-from pd_core.export.files import check_steps, new_output_path
+from pd_core.export.files import check_steps, new_output_path, publish
 from pd_core.export.grid import sampler_grid
 from pd_core.interop.diffusers import DiffusersUNetNet
 from pd_core.models import LoadedModel
-from pd_core.parameterization import to_x_eps
+from pd_core.schedule import DiscreteSchedule
 
 MAX_STEPS = 64  # the graph holds one copy of the network call per step
 OPSET = 17
+
+
+def x_eps_constants(out: Tensor, *, z: Tensor, alpha: Tensor, sigma: Tensor, kind: str, clip: bool,
+                    keep_eps: bool) -> tuple[Tensor, Tensor]:
+    """``parameterization.to_x_eps`` with alpha and sigma given as constants (scalars): the same equations."""
+    eps_hat = None
+    if kind == "eps":
+        eps_hat = out
+        x_hat = (z - sigma * out) / alpha
+    elif kind == "x":
+        x_hat = out
+    elif kind == "v":
+        x_hat = alpha * z - sigma * out
+    else:  # both
+        x_out, eps_out = out.chunk(2, dim=1)
+        x_hat = sigma**2 * x_out + alpha * (z - sigma * eps_out)
+    if eps_hat is None:
+        eps_hat = (z - alpha * x_hat) / sigma  # the model's eps, from the unclipped x_hat
+    if clip:
+        x_hat = x_hat.clamp(-1.0, 1.0)
+        if not keep_eps:
+            eps_hat = (z - alpha * x_hat) / sigma
+    return x_hat, eps_hat
 
 
 class UnrolledDDIM(nn.Module):
@@ -41,10 +66,13 @@ class UnrolledDDIM(nn.Module):
         self.net = model.denoiser.net
         self.kind = model.denoiser.parameterization
         self.steps = steps
+        self.keep_eps = isinstance(model.schedule, DiscreteSchedule)  # as samplers.ddim's default
+        self.clean = grid.dest_clean
         self.conditional = model.num_classes > 0
         self.takes_w = model.architecture.guidance_embedding
-        self.register_buffer("logsnr", grid.logsnr.clone(), persistent=False)  # (N + 1,)
-        if isinstance(self.net, DiffusersUNetNet):  # the UNet2DModel's input: fractional timesteps
+        for name in ("logsnr", "alpha", "sigma", "dest_alpha", "dest_sigma"):
+            self.register_buffer(name, getattr(grid, name).clone(), persistent=False)
+        if isinstance(self.net, DiffusersUNetNet):  # the UNet2DModel's input: integer timesteps
             self.register_buffer("timestep", grid.timestep.clone(), persistent=False)
 
     def _network(self, z: Tensor, i: int, per_example: Tensor, labels: Tensor | None,
@@ -61,10 +89,10 @@ class UnrolledDDIM(nn.Module):
         z = noise
         per_example = torch.ones_like(noise[:, 0, 0, 0])  # (B,): keeps the batch dimension dynamic
         for i in reversed(range(self.steps)):
-            lam_t = self.logsnr[i + 1] * per_example
             out = self._network(z, i + 1, per_example, labels, guidance)
-            x_hat, eps_hat = to_x_eps(out, z=z, logsnr=lam_t, kind=self.kind, clip=True)
-            z = x_hat if i == 0 else ddim_step(x_hat=x_hat, eps_hat=eps_hat, logsnr_s=self.logsnr[i] * per_example)
+            x_hat, eps_hat = x_eps_constants(out, z=z, alpha=self.alpha[i + 1], sigma=self.sigma[i + 1],
+                                             kind=self.kind, clip=True, keep_eps=self.keep_eps)
+            z = x_hat if self.clean[i] else self.dest_alpha[i] * x_hat + self.dest_sigma[i] * eps_hat
         return z
 
 
@@ -103,6 +131,7 @@ def export_onnx(model: LoadedModel, *, out: str, steps: int | None = None) -> Pa
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, str(value)
         onnx.save(proto, str(tmp))
+        publish(tmp)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -3,9 +3,10 @@
 A model trained in discrete time sees timestep k of its table alpha_bar_k (``alphas_cumprod``).
 Its noise schedule is :class:`~pd_core.schedule.DiscreteSchedule` of the scheduler's own float32
 table (what diffusers computes from the config, not a re-derivation), and the network runs at the
-fractional timestep tau = timestep(lambda) that schedule assigns to a log-SNR
-(:class:`DiffusersUNetNet`), so DDIM over it is diffusers' "trailing" DDIM. Which folders and
-configs are accepted is :mod:`pd_core.interop.diffusers_folder`; weights come from safetensors only.
+timestep tau = timestep(lambda) that schedule assigns to a log-SNR (:class:`DiffusersUNetNet`; an
+integer on every sampler grid), so DDIM over it is diffusers' "trailing" DDIM. Which folders and
+configs are accepted is :mod:`pd_core.interop.diffusers_folder` and :mod:`pd_core.interop.schedulers`
+(every scheduler setting not used is logged as a warning at import); weights come from safetensors only.
 
 Stored checkpoints hold the state dict of :class:`DiffusersUNetNet`, i.e. the UNet2DModel's
 tensors under ``unet.``; :func:`unet_state_dict` strips that prefix again.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,7 @@ from pd_core._checks import state_misfit
 from pd_core.interop.diffusers_folder import WEIGHTS_NAME, DiffusersImportError, FolderConfigs, read_configs
 from pd_core.schedule import DiscreteSchedule
 
+log = logging.getLogger(__name__)
 PREFIX = "unet."  # key prefix of the UNet2DModel's tensors inside DiffusersUNetNet's state dict
 MAX_WEIGHTS_BYTES = 8 << 30  # bigger than any UNet2DModel published so far
 
@@ -102,6 +105,8 @@ def read_diffusers_model(uri: str, *, storage_options: dict | None = None) -> Di
     except ValueError as err:  # a table DiscreteSchedule refuses (not decreasing, values outside (0, 1))
         raise DiffusersImportError(f"{configs.scheduler_source}: {err}") from None
     weights, sha256 = _read_weights(configs)
+    for note in configs.scheduler_notes:  # every scheduler setting the import does not use, and why
+        log.warning("%s", note)
     check_weights_fit(weights, configs.unet_config, source=configs.weights_url())
     return DiffusersModel(unet_config=configs.unet_config, scheduler_config=configs.scheduler_config,
                           weights=weights, parameterization=configs.parameterization, schedule=schedule,
@@ -144,8 +149,8 @@ class DiffusersUNetNet(nn.Module):
     """net(z, logsnr, y) = unet(z, tau(logsnr), class_labels=y).sample, tau from the model's own schedule.
 
     The network :class:`~pd_core.denoiser.Denoiser` wraps for an imported model: it maps the
-    log-SNR the samplers and the distillation target work in to the fractional timestep the
-    UNet2DModel was trained on (:meth:`DiscreteSchedule.timestep`). :meth:`at_timestep` calls it at
+    log-SNR the samplers and the distillation target work in to the timestep the UNet2DModel was
+    trained on (:meth:`DiscreteSchedule.timestep`: an integer at every grid point). :meth:`at_timestep` calls it at
     a given timestep (the ONNX export bakes the timesteps in as constants).
     """
 
@@ -155,7 +160,7 @@ class DiffusersUNetNet(nn.Module):
         self.schedule = schedule
 
     def at_timestep(self, z: Tensor, timestep: Tensor, y: Tensor | None = None) -> Tensor:
-        """The UNet2DModel's output at (fractional) timesteps ``timestep`` (B,); ``y`` only reaches a
+        """The UNet2DModel's output at timesteps ``timestep`` (B,); ``y`` only reaches a
         class-conditional model (training batches carry their dataset's labels either way)."""
         labels = y if self.unet.class_embedding is not None else None
         return self.unet(z, timestep, class_labels=labels).sample

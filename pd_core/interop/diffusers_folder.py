@@ -3,10 +3,10 @@
 A folder (local path or fsspec URL) holds either a pipeline (``unet/`` and ``scheduler/``, as
 ``DDPMPipeline.save_pretrained`` writes it) or a model (``config.json`` + weights) with
 ``scheduler_config.json`` next to it or in ``scheduler/``. Only a ``UNet2DModel`` with a positional
-(continuous) time embedding and a DDPM-family scheduler config is accepted; its ``prediction_type``
-is the parameterization (epsilon -> eps, v_prediction -> v, sample -> x). Every read is bounded in
-size. No torch and no diffusers here, so ``pd run`` checks a teacher folder before anything heavy
-loads (:func:`preflight`).
+(continuous) time embedding and a discrete-time VP scheduler config (:mod:`pd_core.interop.schedulers`)
+is accepted; its ``prediction_type`` is the parameterization (epsilon -> eps, v_prediction -> v,
+sample -> x). Every read is bounded in size. No torch and no diffusers here, so ``pd run`` checks a
+teacher folder before anything heavy loads (:func:`preflight`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import fsspec
 
 from pd_core.config import Config, ConfigError
+from pd_core.interop.schedulers import UnsupportedScheduler, check_scheduler_class, scheduler_notes
 
 URI_PREFIX = "diffusers:"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -159,6 +160,7 @@ class FolderConfigs:
     unet_config: dict  # UNet2DModel config, private keys removed
     scheduler_config: dict  # scheduler config, private keys removed
     scheduler_source: str  # URL of scheduler_config.json
+    scheduler_class: str = "DDPMScheduler"  # the config's _class_name (one of schedulers.VP_SCHEDULERS)
 
     @property
     def parameterization(self) -> str:
@@ -169,6 +171,11 @@ class FolderConfigs:
     def num_train_timesteps(self) -> int:
         """T as the scheduler config says (diffusers' default 1000)."""
         return int(self.scheduler_config.get("num_train_timesteps", 1000))
+
+    @property
+    def scheduler_notes(self) -> tuple[str, ...]:
+        """One line per scheduler setting that is not used, saying why (:func:`schedulers.scheduler_notes`)."""
+        return scheduler_notes(self.scheduler_class, self.scheduler_config, source=self.scheduler_source)
 
     def weights_url(self) -> str:
         """URL of the safetensors weights."""
@@ -187,7 +194,12 @@ def read_configs(uri: str, *, storage_options: dict | None = None) -> FolderConf
     unet_config = _check_unet_config(folder.json(*config_parts), source=folder.url(*config_parts))
     sched_parts = [p for p in (sched_dir, "scheduler_config.json") if p]
     scheduler_source = folder.url(*sched_parts)
-    scheduler_config = _public(folder.json(*sched_parts))
+    raw_scheduler = folder.json(*sched_parts)
+    try:
+        scheduler_class = check_scheduler_class(raw_scheduler.get("_class_name"), source=scheduler_source)
+    except UnsupportedScheduler as err:
+        raise DiffusersImportError(str(err)) from None
+    scheduler_config = _public(raw_scheduler)
     prediction = scheduler_config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise DiffusersImportError(f"{scheduler_source}: prediction_type {prediction!r} is not one of "
@@ -201,7 +213,8 @@ def read_configs(uri: str, *, storage_options: dict | None = None) -> FolderConf
         raise DiffusersImportError(f"{scheduler_source}: num_train_timesteps must be an integer >= 2, got {steps!r}")
     _check_weights_file(folder, model_dir)
     return FolderConfigs(folder=folder, model_dir=model_dir, unet_config=unet_config,
-                         scheduler_config=scheduler_config, scheduler_source=scheduler_source)
+                         scheduler_config=scheduler_config, scheduler_source=scheduler_source,
+                         scheduler_class=scheduler_class)
 
 
 def _check_weights_file(folder: _Folder, model_dir: str) -> None:
