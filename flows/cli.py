@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(name="sweep")
     sweep.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
                        help="a config field and the values it takes, e.g. --grid distill.lr=1e-4,3e-4 (repeatable; "
-                            "the points are every combination)")
+                            "the points are every combination; values holding commas go in --grid-file)")
     sweep.add_argument("--grid-file", help="YAML file: grid: {FIELD: [VALUES]}, optionally exclude: [{FIELD: VALUE}]")
     sweep.add_argument("--points-as", choices=("auto", "subflows", "deployments"), default="auto",
                        help="auto: runs of the pd-distill deployment on a standing Prefect server, subflows one "
