@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--points-as", choices=("auto", "subflows", "deployments"), default="auto",
                        help="auto: runs of the pd-distill deployment on a standing Prefect server, subflows one "
                             "after another on the embedded one")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="print the points, their overrides and which share a teacher; run nothing")
 
     sample = sub.add_parser("sample", help="draw samples from a checkpoint or an MLflow model into a PNG grid")
     sample.add_argument("--model", required=True,
@@ -267,7 +269,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from flows.sweep_grid import check_sweep_name, grid_points, merge_grids, parse_grid_args, read_grid_file
+    from flows.sweep_grid import (
+        check_sweep_name,
+        grid_points,
+        merge_grids,
+        parse_grid_args,
+        read_grid_file,
+        teacher_leaders,
+    )
 
     check_uri("--storage", args.storage)
     check_uri("--tracking-uri", args.tracking_uri, storage=False)
@@ -281,6 +290,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     configs = [resolve_config(preset=args.preset, config_path=args.config_path, overrides=[*args.overrides,
                               *p.overrides()], name=p.name, storage=args.storage, tracking_uri=args.tracking_uri)
                for p in points]
+    if args.dry_run:
+        leaders = teacher_leaders({p.name: c for p, c in zip(points, configs, strict=True)})
+        for point in points:
+            shared = "" if leaders[point.name] == point.name else f"  (shares the teacher of {leaders[point.name]})"
+            print(f"{point.name}: {' '.join(point.overrides())}{shared}")
+        print(f"{len(points)} points, {len(set(leaders.values()))} teacher(s)")
+        return 0
     t0 = time.perf_counter()
     server = start_prefect_and_warm_up(configs[0])
     from flows.sweep import sweep_flow

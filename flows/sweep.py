@@ -38,10 +38,9 @@ from prefect.states import Cancelled, Cancelling
 
 from flows.identity import PresetName, current_flow_run_id, run_name
 from flows.pipeline import distillation_pipeline
-from flows.sweep_grid import SweepPoint, check_sweep_name, grid_points, merge_grids
+from flows.sweep_grid import SweepPoint, check_sweep_name, grid_points, merge_grids, teacher_leaders
 from pd_core.config import Config
 from pd_core.jobs import teacher_key
-from pd_core.lineage import teacher_lineage
 from tasks.common import resolve_config, tracker_for
 from tasks.prefect_server import is_embedded
 from tasks.reconcile import FLOW_RUN_TAG
@@ -53,7 +52,7 @@ log = logging.getLogger(__name__)
 
 PIPELINE_DEPLOYMENT = "progressive-distillation/pd-distill"
 WAIT_S = 14 * 24 * 3600  # the longest a sweep waits for one deployment run
-_ACTIVE = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
+_ACTIVE = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED")
 
 
 class SweepFailedError(RuntimeError):
@@ -82,20 +81,6 @@ def point_configs(*, preset: str, config_path: str | None, overrides: list[str],
     """Every point's resolved config (a bad field or value: ConfigError naming it, before anything runs)."""
     return {p.name: resolve_config(preset=preset, config_path=config_path, overrides=[*overrides, *p.overrides()],
                                    name=p.name, storage=storage, tracking_uri=tracking_uri) for p in points}
-
-
-def teacher_leaders(configs: dict[str, Config]) -> dict[str, str]:
-    """{point: the first point with the same teacher lineage} (itself when it trains its teacher); a point that
-    imports its teacher (pipeline.teacher_uri) leads itself."""
-    first: dict[str, str] = {}
-    leaders: dict[str, str] = {}
-    for name, cfg in configs.items():
-        if cfg.pipeline.teacher_uri:
-            leaders[name] = name
-            continue
-        key = teacher_lineage(cfg).settings_hash
-        leaders[name] = first.setdefault(key, name)
-    return leaders
 
 
 def cancel_children(parent_id: str, *, client=None) -> list[str]:

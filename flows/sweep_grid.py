@@ -17,7 +17,8 @@ that name the sweep's pipelines, store or MLflow (``pipeline.name``, ``pipeline.
 ``storage.*``, ``tracking.*``) cannot vary.
 
 A grid file is YAML: ``grid: {FIELD: [VALUE, ...], ...}`` and optionally ``exclude: [{FIELD: VALUE, ...}]``.
-No Prefect, MLflow or torch is imported here.
+Points whose teachers have the same lineage (:func:`pd_core.lineage.teacher_lineage`) share the teacher of
+the first of them (:func:`teacher_leaders`). No Prefect, MLflow or torch is imported here.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flows.cli_args import BadArgument
+from pd_core.config import Config
+from pd_core.lineage import teacher_lineage
 
 MAX_FIELDS = 6
 MAX_VALUES = 16
@@ -192,3 +195,17 @@ def grid_points(sweep: str, grid: Mapping[str, Sequence[str]], *,
         raise BadArgument(f"two grid points get the pipeline name {clash}; values must differ in letters, digits, "
                           f"'.', '_' or '-'")
     return points
+
+
+def teacher_leaders(configs: Mapping[str, Config]) -> dict[str, str]:
+    """{point: the first point with the same teacher lineage} (itself when it trains its teacher); a point that
+    imports its teacher (pipeline.teacher_uri) leads itself."""
+    first: dict[str, str] = {}
+    leaders: dict[str, str] = {}
+    for name, cfg in configs.items():
+        if cfg.pipeline.teacher_uri:
+            leaders[name] = name
+            continue
+        key = teacher_lineage(cfg).settings_hash
+        leaders[name] = first.setdefault(key, name)
+    return leaders

@@ -94,7 +94,8 @@ def test_bad_sweep_names_and_grid_files_are_refused(tmp_path: Path) -> None:
 
 def test_points_with_the_same_teacher_lineage_follow_the_first_of_them(monkeypatch: pytest.MonkeyPatch,
                                                                        tmp_path: Path) -> None:
-    from flows.sweep import point_configs, teacher_leaders
+    from flows.sweep import point_configs
+    from flows.sweep_grid import teacher_leaders
 
     monkeypatch.setenv("PD_HOME", str(tmp_path))
     points = grid_points("t", parse_grid_args(["teacher.lr=1e-3,2e-3", "distill.lr=1e-4,2e-4", "eval.num_samples=100"]))
