@@ -1,6 +1,7 @@
 """A cancelled (or crashed) sweep ends its children still going, on a real Prefect API (the test harness).
 
-Deployment runs become Cancelling (their worker stops the process), in-process runs Cancelled; finished
+Deployment runs a worker runs become Cancelling (the worker stops the process; Prefect's server itself
+cancels one no worker has picked up yet), in-process runs Cancelled; finished
 children and the children of other sweeps are left alone.
 """
 
@@ -28,16 +29,17 @@ def test_cancel_children_ends_the_sweeps_active_children_and_nothing_else(prefec
         flow_id = client.create_flow_from_name("sweep-child-probe")
         deployment_id = client.create_deployment(flow_id=flow_id, name=f"probe-{parent[:8]}")
         running = client.create_flow_run(probe, tags=[f"sweep-run:{parent}"], state=Running())
-        queued = client.create_flow_run_from_deployment(deployment_id, tags=[f"sweep-run:{parent}"],
+        remote = client.create_flow_run_from_deployment(deployment_id, tags=[f"sweep-run:{parent}"],
                                                         state=Scheduled())
+        client.set_flow_run_state(remote.id, Running(), force=True)  # a worker picked it up
         done = client.create_flow_run(probe, tags=[f"sweep-run:{parent}"], state=Completed())
         elsewhere = client.create_flow_run(probe, tags=[f"sweep-run:{other}"], state=Running())
 
         ended = cancel_children(parent)
 
-        assert sorted(ended) == sorted([str(running.id), str(queued.id)])
+        assert sorted(ended) == sorted([str(running.id), str(remote.id)])
         assert client.read_flow_run(running.id).state.type.value == "CANCELLED"
-        assert client.read_flow_run(queued.id).state.type.value == "CANCELLING"  # the worker stops it
+        assert client.read_flow_run(remote.id).state.type.value == "CANCELLING"  # the worker stops it
         assert client.read_flow_run(done.id).state.type.value == "COMPLETED"
         assert client.read_flow_run(elsewhere.id).state.type.value == "RUNNING"
         assert cancel_children(parent) == []  # nothing is ended twice
