@@ -24,6 +24,7 @@ the others; the sweep publishes the comparison of what finished, then fails nami
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -31,7 +32,6 @@ from prefect import Flow, State, flow, get_client, get_run_logger, tags
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.deployments import run_deployment
-from prefect.flow_runs import wait_for_flow_run
 from prefect.runtime import flow_run
 from prefect.settings import get_current_settings
 from prefect.states import Cancelled, Cancelling
@@ -51,7 +51,8 @@ from tasks.tracking.sweeps import SWEEP_KIND, SWEEP_TAG, point_tags
 log = logging.getLogger(__name__)
 
 PIPELINE_DEPLOYMENT = "progressive-distillation/pd-distill"
-WAIT_S = 14 * 24 * 3600  # the longest a sweep waits for one deployment run
+WAIT_S = 14 * 24 * 3600  # the longest a sweep waits for its deployment runs
+POLL_S = 10
 _ACTIVE = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED")
 
 
@@ -125,10 +126,33 @@ def _in_process(points: list[SweepPoint], leaders: dict[str, str], common: dict,
     return outcomes
 
 
+def _wait(run_ids: dict[str, object], *, logger) -> dict[str, object]:
+    """Poll the deployment runs until each is final (at most WAIT_S): {point: True, or why it did not complete}."""
+    outcomes: dict[str, object] = {}
+    deadline = time.monotonic() + WAIT_S
+    with get_client(sync_client=True) as api:
+        while len(outcomes) < len(run_ids):
+            for name, run_id in run_ids.items():
+                if name in outcomes:
+                    continue
+                run = api.read_flow_run(run_id)
+                if run.state is not None and run.state.is_final():
+                    outcomes[name] = True if run.state.is_completed() else \
+                        RuntimeError(f"deployment run {run.name} ended {run.state.name}")
+                    logger.info("sweep point %s: %s", name, run.state.name)
+            if len(outcomes) < len(run_ids):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"sweep points still running after {WAIT_S // 3600} h: "
+                                       f"{', '.join(n for n in run_ids if n not in outcomes)}")
+                time.sleep(POLL_S)
+    return outcomes
+
+
 def _as_deployments(points: list[SweepPoint], leaders: dict[str, str], common: dict, base: list[str], sweep: str,
-                    deployment: str) -> dict[str, object]:
+                    deployment: str, *, logger) -> dict[str, object]:
     """Run the points as deployment runs, teacher-training points first: {point: True, or why it failed}."""
     params = {k: v for k, v in common.items() if v is not None}
+    parent_id = current_flow_run_id()
     outcomes: dict[str, object] = {}
     for wave in ([p for p in points if leaders[p.name] == p.name], [p for p in points if leaders[p.name] != p.name]):
         started = {}
@@ -137,15 +161,14 @@ def _as_deployments(points: list[SweepPoint], leaders: dict[str, str], common: d
             if leader != point.name and outcomes.get(leader) is not True:
                 outcomes[point.name] = RuntimeError(f"its teacher's point {leader} did not complete")
                 continue
-            started[point.name] = run_deployment(
-                deployment, timeout=0, as_subflow=True, flow_run_name=f"{point.name}-sweep-point",
+            run = run_deployment(
+                deployment, timeout=0, as_subflow=True, tags=[f"sweep:{sweep}", f"sweep-run:{parent_id}"],
+                idempotency_key=f"{parent_id}:{point.name}",  # a retried sweep run starts no second copy
                 parameters={**params, "overrides": [*base, *point.overrides()], "name": point.name,
                             "sweep": point_tags(sweep, point.values),
                             "shared_teacher": teacher_key(leader) if leader != point.name else None})
-        for name, run in started.items():
-            final = wait_for_flow_run(run.id, timeout=WAIT_S, log_states=True)
-            outcomes[name] = True if final.state and final.state.is_completed() else \
-                RuntimeError(f"deployment run {final.name} ended {final.state.name if final.state else 'unknown'}")
+            started[point.name] = run.id
+        outcomes.update(_wait(started, logger=logger))
     return outcomes
 
 
@@ -194,7 +217,7 @@ def sweep_flow(grid: dict[str, list[str]], name: str = "sweep", preset: PresetNa
     remote = points_as == "deployments" or (points_as == "auto" and bool(api_url) and not is_embedded(api_url))
     with tags(f"sweep:{name}", f"sweep-run:{parent_id}"):
         if remote:
-            outcomes = _as_deployments(points, leaders, common, base, name, deployment)
+            outcomes = _as_deployments(points, leaders, common, base, name, deployment, logger=logger)
         else:
             outcomes = _in_process(points, leaders, common, base, name)
     report = publish_sweep_task(first, sweep=name, points={p.name: p.values for p in points}, run_id=run_id)

@@ -101,10 +101,10 @@ def test_the_sweeps_saved_view_shows_every_points_grid_values_and_fd_per_step(st
     fd_columns = [f"metrics.`distilled_fd_digits_{n}steps`" for n in STEPS]
     param_columns = [f"params.`pd.sweep.{f}`" for f in FIELDS]
     shown = {}
-    for row in rows:
-        name = next((v for v in row.values() if v.startswith(f"{SWEEP}.")), None)
-        if name is not None:
-            shown[name] = row
+    for row in rows:  # the name cell shows a colour swatch's label, then the run name
+        lines = row.get("attributes.`Run Name`", "").splitlines()
+        if lines and lines[-1].startswith(f"{SWEEP}."):
+            shown[lines[-1].strip()] = row
     assert set(shown) == {r.info.run_name for r in runs}, rows
     for run in runs:
         row = shown[run.info.run_name]
