@@ -22,7 +22,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.events import emit_event
 from prefect.settings import get_current_settings
 
-from flows.identity import PresetName, current_flow_run_id, pipeline_run_name, run_tags, tag_flow_run
+from flows.identity import PresetName, current_flow_run_id, pipeline_run_name, run_tags, sweep_tags, tag_flow_run
 from pd_core.config import Config, flatten
 from pd_core.jobs import pipeline_prefix
 from pd_core.store import Lease, LeaseHeldError, LeaseLostError, StoreError
@@ -156,7 +156,7 @@ def distillation_pipeline(preset: PresetName = "smoke", overrides: list[str] | N
                          storage=storage, tracking_uri=tracking_uri, teacher_uri=teacher_uri,
                          restart_from=restart_from)
     name = cfg.pipeline.name
-    tag_flow_run(run_tags(pipeline=name, preset=preset))
+    tag_flow_run(run_tags(pipeline=name, preset=preset) + sweep_tags(sweep))
     store = open_store(cfg)
     flow_run_id = current_flow_run_id()
     owner = f"{socket.gethostname()}:{os.getpid()}:flow-run-{flow_run_id}"

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from prefect import Flow, State, flow, get_client, get_run_logger, tags
+from prefect import Flow, State, flow, get_client, get_run_logger
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.deployments import run_deployment
@@ -215,11 +215,12 @@ def sweep_flow(grid: dict[str, list[str]], name: str = "sweep", preset: PresetNa
     base = list(overrides or [])
     api_url = get_current_settings().api.url
     remote = points_as == "deployments" or (points_as == "auto" and bool(api_url) and not is_embedded(api_url))
-    with tags(f"sweep:{name}", f"sweep-run:{parent_id}"):
-        if remote:
-            outcomes = _as_deployments(points, leaders, common, base, name, deployment, logger=logger)
-        else:
-            outcomes = _in_process(points, leaders, common, base, name)
+    # Children are tagged sweep:<name> and sweep-run:<id> on their flow runs only (flows.identity.sweep_tags):
+    # a tags() context would tag every task run too, and each tagged task pays the concurrency-slot calls.
+    if remote:
+        outcomes = _as_deployments(points, leaders, common, base, name, deployment, logger=logger)
+    else:
+        outcomes = _in_process(points, leaders, common, base, name)
     report = publish_sweep_task(first, sweep=name, points={p.name: p.values for p in points}, run_id=run_id)
     failed = [n for n, o in outcomes.items() if isinstance(o, BaseException)]
     trained = {n: _trained(o) for n, o in outcomes.items()}
