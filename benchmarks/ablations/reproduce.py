@@ -51,7 +51,7 @@ ABLATION1 = [f"teacher.updates={TEACHER_UPDATES}", "distill.start_steps=8",
              "eval.stochastic_gammas=[]", "eval.teacher_extra_steps=[]"]
 ABLATION2 = ["distill.start_steps=8", "distill.fast=true", "eval.stochastic_gammas=[]"]
 # The CI size: the smoke preset, a few updates, 100 samples per measurement.
-TINY = ["teacher.updates=20", "distill.start_steps=4", "distill.updates_per_round=5", "eval.num_samples=100",
+TINY = ["teacher.updates=20", "distill.start_steps=2", "distill.updates_per_round=5", "eval.num_samples=100",
         "eval.kid_subset_size=50", "eval.stochastic_gammas=[]", "eval.classifier_epochs=1", "eval.grid_size=2"]
 
 
