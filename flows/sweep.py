@@ -99,7 +99,13 @@ def cancel_children(parent_id: str, *, client=None) -> list[str]:
 
 
 def _cancel_children_hook(_flow: Flow, run: FlowRun, _state: State) -> None:
-    """Flow hook on cancellation, crash or failure: end the children still going."""
+    """Flow hook on cancellation, crash or failure: end the children still going.
+
+    Not on the embedded server: its children run in this process and end with it (Prefect marks the one
+    running Crashed), and after Ctrl-C the server itself is gone, so asking it would only wait out retries.
+    """
+    if is_embedded(get_current_settings().api.url):
+        return
     try:
         ended = cancel_children(str(run.id))
     except Exception as err:  # noqa: BLE001 - the API is gone with the process: nothing left to cancel there
