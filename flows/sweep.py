@@ -14,9 +14,11 @@ teacher (``pipeline.teacher_uri``) shares nothing.
   deployment on the work pool, whose ``gpu`` concurrency limit holds them to the GPUs: first every
   point that trains a teacher, at once, then every other point, at once.
 
-Every child flow run is tagged ``sweep:<name>`` and ``sweep-run:<parent id>``. When the parent is
-cancelled or crashes (Ctrl-C), :func:`cancel_children` ends the children still going: deployment runs
-are set Cancelling (their worker stops them), in-process ones Cancelled. A rerun reruns nothing complete:
+Every child flow run is tagged ``sweep:<name>`` and ``sweep-run:<parent id>``. On a standing server, when
+the parent is cancelled, crashes or fails, :func:`cancel_children` ends the children still going:
+deployment runs are set Cancelling (their worker stops them), others Cancelled. On the embedded server
+the children run in the process: Ctrl-C crashes the running point and no later point starts (a rerun
+continues it from its in-round state). A rerun reruns nothing complete:
 every pipeline skips its complete checkpoints and cached evaluations. A point that fails does not stop
 the others; the sweep publishes the comparison of what finished, then fails naming the failed points.
 """
