@@ -36,6 +36,7 @@ SPEC_PATH = Path(__file__).with_name("prefect.yaml")
 
 # Deployments whose default parameters take --preset / --set.
 PIPELINE_DEPLOYMENTS = ("pd-teacher", "pd-distill")
+SWEEP_DEPLOYMENT = "pd-sweep"  # runs pd-distill once per grid point; gets the same defaults
 NOTIFY_DEPLOYMENT = "pd-notify"
 
 
@@ -150,7 +151,7 @@ def plan(spec: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]
         if name == NOTIFY_DEPLOYMENT and (args.no_notify or not args.notify_flow):
             continue
         parameters = dict(d.get("parameters") or {})
-        if name in PIPELINE_DEPLOYMENTS:
+        if name in (*PIPELINE_DEPLOYMENTS, SWEEP_DEPLOYMENT):
             parameters["task_tags"] = [args.gpu_tag]  # the tag whose concurrency limit this script sets
             if args.preset is not None:
                 parameters["preset"] = args.preset

@@ -1,4 +1,4 @@
-"""The ``pd`` command line: run a pipeline, sample, evaluate, list presets, show a pipeline's table.
+"""The ``pd`` command line: run a pipeline or a sweep of them, sample, evaluate, list presets, show a pipeline's table.
 
 Errors are one line on stderr, credentials in URLs redacted: exit 2 for bad arguments or config
 (checked before anything heavy is imported, see :mod:`flows.cli_args`), 1 for failures at run time.
@@ -77,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--restart-from", type=restart_round, metavar="N",
                      help="retrain round N and every later round, replacing their checkpoints (0 or 'teacher': "
                           "the teacher too); what comes before N is kept as it is")
+
+    sweep = sub.add_parser("sweep", help="run one pipeline per point of a grid of overrides and compare them in MLflow")
+    _add_config_args(sweep)
+    sweep.set_defaults(name="sweep")
+    sweep.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
+                       help="a config field and the values it takes, e.g. --grid distill.lr=1e-4,3e-4 (repeatable; "
+                            "the points are every combination; values holding commas go in --grid-file)")
+    sweep.add_argument("--grid-file", help="YAML file: grid: {FIELD: [VALUES]}, optionally exclude: [{FIELD: VALUE}]")
+    sweep.add_argument("--points-as", choices=("auto", "subflows", "deployments"), default="auto",
+                       help="auto: runs of the pd-distill deployment on a standing Prefect server, subflows one "
+                            "after another on the embedded one")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="print the points, their overrides and which share a teacher; run nothing")
 
     sample = sub.add_parser("sample", help="draw samples from a checkpoint or an MLflow model into a PNG grid")
     sample.add_argument("--model", required=True,
@@ -262,6 +275,62 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from flows.sweep_grid import (
+        check_sweep_name,
+        grid_points,
+        merge_grids,
+        parse_grid_args,
+        read_grid_file,
+        teacher_leaders,
+    )
+
+    check_uri("--storage", args.storage)
+    check_uri("--tracking-uri", args.tracking_uri, storage=False)
+    name = check_sweep_name(args.name)
+    file_grid, exclude = read_grid_file(args.grid_file) if args.grid_file else ({}, [])
+    grid = merge_grids(parse_grid_args(args.grid), file_grid)
+    points = grid_points(name, grid, exclude=exclude)
+    from tasks.common import resolve_config
+
+    # Every point's config, before Prefect starts: a bad field or value costs no server start and exits 2.
+    configs = [resolve_config(preset=args.preset, config_path=args.config_path, overrides=[*args.overrides,
+                              *p.overrides()], name=p.name, storage=args.storage, tracking_uri=args.tracking_uri)
+               for p in points]
+    if args.dry_run:
+        leaders = teacher_leaders({p.name: c for p, c in zip(points, configs, strict=True)})
+        for point in points:
+            shared = "" if leaders[point.name] == point.name else f"  (shares the teacher of {leaders[point.name]})"
+            print(f"{point.name}: {' '.join(point.overrides())}{shared}")
+        print(f"{len(points)} points, {len(set(leaders.values()))} teacher(s)")
+        return 0
+    t0 = time.perf_counter()
+    server = start_prefect_and_warm_up(configs[0])
+    from flows.sweep import sweep_flow
+
+    if not os.environ.get("PD_DEBUG"):
+        _console_without_tracebacks()
+    with server.flow_settings() if server else contextlib.nullcontext():
+        result = sweep_flow(grid=grid, name=name, preset=args.preset, exclude=exclude, overrides=args.overrides,
+                            storage=args.storage, tracking_uri=args.tracking_uri, config_path=args.config_path,
+                            points_as=args.points_as)
+    print()
+    print(f"sweep {name}: {len(points)} points finished in {time.perf_counter() - t0:.1f}s")
+    for point, leader in result.teachers.items():
+        trained = result.trained.get(point, -1)
+        what = "reused everything" if trained == 0 else f"trained {trained} checkpoint(s)" if trained > 0 else "ran"
+        shared = "" if leader == point else f", shares the teacher of {leader}"
+        print(f"  {point}: {what}{shared}")
+    if result.report:
+        print(f"  MLflow      {result.report.mlflow_link}")
+        if result.report.mlflow_view:
+            print(f"  sweep view  {result.report.mlflow_view}")
+        print(f"  table       {result.report.table_uri}")
+        print()
+        print(result.report.table)
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     batch_size = args.batch_size if args.batch_size is not None else max(1, min(256, args.num))
     check_sampling(num=args.num, steps=args.steps, batch_size=batch_size, gamma=args.gamma, seed=args.seed,
@@ -320,8 +389,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export, "presets": cmd_presets,
-            "show": cmd_show, "config": cmd_config}
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export,
+            "presets": cmd_presets, "show": cmd_show, "config": cmd_config}
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

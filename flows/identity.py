@@ -3,7 +3,8 @@
 - Flow-run names: ``<pipeline>-<UTC start, minutes>`` (``smoke-2026-11-30T19-20``) for the pipeline,
   ``<pipeline>-teacher-<...>`` for the teacher flow; Prefect calls :func:`pipeline_run_name` /
   :func:`teacher_run_name` with the run's parameters in its context.
-- Tags ``pipeline:<name>`` and ``preset:<preset>``, added to the running flow run (they work for a
+- Tags ``pipeline:<name>`` and ``preset:<preset>`` (a sweep's points also ``sweep:<name>`` and
+  ``sweep-run:<the sweep's flow run id>``), added to the running flow run (they work for a
   ``pd run`` and for deployment runs alike, so the UI's tag filter finds every run of a pipeline).
 - ``PresetName``: the flows' ``preset`` parameter type, a Literal of the shipped presets, which the
   deployments' run form shows as a choice.
@@ -87,6 +88,18 @@ def flow_run_page() -> tuple[str | None, str | None]:
 def run_tags(*, pipeline: str, preset: str | None) -> list[str]:
     """The tags a flow run of ``pipeline`` carries."""
     return [f"pipeline:{pipeline}"] + ([f"preset:{preset}"] if preset else [])
+
+
+def sweep_tags(sweep: Mapping[str, str] | None) -> list[str]:
+    """The tags of a sweep point's flow run: ``sweep:<name>`` and ``sweep-run:<the sweep's flow run id>`` (what
+    a cancelled sweep looks its children up by); none outside a sweep."""
+    if not sweep or "pd.sweep" not in sweep:
+        return []
+    try:
+        parent = flow_run.get_parent_flow_run_id()
+    except Exception:  # noqa: BLE001 - no API to ask: the name tag still finds the run
+        parent = None
+    return [f"sweep:{sweep['pd.sweep']}"] + ([f"sweep-run:{parent}"] if parent else [])
 
 
 def tag_flow_run(tags: list[str]) -> None:

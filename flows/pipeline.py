@@ -28,6 +28,7 @@ from flows.identity import (
     flow_run_page,
     pipeline_run_name,
     run_tags,
+    sweep_tags,
     tag_flow_run,
 )
 from pd_core.config import Config
@@ -87,17 +88,20 @@ def _kept_alive(lease: Lease, *, logger) -> Iterator[LeaseGuard]:
         thread.join()  # before the lease is released: no renewal races the release
 
 
-def parent_run(tracker, cfg: Config, *, continue_run: str | None, logger) -> str | None:
+def parent_run(tracker, cfg: Config, *, continue_run: str | None, logger,
+               sweep: dict[str, str] | None = None) -> str | None:
     """The pipeline's MLflow parent run: ``continue_run`` (the teacher flow's) reopened when MLflow has it,
-    else a new one named after the pipeline."""
-    tags = {"pd.pipeline": cfg.pipeline.name, "pd.kind": "pipeline", FLOW_RUN_TAG: current_flow_run_id()}
+    else a new one named after the pipeline. ``sweep``: the tags and params of a sweep's point
+    (:func:`tasks.tracking.sweeps.point_tags`)."""
+    tags = {"pd.pipeline": cfg.pipeline.name, "pd.kind": "pipeline", FLOW_RUN_TAG: current_flow_run_id(),
+            **(sweep or {})}
     if continue_run:
         reopened = tracker.reopen_run(continue_run)
         if reopened is not None:
             tracker.set_tags(reopened, tags)
             return reopened
         logger.warning("MLflow has no run %s to continue: this pipeline gets a new parent run", continue_run)
-    return start_pipeline_run(tracker, cfg, tags=tags)
+    return start_pipeline_run(tracker, cfg, tags=tags, params=sweep)
 
 
 def _end_tracking_of_failed_run(_flow: Flow, flow_run: FlowRun, state: State) -> None:
@@ -128,7 +132,8 @@ def distillation_pipeline(preset: PresetName = "smoke", overrides: list[str] | N
                           tracking_uri: str | None = None, config_path: str | None = None,
                           task_tags: list[str] | None = None,
                           mlflow_parent_run_id: str | None = None,
-                          restart_from: int | None = None) -> PipelineResult:
+                          restart_from: int | None = None, shared_teacher: str | None = None,
+                          sweep: dict[str, str] | None = None) -> PipelineResult:
     """Distill a teacher round by round down to ``distill.final_steps``; evaluate, track and report each round.
 
     Args:
@@ -146,6 +151,10 @@ def distillation_pipeline(preset: PresetName = "smoke", overrides: list[str] | N
             instead of starting one.
         restart_from: Retrain round N and every later round (0: the teacher too), replacing their
             checkpoints; what comes before N is kept (`pd run --restart-from N`).
+        shared_teacher: Use the teacher at this key of the same store where it is (no copy) when its lineage is
+            this pipeline's teacher; set by `pd sweep` for points that share one.
+        sweep: The sweep this pipeline is a point of, as MLflow tags and params (pd.sweep and pd.sweep.FIELD
+            values); set by `pd sweep`.
 
     A previous run that died holding the lease gets its MLflow runs marked KILLED and its Prefect
     flow run CRASHED.
@@ -155,7 +164,7 @@ def distillation_pipeline(preset: PresetName = "smoke", overrides: list[str] | N
                          storage=storage, tracking_uri=tracking_uri, teacher_uri=teacher_uri,
                          restart_from=restart_from)
     name = cfg.pipeline.name
-    tag_flow_run(run_tags(pipeline=name, preset=preset))
+    tag_flow_run(run_tags(pipeline=name, preset=preset) + sweep_tags(sweep))
     store = open_store(cfg)
     flow_run_id = current_flow_run_id()
     owner = f"{socket.gethostname()}:{os.getpid()}:flow-run-{flow_run_id}"
@@ -166,9 +175,9 @@ def distillation_pipeline(preset: PresetName = "smoke", overrides: list[str] | N
         tracker = tracker_for(cfg)
         if lease.taken_over is not None:
             end_dead_run(lease.taken_over, tracker=tracker, logger=logger, current_flow_run_id=flow_run_id)
-        parent = parent_run(tracker, cfg, continue_run=mlflow_parent_run_id, logger=logger)
+        parent = parent_run(tracker, cfg, continue_run=mlflow_parent_run_id, logger=logger, sweep=sweep)
         logger.info("pipeline %s: store %s, MLflow %s", name, cfg.storage.root, tracker.run_link(parent))
-        teacher = ensure_teacher_task.with_options(tags=gpu_tags)(cfg, parent_run_id=parent)
+        teacher = ensure_teacher_task.with_options(tags=gpu_tags)(cfg, parent_run_id=parent, shared_key=shared_teacher)
         guard.check()
         baselines = evaluate_teacher_task.with_options(tags=gpu_tags)(cfg, teacher=teacher)
         rounds, current, guided = [], teacher, None

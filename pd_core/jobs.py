@@ -188,6 +188,33 @@ def ensure_teacher(cfg: Config, store: CheckpointStore, *, data: ImageData | Non
     return dataclasses.replace(info, train_seconds=result.seconds)
 
 
+def shared_teacher(cfg: Config, store: CheckpointStore, *, key: str) -> CheckpointInfo:
+    """Another pipeline's teacher at ``key`` in the same store, used where it is (no copy): a sweep's points that
+    share everything that decides the teacher share one.
+
+    It must be complete and verified, and its lineage exactly the teacher this pipeline would train here
+    (same settings hash, no parent); otherwise PipelineMismatchError (other settings) or StoreError (not
+    there yet, or corrupt). Never trains, copies or writes.
+    """
+    if cfg.pipeline.teacher_uri:
+        raise PipelineMismatchError(f"a shared teacher ({store.uri(key)}) and pipeline.teacher_uri "
+                                    f"({cfg.pipeline.teacher_uri}) both name this pipeline's teacher; give one")
+    want = lineage.teacher_lineage(cfg)
+    problem = store.problem(key)
+    if problem is not None:
+        raise StoreError(f"shared teacher at {store.uri(key)} is not complete ({problem}); run the pipeline that "
+                         f"trains it first")
+    differs = lineage.difference(store.read_manifest(key) or {}, want)
+    if differs is not None:
+        raise PipelineMismatchError(f"shared teacher at {store.uri(key)} was made from {differs}; it is not this "
+                                    f"pipeline's teacher, so it is not shared")
+    manifest = store.read_manifest(key) or {}
+    log.info("teacher: sharing %s (sha256 %s), made with this pipeline's teacher settings", store.uri(key),
+             str(manifest.get("sha256"))[:12])
+    return CheckpointInfo(key=key, uri=store.uri(key), sha256=manifest["sha256"], steps=cfg.distill.start_steps,
+                          round=0, trained=False, train_seconds=0.0, resumed_from=0)
+
+
 def import_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -> CheckpointInfo:
     """Copy a verified teacher checkpoint from any store URI into this pipeline (its sha256 becomes the parent),
     or import a diffusers folder (``diffusers:<folder or fsspec URL>``, :func:`import_diffusers_teacher`)."""

@@ -129,16 +129,17 @@ def tracker_for(cfg: Config):
     return _tracker(uri, cfg.tracking.experiment, cfg.tracking.enabled, None, str(journal))
 
 
-def start_pipeline_run(tracker, cfg: Config, *, tags: dict[str, str]) -> str | None:
+def start_pipeline_run(tracker, cfg: Config, *, tags: dict[str, str],
+                       params: dict[str, str] | None = None) -> str | None:
     """A pipeline's MLflow parent run, named after the pipeline: the settings that tell pipelines apart as
-    params (``pipeline_params``), the whole resolved config as the artifact ``config.yaml`` (secret-named
-    values ``***``)."""
+    params (``pipeline_params``, plus ``params``: a sweep point's grid values), the whole resolved config as
+    the artifact ``config.yaml`` (secret-named values ``***``)."""
     import yaml
 
     from pd_core.config import pipeline_params
     from tasks.tracking.redact import redacted_mapping, redactor
 
-    run_id = tracker.start_run(run_name=cfg.pipeline.name, params=pipeline_params(cfg), tags=tags)
+    run_id = tracker.start_run(run_name=cfg.pipeline.name, params={**pipeline_params(cfg), **(params or {})}, tags=tags)
     dump = redacted_mapping(cfg.model_dump(mode="json"), redactor())
     tracker.log_text(run_id, yaml.safe_dump(dump, sort_keys=False, default_flow_style=None, width=100),
                      artifact_file=CONFIG_ARTIFACT)

@@ -99,11 +99,18 @@ def _run_with_tracking(cfg: Config, *, run_name: str, parent_run_id: str | None,
 
 
 @task(name="ensure-teacher", task_run_name="teacher", **GPU_TASK)
-def ensure_teacher_task(cfg: Config, *, parent_run_id: str | None = None) -> CheckpointInfo:
-    """Train the teacher (or import pipeline.teacher_uri, or skip a complete one); returns its checkpoint info."""
+def ensure_teacher_task(cfg: Config, *, parent_run_id: str | None = None,
+                        shared_key: str | None = None) -> CheckpointInfo:
+    """Train the teacher (or import pipeline.teacher_uri, or skip a complete one); returns its checkpoint info.
+
+    ``shared_key``: use another pipeline's teacher at this key of the same store, where it is, when its lineage
+    is this pipeline's teacher (a sweep's points; :func:`pd_core.jobs.shared_teacher`).
+    """
     start = cfg.distill.start_steps
 
     def work(store: CheckpointStore, reporter: ProgressReporter) -> CheckpointInfo:
+        if shared_key is not None:
+            return jobs.shared_teacher(cfg, store, key=shared_key)
         if cfg.runtime.nproc > 1:  # data-parallel: torchrun runs the job in nproc processes
             return launch.launch_job(cfg, job="teacher", on_progress=reporter, fault_at_step=_fault_step())
         return jobs.ensure_teacher(cfg, store, on_progress=reporter, fault_at_step=_fault_step())

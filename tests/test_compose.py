@@ -279,10 +279,12 @@ def deploy_plan() -> list[dict]:
 
 def test_deploy_plan_declares_the_deployments(deploy_plan):
     by_name = {d["name"]: d for d in deploy_plan}
-    assert set(by_name) == {"pd-teacher", "pd-distill", "pd-notify"}
+    assert set(by_name) == {"pd-teacher", "pd-distill", "pd-notify", "pd-sweep"}
+    assert by_name["pd-sweep"]["entrypoint"] == "flows/sweep.py:sweep_flow"
     assert by_name["pd-teacher"]["entrypoint"] == "flows/teacher.py:train_teacher_flow"
     assert by_name["pd-distill"]["entrypoint"] == "flows/pipeline.py:distillation_pipeline"
     assert (ROOT / by_name["pd-notify"]["entrypoint"].split(":")[0]).is_file()
+    assert by_name["pd-sweep"]["parameters"]["task_tags"] == ["gpu"]  # its points' tasks, held to the GPUs
     for name in ("pd-teacher", "pd-distill"):
         d = by_name[name]
         assert d["work_pool"] == "gpu-pool"

@@ -315,13 +315,15 @@ class Tracker:
             return None
         return self._submit("reopen_run", {"run_id": run_id}, offline_result=run_id)
 
-    def save_runs_view(self, *, view_id: str, name: str, metrics: Sequence[str], search_filter: str = "") -> None:
+    def save_runs_view(self, *, view_id: str, name: str, metrics: Sequence[str], search_filter: str = "",
+                       params: Sequence[str] = ()) -> None:
         """Create or extend the saved runs-table view ``view_id`` of the experiment (the UI's "Views" menu),
-        showing the columns of ``metrics``; columns already in the view stay."""
+        showing the columns of ``params`` then ``metrics``; columns already in the view stay."""
         if not self.enabled or not metrics:
             return
         self._submit("save_runs_view", {"view_id": view_id, "name": name,
-                                        "columns": [metric_column(m) for m in metrics],
+                                        "columns": [f"params.`{p}`" for p in params] +
+                                                   [metric_column(m) for m in metrics],
                                         "search_filter": search_filter, "timestamp": _now_ms()})
 
     def set_alias(self, *, registered_model: str, alias: str, version: str) -> None:
