@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import fsspec
 
 from pd_core.config import Config, ConfigError
+from pd_core.interop.bounds import DiffusersImportError, check_scheduler_config, check_unet_config, parse_json
 
 URI_PREFIX = "diffusers:"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -25,10 +26,6 @@ PICKLE_NAME = "diffusion_pytorch_model.bin"
 MAX_JSON_BYTES = 1 << 20  # a config file is a few KB
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x"}  # diffusers -> our parameterization
 SUPPORTED_TIME_EMBEDDINGS = ("positional",)  # fractional timesteps need a continuous embedding
-
-
-class DiffusersImportError(ValueError):
-    """A diffusers folder that cannot be imported; the message is one line naming the file and the fix."""
 
 
 def is_diffusers_uri(uri: str | None) -> bool:
@@ -92,7 +89,7 @@ class _Folder:
     def json(self, *names: str) -> dict:
         raw = self.read(*names, limit=MAX_JSON_BYTES)
         try:
-            doc = json.loads(raw)
+            doc = parse_json(raw, source=self.url(*names))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise DiffusersImportError(f"{self.url(*names)} is not valid JSON ({err}); re-save the model with "
                                        f"save_pretrained") from None
@@ -133,9 +130,7 @@ def _check_unet_config(config: dict, *, source: str) -> dict:
     if embedding not in SUPPORTED_TIME_EMBEDDINGS:
         raise DiffusersImportError(f"{source}: time_embedding_type {embedding!r} is not supported (the network must "
                                    f"take fractional timesteps: {', '.join(SUPPORTED_TIME_EMBEDDINGS)})")
-    size = config.get("sample_size")
-    if not isinstance(size, int) or size < 1:
-        raise DiffusersImportError(f"{source}: sample_size must be one integer (square images), got {size!r}")
+    check_unet_config(config, source=source)
     return _public(config)
 
 
@@ -196,9 +191,7 @@ def read_configs(uri: str, *, storage_options: dict | None = None) -> FolderConf
         raise DiffusersImportError(f"{scheduler_source}: rescale_betas_zero_snr makes alpha_bar 0 at the last "
                                    f"timestep (infinite noise, log-SNR -inf), which DDIM from pure noise cannot "
                                    f"represent")
-    steps = scheduler_config.get("num_train_timesteps", 1000)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise DiffusersImportError(f"{scheduler_source}: num_train_timesteps must be an integer >= 2, got {steps!r}")
+    check_scheduler_config(scheduler_config, source=scheduler_source)
     _check_weights_file(folder, model_dir)
     return FolderConfigs(folder=folder, model_dir=model_dir, unet_config=unet_config,
                          scheduler_config=scheduler_config, scheduler_source=scheduler_source)
