@@ -170,11 +170,15 @@ def sample_to_grid(*, model: str, steps: int | None, num: int, out: str, sampler
         raise BadArgument(f"--num {num}: {num} images of {c}x{h}x{w} take {need / 2**30:.1f} GiB, more than the "
                           f"{MAX_SAMPLE_BYTES / 2**30:.0f} GiB `pd sample` holds; lower --num")
     labels = sample_labels(loaded, num=num, label=label, guidance=guidance)
+    nrow = loaded.num_classes if labels is not None and label is None else None
+    try:  # the grid's size follows from the arguments: refused before any image is sampled
+        images.check_display_grid_size(num=num, height=h, width=w, nrow=nrow, scale=scale)
+    except ValueError as err:
+        raise BadArgument(f"--num {num}{f' --scale {scale}' if scale else ''}: {err}") from None
     t0 = time.perf_counter()
     x = sample_images(loaded, steps=steps, num=num, sampler=sampler, gamma=gamma, seed=seed, batch_size=batch_size,
                       device=dev, labels=labels, guidance=guidance or 0.0)
     seconds = time.perf_counter() - t0
-    nrow = loaded.num_classes if labels is not None and label is None else None
     caption = images.grid_caption(pipeline=str(loaded.manifest.get("pipeline") or model), manifest=loaded.manifest,
                                   sampler=sampler, steps=steps, w=None if labels is None else guidance or 0.0)
     write_atomically(out, images.png_bytes(images.display_grid(x, caption=caption, scale=scale, nrow=nrow)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from pd_core.config.secrets import credential_problem, no_credentials
 
@@ -67,4 +67,18 @@ class _Section(BaseModel):
     """Base of every config section: unknown keys refused, no NaN/inf, immutable once validated."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """``true`` is not 1: a boolean for a numeric field (or a list of numbers) is refused, not converted."""
+        annotation = str(cls.model_fields[info.field_name].annotation)
+        numeric = any(name in annotation for name in ("int", "float")) and "bool" not in annotation
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if numeric and any(isinstance(item, bool) for item in items):
+            if isinstance(value, bool):
+                raise ValueError(f"must be a number, got {str(value).lower()}")
+            shown = [str(v).lower() if isinstance(v, bool) else v for v in items]
+            raise ValueError(f"must be a list of numbers, got {shown}")
+        return value
 
