@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import re
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -18,13 +19,14 @@ from pathlib import Path
 
 import fsspec
 import torch
+from safetensors.torch import load_file
 
 from flows.cli_args import BadArgument
 from pd_core import evaluation, images, jobs, samplers
 from pd_core.config import Config
 from pd_core.guidance import guided
 from pd_core.interop.diffusers_folder import check_timesteps
-from pd_core.models import LoadedModel, load_model, load_model_uri, model_from_files, split_uri
+from pd_core.models import LoadedModel, load_model, load_model_uri, model_from_files, model_from_tensors, split_uri
 from pd_core.schedule import DiscreteSchedule
 from pd_core.store import NOT_SAVED, CheckpointStore
 from pd_core.train import resolve_device, resolve_runtime
@@ -82,8 +84,10 @@ def load_any_model(model: str, *, device: torch.device, tracking_uri: str | None
     if model.startswith(("models:/", "runs:/")):
         from tasks.tracking import load_sampler_from_mlflow
 
-        weights_path, manifest = load_sampler_from_mlflow(model, tracking_uri=tracking_uri or default_tracking_uri())
-        return model_from_files(weights_path=weights_path, manifest=manifest, device=device)
+        with tempfile.TemporaryDirectory(prefix="pd-mlflow-model-") as tmp:  # removed once the weights are loaded
+            weights_path, manifest = load_sampler_from_mlflow(model, dst_dir=tmp,
+                                                              tracking_uri=tracking_uri or default_tracking_uri())
+            return model_from_files(weights_path=weights_path, manifest=manifest, device=device)
     return load_model_uri(model, device=device)
 
 
@@ -268,9 +272,11 @@ def _evaluated_model(cfg: Config, *, model: str, storage: str | None,
     if model.startswith(("models:/", "runs:/")):
         from tasks.tracking import load_sampler_from_mlflow
 
-        weights_path, manifest = load_sampler_from_mlflow(model, tracking_uri=cfg.tracking.tracking_uri)
-        return config_store(), lambda: model_from_files(weights_path=weights_path, manifest=manifest,
-                                                        device=device), manifest
+        with tempfile.TemporaryDirectory(prefix="pd-mlflow-model-") as tmp:  # removed once the weights are read
+            weights_path, manifest = load_sampler_from_mlflow(model, dst_dir=tmp,
+                                                              tracking_uri=cfg.tracking.tracking_uri)
+            tensors = load_file(weights_path)
+        return config_store(), lambda: model_from_tensors(tensors, manifest, source=model, device=device), manifest
     located = pipeline_location(model)
     root, key = located if located is not None else split_uri(model)
     model_store = CheckpointStore(root, storage_options=options)
