@@ -26,7 +26,15 @@ from pd_core import evaluation, images, jobs, samplers
 from pd_core.config import Config
 from pd_core.guidance import guided
 from pd_core.interop.diffusers_folder import check_timesteps
-from pd_core.models import LoadedModel, load_model, load_model_uri, model_from_files, model_from_tensors, split_uri
+from pd_core.models import (
+    LoadedModel,
+    load_model,
+    load_model_uri,
+    manifest_schedule,
+    model_from_files,
+    model_from_tensors,
+    split_uri,
+)
 from pd_core.schedule import DiscreteSchedule
 from pd_core.store import NOT_SAVED, CheckpointStore
 from pd_core.train import resolve_device, resolve_runtime
@@ -302,6 +310,12 @@ def evaluate_model_cli(cfg: Config, *, model: str, steps: int | None, sampler: s
     if guidance is not None and not conditional:
         raise BadArgument("--guidance needs a class-conditional model; this one is unconditional")
     steps = steps or int(manifest["steps"])
+    schedule = manifest_schedule(manifest)
+    if isinstance(schedule, DiscreteSchedule):  # as `pd sample` says it, before any work
+        try:
+            check_timesteps(steps=steps, num_train_timesteps=schedule.num_timesteps, source=model, field="--steps")
+        except ValueError as err:
+            raise BadArgument(str(err)) from None
     warn_other_steps(manifest, steps)
     ctx = evaluation.feature_context(cfg, store, device=device)
     record = evaluation.evaluate_model(cfg, store, ctx, load=load, sha256=manifest["sha256"], model_uri=model,

@@ -235,3 +235,16 @@ def weights_header(fs, path: str, *, source: str) -> dict[str, tuple[str, tuple[
         raise DiffusersImportError(f"{source} does not exist") from None
     except OSError as err:
         raise DiffusersImportError(f"{source} could not be read: {err}") from None
+
+
+def guidance_problem(*, guidance_enabled: bool, guidance_weights: tuple[float, ...] | list[float]) -> str | None:
+    """Why a config cannot guide an imported UNet2DModel (its class embedding has no null class), else None."""
+    if guidance_enabled:
+        return ("guidance.enabled: an imported diffusers UNet2DModel has no null class (classifier-free guidance "
+                "needs one); set guidance.enabled=false, or import a teacher trained here with "
+                "teacher.label_dropout > 0")
+    guided = [w for w in guidance_weights if w > 0]
+    if guided:
+        return (f"eval.guidance_weights: w = {guided[0]:g} needs a null class, which an imported diffusers "
+                f"UNet2DModel does not have; use eval.guidance_weights=[0]")
+    return None

@@ -18,7 +18,13 @@ from dataclasses import dataclass
 import fsspec
 
 from pd_core.config import Config, ConfigError
-from pd_core.interop.bounds import DiffusersImportError, check_scheduler_config, check_unet_config, parse_json
+from pd_core.interop.bounds import (
+    DiffusersImportError,
+    check_scheduler_config,
+    check_unet_config,
+    guidance_problem,
+    parse_json,
+)
 
 URI_PREFIX = "diffusers:"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -219,6 +225,8 @@ def preflight(cfg: Config) -> FolderConfigs:
     finer than the model's timesteps, or when ``data.image_size`` is not the model's sample size.
     """
     uri = cfg.pipeline.teacher_uri or ""
+    if (problem := guidance_problem(guidance_enabled=cfg.guidance.enabled, guidance_weights=cfg.eval.guidance_weights)):
+        raise ConfigError(problem)
     try:
         configs = read_configs(uri, storage_options=dict(cfg.storage.storage_options))
         check_timesteps(steps=cfg.distill.start_steps, num_train_timesteps=configs.num_train_timesteps, source=uri)
