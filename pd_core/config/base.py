@@ -11,7 +11,7 @@ Credentials never belong in a config: option names containing any of ``SECRET_KE
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
@@ -63,6 +63,16 @@ def _secret_value_paths(value: Any, name: str) -> list[str]:
     return []
 
 
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The classes inside an annotation (``tuple[int, ...] | None`` -> {int, NoneType}); Literal values excluded."""
+    if get_origin(annotation) is Literal:
+        return set()
+    args = get_args(annotation)
+    if not args:
+        return {annotation}
+    return set().union(*(_leaf_types(arg) for arg in args if arg is not Ellipsis))
+
+
 class _Section(BaseModel):
     """Base of every config section: unknown keys refused, no NaN/inf, immutable once validated."""
 
@@ -72,13 +82,13 @@ class _Section(BaseModel):
     @classmethod
     def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
         """``true`` is not 1: a boolean for a numeric field (or a list of numbers) is refused, not converted."""
-        annotation = str(cls.model_fields[info.field_name].annotation)
-        numeric = any(name in annotation for name in ("int", "float")) and "bool" not in annotation
+        leaves = _leaf_types(cls.model_fields[info.field_name].annotation)
+        numeric = bool(leaves & {int, float}) and bool not in leaves
         items = value if isinstance(value, (list, tuple)) else [value]
         if numeric and any(isinstance(item, bool) for item in items):
             if isinstance(value, bool):
                 raise ValueError(f"must be a number, got {str(value).lower()}")
-            shown = [str(v).lower() if isinstance(v, bool) else v for v in items]
-            raise ValueError(f"must be a list of numbers, got {shown}")
+            shown = ", ".join(str(v).lower() if isinstance(v, bool) else repr(v) for v in items)
+            raise ValueError(f"must be a list of numbers, got [{shown}]")
         return value
 

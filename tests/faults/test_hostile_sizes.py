@@ -108,7 +108,7 @@ def test_the_config_size_bounds_are_lower_bounds_of_the_real_network(preset, ove
 
 @pytest.mark.parametrize("override, message", [
     ("distill.updates_per_round=true", "distill.updates_per_round must be a number, got true"),
-    ("model.ch_mult=[1,true]", "model.ch_mult must be a list of numbers, got [1, 'true']"),
+    ("model.ch_mult=[1,true]", "model.ch_mult must be a list of numbers, got [1, true]"),
     ("data.image_size=100000", "data.image_size must be <= 4096"),
 ])
 def test_booleans_and_oversize_values_for_numbers_are_refused(override, message):
