@@ -27,7 +27,7 @@ from tests.test_diffusers_import import teacher_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 CAP_BYTES = 4 << 30  # torch + diffusers imported take ~1.5 GiB of address space; every bomb needs far more
-CAP_CPU_S = 120
+CAP_CPU_S = 30
 
 
 def _edit(path: Path, **changes) -> None:

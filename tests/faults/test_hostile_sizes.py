@@ -22,11 +22,11 @@ from tests.faults.helpers import _cfg, _copy_of
 
 REPO = Path(__file__).resolve().parents[2]
 CAP_BYTES = 4 << 30
-CAP_CPU_S = 60
+CAP_CPU_S = 30
 
 
 def _capped(argv: list[str], *, tmp_path: Path) -> subprocess.CompletedProcess:
-    """``pd ARGV`` in a child capped at 4 GiB of address space and 60 s of CPU time."""
+    """``pd ARGV`` in a child capped at 4 GiB of address space and 30 s of CPU time."""
     code = textwrap.dedent(f"""
         import resource, sys
         resource.setrlimit(resource.RLIMIT_AS, ({CAP_BYTES}, {CAP_BYTES}))
