@@ -74,6 +74,7 @@ BOMBS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BOMBS))
 def test_a_size_bomb_in_a_teacher_folder_is_refused_before_allocation_under_a_memory_cap(tmp_path, case):
     plant, message = BOMBS[case]

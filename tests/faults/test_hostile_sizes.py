@@ -50,6 +50,7 @@ CONFIG_BOMBS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, message", CONFIG_BOMBS, ids=[o for o, _ in CONFIG_BOMBS])
 def test_a_size_bomb_in_the_config_is_refused_at_config_time_under_a_memory_cap(tmp_path, override, message):
     overrides = [override, "data.image_size=256", "model.ch_mult=[1,1]"] if "1048576" in override else [override]
@@ -63,6 +64,7 @@ def test_a_size_bomb_in_the_config_is_refused_at_config_time_under_a_memory_cap(
     assert not (tmp_path / "s").exists() and not (tmp_path / "m.db").exists()
 
 
+@pytest.mark.slow
 def test_a_huge_sample_grid_is_refused_from_the_arguments_before_sampling(template: Path, tmp_path: Path):
     _, student = _copy_of(template, tmp_path, _cfg("faults"))
     proc = _capped(["sample", "--model", student.uri, "--num", "100000", "--scale", "32",
