@@ -241,6 +241,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from pd_core.interop.diffusers_folder import preflight
 
         preflight(cfg)  # the folder, its configs, the step count and image size; JSON only, before Prefect starts
+    from tasks.tracking.uris import new_store_note
+
+    if note := new_store_note(args.tracking_uri):
+        print(note, file=sys.stderr)
     t0 = time.perf_counter()
     server = start_prefect_and_warm_up(cfg)  # stops at exit, after Prefect has shipped its last logs
     from flows.pipeline import distillation_pipeline

@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import re
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -18,13 +19,22 @@ from pathlib import Path
 
 import fsspec
 import torch
+from safetensors.torch import load_file
 
 from flows.cli_args import BadArgument
 from pd_core import evaluation, images, jobs, samplers
 from pd_core.config import Config
 from pd_core.guidance import guided
 from pd_core.interop.diffusers_folder import check_timesteps
-from pd_core.models import LoadedModel, load_model, load_model_uri, model_from_files, split_uri
+from pd_core.models import (
+    LoadedModel,
+    load_model,
+    load_model_uri,
+    manifest_schedule,
+    model_from_files,
+    model_from_tensors,
+    split_uri,
+)
 from pd_core.schedule import DiscreteSchedule
 from pd_core.store import NOT_SAVED, CheckpointStore
 from pd_core.train import resolve_device, resolve_runtime
@@ -82,8 +92,10 @@ def load_any_model(model: str, *, device: torch.device, tracking_uri: str | None
     if model.startswith(("models:/", "runs:/")):
         from tasks.tracking import load_sampler_from_mlflow
 
-        weights_path, manifest = load_sampler_from_mlflow(model, tracking_uri=tracking_uri or default_tracking_uri())
-        return model_from_files(weights_path=weights_path, manifest=manifest, device=device)
+        with tempfile.TemporaryDirectory(prefix="pd-mlflow-model-") as tmp:  # removed once the weights are loaded
+            weights_path, manifest = load_sampler_from_mlflow(model, dst_dir=tmp,
+                                                              tracking_uri=tracking_uri or default_tracking_uri())
+            return model_from_files(weights_path=weights_path, manifest=manifest, device=device)
     return load_model_uri(model, device=device)
 
 
@@ -170,11 +182,15 @@ def sample_to_grid(*, model: str, steps: int | None, num: int, out: str, sampler
         raise BadArgument(f"--num {num}: {num} images of {c}x{h}x{w} take {need / 2**30:.1f} GiB, more than the "
                           f"{MAX_SAMPLE_BYTES / 2**30:.0f} GiB `pd sample` holds; lower --num")
     labels = sample_labels(loaded, num=num, label=label, guidance=guidance)
+    nrow = loaded.num_classes if labels is not None and label is None else None
+    try:  # the grid's size follows from the arguments: refused before any image is sampled
+        images.check_display_grid_size(num=num, height=h, width=w, nrow=nrow, scale=scale)
+    except ValueError as err:
+        raise BadArgument(f"--num {num}{f' --scale {scale}' if scale else ''}: {err}") from None
     t0 = time.perf_counter()
     x = sample_images(loaded, steps=steps, num=num, sampler=sampler, gamma=gamma, seed=seed, batch_size=batch_size,
                       device=dev, labels=labels, guidance=guidance or 0.0)
     seconds = time.perf_counter() - t0
-    nrow = loaded.num_classes if labels is not None and label is None else None
     caption = images.grid_caption(pipeline=str(loaded.manifest.get("pipeline") or model), manifest=loaded.manifest,
                                   sampler=sampler, steps=steps, w=None if labels is None else guidance or 0.0)
     write_atomically(out, images.png_bytes(images.display_grid(x, caption=caption, scale=scale, nrow=nrow)))
@@ -264,9 +280,11 @@ def _evaluated_model(cfg: Config, *, model: str, storage: str | None,
     if model.startswith(("models:/", "runs:/")):
         from tasks.tracking import load_sampler_from_mlflow
 
-        weights_path, manifest = load_sampler_from_mlflow(model, tracking_uri=cfg.tracking.tracking_uri)
-        return config_store(), lambda: model_from_files(weights_path=weights_path, manifest=manifest,
-                                                        device=device), manifest
+        with tempfile.TemporaryDirectory(prefix="pd-mlflow-model-") as tmp:  # removed once the weights are read
+            weights_path, manifest = load_sampler_from_mlflow(model, dst_dir=tmp,
+                                                              tracking_uri=cfg.tracking.tracking_uri)
+            tensors = load_file(weights_path)
+        return config_store(), lambda: model_from_tensors(tensors, manifest, source=model, device=device), manifest
     located = pipeline_location(model)
     root, key = located if located is not None else split_uri(model)
     model_store = CheckpointStore(root, storage_options=options)
@@ -292,6 +310,12 @@ def evaluate_model_cli(cfg: Config, *, model: str, steps: int | None, sampler: s
     if guidance is not None and not conditional:
         raise BadArgument("--guidance needs a class-conditional model; this one is unconditional")
     steps = steps or int(manifest["steps"])
+    schedule = manifest_schedule(manifest)
+    if isinstance(schedule, DiscreteSchedule):  # as `pd sample` says it, before any work
+        try:
+            check_timesteps(steps=steps, num_train_timesteps=schedule.num_timesteps, source=model, field="--steps")
+        except ValueError as err:
+            raise BadArgument(str(err)) from None
     warn_other_steps(manifest, steps)
     ctx = evaluation.feature_context(cfg, store, device=device)
     record = evaluation.evaluate_model(cfg, store, ctx, load=load, sha256=manifest["sha256"], model_uri=model,

@@ -174,6 +174,28 @@ def add_caption(grid: np.ndarray, caption: str) -> np.ndarray:
     return np.concatenate([bar_array, grid], axis=0)
 
 
+def display_grid_size(*, num: int, height: int, width: int, nrow: int | None = None, scale: int | None = None,
+                      min_width: int = DISPLAY_MIN_WIDTH, padding: int = 2) -> tuple[int, int, int]:
+    """(height px, width px, scale) of :func:`display_grid`'s tiles for ``num`` images of ``height`` x ``width``
+    (without the caption bar), from the arguments alone: rows * (k h + p) + p by cols * (k w + p) + p,
+    cols = nrow or ceil(sqrt(num)), rows = ceil(num / cols), k = ``scale`` or :func:`display_scale`."""
+    columns = nrow if nrow is not None else math.ceil(math.sqrt(max(num, 1)))
+    if scale is None:
+        scale = min(MAX_DISPLAY_SCALE, display_scale(image_width=width, columns=max(columns, 1), padding=padding,
+                                                     min_width=min_width))
+    rows = math.ceil(max(num, 1) / max(columns, 1))
+    return rows * (scale * height + padding) + padding, columns * (scale * width + padding) + padding, scale
+
+
+def check_display_grid_size(*, num: int, height: int, width: int, nrow: int | None = None,
+                            scale: int | None = None) -> None:
+    """ValueError (one line) when :func:`display_grid` of these images would exceed ``MAX_DISPLAY_SIDE`` px."""
+    grid_h, grid_w, _ = display_grid_size(num=num, height=height, width=width, nrow=nrow, scale=scale)
+    if max(grid_h, grid_w) > MAX_DISPLAY_SIDE:
+        raise ValueError(f"a display grid of {grid_w}x{grid_h} px exceeds {MAX_DISPLAY_SIDE} px; "
+                         f"use a smaller scale or fewer images")
+
+
 def display_grid(images: Tensor, *, caption: str | None = None, nrow: int | None = None, scale: int | None = None,
                  min_width: int = DISPLAY_MIN_WIDTH, padding: int = 2) -> np.ndarray:
     """The grid for people: :func:`make_grid` of the images upscaled by ``scale`` (default: the smallest
@@ -184,14 +206,12 @@ def display_grid(images: Tensor, *, caption: str | None = None, nrow: int | None
     u = to_uint8(images).cpu()
     if u.ndim != 4:
         raise ValueError(f"images must have shape (N, C, H, W); got {tuple(u.shape)}")
-    columns = nrow if nrow is not None else math.ceil(math.sqrt(max(u.shape[0], 1)))
-    if scale is None:
-        scale = min(MAX_DISPLAY_SCALE, display_scale(image_width=u.shape[-1], columns=max(columns, 1),
-                                                     padding=padding, min_width=min_width))
-    grid = make_grid(upscale_nearest(u, scale=scale), nrow=nrow, padding=padding)
-    if max(grid.shape[:2]) > MAX_DISPLAY_SIDE:
-        raise ValueError(f"a display grid of {grid.shape[1]}x{grid.shape[0]} px exceeds {MAX_DISPLAY_SIDE} px; "
+    grid_h, grid_w, scale = display_grid_size(num=u.shape[0], height=u.shape[-2], width=u.shape[-1], nrow=nrow,
+                                              scale=scale, min_width=min_width, padding=padding)
+    if max(grid_h, grid_w) > MAX_DISPLAY_SIDE:  # checked before the upscaled copy is made
+        raise ValueError(f"a display grid of {grid_w}x{grid_h} px exceeds {MAX_DISPLAY_SIDE} px; "
                          f"use a smaller scale or fewer images")
+    grid = make_grid(upscale_nearest(u, scale=scale), nrow=nrow, padding=padding)
     return add_caption(grid, caption) if caption else grid
 
 

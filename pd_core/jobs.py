@@ -225,6 +225,7 @@ def import_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -> Checkpoi
     tensors, manifest = src.load_checkpoint(src_key)
     arch = _architecture(manifest, source=uri)
     check_weights_fit(tensors, arch, source=uri)
+    _check_finite_import(tensors, source=uri)
     if manifest.get("parameterization") != cfg.diffusion.parameterization:
         raise PipelineMismatchError(f"{uri} uses parameterization {manifest.get('parameterization')!r}, the config "
                                     f"{cfg.diffusion.parameterization!r}; set diffusion.parameterization to match")
@@ -238,6 +239,14 @@ def import_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -> Checkpoi
     log.info("teacher imported from %s to %s", uri, ref.uri)
     return CheckpointInfo(key=key, uri=ref.uri, sha256=ref.sha256, steps=start, round=0, trained=False,
                           train_seconds=0.0, resumed_from=0)
+
+
+def _check_finite_import(weights: dict[str, torch.Tensor], *, source: str) -> None:
+    """NonFiniteOutputError (never retried) when a teacher to import holds NaN or infinite weights."""
+    bad = finite.nonfinite_weights(weights)
+    if bad:
+        raise finite.NonFiniteOutputError(f"teacher at {source}: {bad} of its weights are NaN or infinite; nothing was "
+                                          f"imported: point pipeline.teacher_uri at a model with finite weights")
 
 
 def _architecture(manifest: dict, *, source: str) -> Architecture:
@@ -278,6 +287,7 @@ def import_diffusers_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -
     model = read_diffusers_model(uri, storage_options=dict(cfg.storage.storage_options))
     start = cfg.distill.start_steps
     check_timesteps(steps=start, num_train_timesteps=model.num_train_timesteps, source=uri)
+    _check_finite_import(model.weights, source=uri)
     arch = DiffusersUNet2D.of(model.unet_config, schedule=model.schedule, scheduler_config=model.scheduler_config)
     key = teacher_key(cfg.pipeline.name)
     want = lineage.teacher_lineage(cfg, source_sha256=model.weights_sha256)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,7 +41,7 @@ def resolve_config(*, preset: str | None = None, config_path: str | None = None,
     if tracking_uri:
         extra.append(f"tracking.tracking_uri={tracking_uri}")
     if teacher_uri:
-        extra.append(f"pipeline.teacher_uri={teacher_uri}")
+        extra.append(f"pipeline.teacher_uri={json.dumps(teacher_uri)}")  # a string, never YAML ("diffusers:" is a map)
     if restart_from is not None:
         extra.append(f"pipeline.restart_from={int(restart_from)}")
     cfg = load_config(preset=preset, path=config_path, overrides=extra)

@@ -30,6 +30,7 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="pd-tests-"))
 os.environ["PD_HOME"] = str(_SESSION_HOME / "pd")
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
+os.environ["XDG_CONFIG_HOME"] = str(_SESSION_HOME / "config")  # the MLflow journal's signing key, not the user's
 (_SESSION_HOME / "prefect").mkdir(parents=True, exist_ok=True)
 
 # Fake credentials: long and distinctive, so a test can prove they are written nowhere.

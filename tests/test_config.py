@@ -347,12 +347,14 @@ def test_invalid_numeric_values_name_their_field(key: str, value) -> None:
 @fast
 @given(st.integers(min_value=-(2**40), max_value=2**40))
 def test_start_steps_power_of_two(value: int) -> None:
-    valid = value >= 2 and value & (value - 1) == 0
+    power = value >= 2 and value & (value - 1) == 0
+    valid = power and value <= 2**16
     try:
         cfg = load_config(preset="smoke", overrides=[f"distill.start_steps={value}"])
     except ConfigError as exc:
         assert not valid
-        assert str(exc) == f"distill.start_steps must be a power of two >= 2, got {value}"
+        assert str(exc) == (f"distill.start_steps must be at most 65536 (a power of two), got {value}" if power
+                            else f"distill.start_steps must be a power of two >= 2, got {value}")
     else:
         assert valid and cfg.distill.rounds()[0] == (value, value // 2)
 

@@ -11,9 +11,9 @@ Credentials never belong in a config: option names containing any of ``SECRET_KE
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from pd_core.config.secrets import credential_problem, no_credentials
 
@@ -63,8 +63,32 @@ def _secret_value_paths(value: Any, name: str) -> list[str]:
     return []
 
 
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The classes inside an annotation (``tuple[int, ...] | None`` -> {int, NoneType}); Literal values excluded."""
+    if get_origin(annotation) is Literal:
+        return set()
+    args = get_args(annotation)
+    if not args:
+        return {annotation}
+    return set().union(*(_leaf_types(arg) for arg in args if arg is not Ellipsis))
+
+
 class _Section(BaseModel):
     """Base of every config section: unknown keys refused, no NaN/inf, immutable once validated."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """``true`` is not 1: a boolean for a numeric field (or a list of numbers) is refused, not converted."""
+        leaves = _leaf_types(cls.model_fields[info.field_name].annotation)
+        numeric = bool(leaves & {int, float}) and bool not in leaves
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if numeric and any(isinstance(item, bool) for item in items):
+            if isinstance(value, bool):
+                raise ValueError(f"must be a number, got {str(value).lower()}")
+            shown = ", ".join(str(v).lower() if isinstance(v, bool) else repr(v) for v in items)
+            raise ValueError(f"must be a list of numbers, got [{shown}]")
+        return value
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from pd_core.config.base import _FieldProblem, _Section
+from pd_core.config.limits import size_problem
 from pd_core.config.services import PipelineConfig, RuntimeConfig, StorageConfig, TrackingConfig
 from pd_core.config.training import (
     DataConfig,
@@ -66,6 +67,7 @@ class Config(_Section):
                 name, value = ("model.head_dim", m.head_dim) if m.head_dim else ("model.num_heads", m.num_heads)
                 raise _FieldProblem(name, f"must split the {channels} attention channels (model.ch * ch_mult at "
                                           f"an attended level) into whole heads, got {value}")
+        self._check_sizes()
         student = self.distill.student_parameterization
         if student != "auto":
             try:
@@ -76,6 +78,14 @@ class Config(_Section):
                                     f"'{self.diffusion.weighting}': {exc}") from None
         self._check_guidance()
         return self
+
+    def _check_sizes(self) -> None:
+        batches = {"teacher.batch_size": self.teacher.batch_size, "distill.batch_size": self.distill.batch_size}
+        if self.guidance.enabled:
+            batches["guidance.batch_size"] = self.guidance.batch_size
+        problem = size_problem(model=self.model, image_size=self.data.image_size, batches=batches)
+        if problem is not None:
+            raise _FieldProblem(*problem)
 
     def _check_guidance(self) -> None:
         conditional, dropout = self.model.class_conditional, self.teacher.label_dropout

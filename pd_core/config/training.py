@@ -15,6 +15,16 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from pd_core.config.base import _FieldProblem, _is_power_of_two, _no_credentials_in_url, _Section
+from pd_core.config.limits import (
+    MAX_BATCH,
+    MAX_CHANNELS,
+    MAX_IMAGE_SIZE,
+    MAX_LEVELS,
+    MAX_MULT,
+    MAX_RES_BLOCKS,
+    MAX_STEPS,
+    MAX_UPDATES,
+)
 from pd_core.kinds import check_combination
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -23,26 +33,29 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 class ModelConfig(_Section):
     """The U-Net (pd_core.unet.UNetSpec) sized for a dataset."""
 
-    ch: int = Field(64, ge=1, description="Base channel count of the U-Net.")
-    emb_ch: int | None = Field(None, ge=1, description="Time-embedding width; None means 4 * ch.")
-    ch_mult: tuple[int, ...] = Field((1, 2, 2), min_length=1,
+    ch: int = Field(64, ge=1, le=MAX_CHANNELS, description="Base channel count of the U-Net.")
+    emb_ch: int | None = Field(None, ge=1, le=4 * MAX_CHANNELS, description="Time-embedding width; None means 4 * ch.")
+    ch_mult: tuple[int, ...] = Field((1, 2, 2), min_length=1, max_length=MAX_LEVELS,
                                      description="Channel multiplier per resolution level; each level after the "
                                                  "first halves the resolution.")
-    num_res_blocks: int = Field(2, ge=1, description="Res blocks per level on the way down (one more on the way up).")
+    num_res_blocks: int = Field(2, ge=1, le=MAX_RES_BLOCKS,
+                                description="Res blocks per level on the way down (one more on the way up).")
     attn_resolutions: tuple[int, ...] = Field((), description="Resolutions (H) whose res blocks get self-attention; "
                                                               "the middle block always has attention.")
-    num_heads: int = Field(1, ge=1, description="Attention heads (ignored when head_dim is set).")
-    head_dim: int | None = Field(None, ge=1, description="Channels per attention head; None uses num_heads.")
+    num_heads: int = Field(1, ge=1, le=MAX_CHANNELS, description="Attention heads (ignored when head_dim is set).")
+    head_dim: int | None = Field(None, ge=1, le=MAX_CHANNELS,
+                                 description="Channels per attention head; None uses num_heads.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout in res blocks while training the teacher.")
     resblock_resample: bool = Field(True, description="BigGAN-style up/down-sampling res blocks (else convs).")
-    norm_groups: int = Field(32, ge=1, description="GroupNorm groups (reduced to a divisor of tiny channel counts).")
+    norm_groups: int = Field(32, ge=1, le=MAX_CHANNELS,
+                             description="GroupNorm groups (reduced to a divisor of tiny channel counts).")
     class_conditional: bool = Field(False, description="Add a class embedding (needs labelled data).")
 
     @field_validator("ch_mult")
     @classmethod
     def _positive_mults(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if any(m < 1 for m in value):
-            raise ValueError(f"must be a list of integers >= 1, got {list(value)}")
+        if any(m < 1 or m > MAX_MULT for m in value):
+            raise ValueError(f"must be a list of integers from 1 to {MAX_MULT}, got {list(value)}")
         return value
 
     @field_validator("attn_resolutions")
@@ -91,9 +104,11 @@ class DataConfig(_Section):
                                           "version), npz, folder (class subfolders), digits (scikit-learn 8x8).")
     url: str | None = Field(None, description="Directory, file or fsspec URL of the data; None = the dataset's "
                                               "default location (fashion_mnist: /usr/share/datasets/fashion-mnist).")
-    image_size: int = Field(ge=1, description="Images are padded (with black, -1) or integer-downsampled to this.")
+    image_size: int = Field(ge=1, le=MAX_IMAGE_SIZE,
+                            description="Images are padded (with black, -1) or integer-downsampled to this.")
     random_flip: bool = Field(False, description="Random horizontal flips in training batches (deterministic).")
-    limit: int | None = Field(None, ge=1, description="Use only the first N training examples; None = all.")
+    limit: int | None = Field(None, ge=1, le=MAX_UPDATES,
+                              description="Use only the first N training examples; None = all.")
     download: bool = Field(False, description="Fetch the official files (sha256-checked) when they are missing; "
                                               "never happens unless true.")
     download_dir: str = Field(".pd/datasets", description="Where downloads go when data.url is None "
@@ -126,15 +141,16 @@ class DataConfig(_Section):
 class TeacherConfig(_Section):
     """Training the many-step teacher (continuous time; its EMA weights are what distillation gets)."""
 
-    updates: int = Field(ge=1, description="Optimizer updates.")
-    batch_size: int = Field(ge=1, description="Examples per update.")
+    updates: int = Field(ge=1, le=MAX_UPDATES, description="Optimizer updates.")
+    batch_size: int = Field(ge=1, le=MAX_BATCH, description="Examples per update.")
     lr: float = Field(2e-4, gt=0.0, description="Peak AdamW learning rate (after warmup).")
-    warmup_steps: int = Field(1000, ge=0, description="Linear learning-rate warmup updates.")
+    warmup_steps: int = Field(1000, ge=0, le=MAX_UPDATES, description="Linear learning-rate warmup updates.")
     grad_clip: float | None = Field(1.0, gt=0.0, description="Global grad-norm clip; null = off.")
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0, description="EMA decay of the weights handed to distillation.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
-    log_every: int = Field(100, ge=1, description="Updates between progress/metric reports.")
-    checkpoint_every: int = Field(1000, ge=1, description="Updates between resumable in-run checkpoints.")
+    log_every: int = Field(100, ge=1, le=MAX_UPDATES, description="Updates between progress/metric reports.")
+    checkpoint_every: int = Field(1000, ge=1, le=MAX_UPDATES,
+                                  description="Updates between resumable in-run checkpoints.")
     seed: int = Field(0, ge=0, description="Seed for init, batches, noise and times.")
     label_dropout: float = Field(0.0, ge=0.0, lt=1.0,
                                  description="Probability that a training label is replaced by the null class "
@@ -147,12 +163,13 @@ class DistillConfig(_Section):
     start_steps: int = Field(description="Teacher's DDIM step count (power of two >= 2); the first student "
                                          "gets half of it.")
     final_steps: int = Field(1, description="Step count of the last student (power of two < start_steps).")
-    updates_per_round: int = Field(ge=1, description="Optimizer updates in each round.")
-    last_rounds_updates: int | None = Field(None, ge=1, description="Updates for the rounds ending at 2 and 1 "
+    updates_per_round: int = Field(ge=1, le=MAX_UPDATES, description="Optimizer updates in each round.")
+    last_rounds_updates: int | None = Field(None, ge=1, le=MAX_UPDATES,
+                                            description="Updates for the rounds ending at 2 and 1 "
                                                                     "steps (paper: 100k); null = updates_per_round.")
     fast: bool = Field(False, description="Cheaper schedule: every round uses updates // fast_factor.")
-    fast_factor: int = Field(5, ge=1, description="Divisor of the updates when fast is true.")
-    batch_size: int = Field(ge=1, description="Examples per update.")
+    fast_factor: int = Field(5, ge=1, le=MAX_UPDATES, description="Divisor of the updates when fast is true.")
+    batch_size: int = Field(ge=1, le=MAX_BATCH, description="Examples per update.")
     lr: float = Field(gt=0.0, description="Initial learning rate, annealed linearly to 0 over each round.")
     grad_clip: float | None = Field(None, gt=0.0, description="Global grad-norm clip; null = off (paper).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Student dropout (paper: none).")
@@ -160,8 +177,9 @@ class DistillConfig(_Section):
         "auto", description="What the students predict: eps, x, v or both; auto = the teacher's, except x for "
                             "an eps teacher (eps students break down at 1-2 steps). The loss weighting is "
                             "diffusion.weighting.")
-    log_every: int = Field(100, ge=1, description="Updates between progress/metric reports.")
-    checkpoint_every: int = Field(1000, ge=1, description="Updates between resumable in-round checkpoints.")
+    log_every: int = Field(100, ge=1, le=MAX_UPDATES, description="Updates between progress/metric reports.")
+    checkpoint_every: int = Field(1000, ge=1, le=MAX_UPDATES,
+                                  description="Updates between resumable in-round checkpoints.")
     seed: int = Field(0, ge=0, description="Seed for batches, times and noise (round index is mixed in).")
 
     @field_validator("start_steps")
@@ -169,6 +187,8 @@ class DistillConfig(_Section):
     def _start_power_of_two(cls, value: int) -> int:
         if value < 2 or not _is_power_of_two(value):
             raise ValueError(f"must be a power of two >= 2, got {value}")
+        if value > MAX_STEPS:
+            raise ValueError(f"must be at most {MAX_STEPS} (a power of two), got {value}")
         return value
 
     @field_validator("final_steps")
@@ -219,8 +239,8 @@ class GuidanceConfig(_Section):
                                              "teacher.label_dropout > 0, or an imported teacher with a null class).")
     w_min: float = Field(0.0, ge=0.0, le=MAX_GUIDANCE_WEIGHT, description="Smallest guidance weight trained.")
     w_max: float = Field(4.0, ge=0.0, le=MAX_GUIDANCE_WEIGHT, description="Largest guidance weight trained.")
-    updates: int = Field(1000, ge=1, description="Optimizer updates of stage 1.")
-    batch_size: int = Field(64, ge=1, description="Examples per update.")
+    updates: int = Field(1000, ge=1, le=MAX_UPDATES, description="Optimizer updates of stage 1.")
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH, description="Examples per update.")
     lr: float = Field(1e-4, gt=0.0, description="Initial learning rate, annealed linearly to 0 over stage 1.")
     embedding_lr_scale: float = Field(10.0, gt=0.0, le=1000.0,
                                       description="Learning-rate multiplier of the new guidance (w) embedding, "
@@ -228,8 +248,9 @@ class GuidanceConfig(_Section):
     grad_clip: float | None = Field(1.0, gt=0.0, description="Global grad-norm clip; null = off. The guided "
                                      "target's eps-space error is heavy-tailed at high SNR: unclipped, single "
                                      "batches undo the teacher's weights.")
-    log_every: int = Field(100, ge=1, description="Updates between progress/metric reports.")
-    checkpoint_every: int = Field(1000, ge=1, description="Updates between resumable in-run checkpoints.")
+    log_every: int = Field(100, ge=1, le=MAX_UPDATES, description="Updates between progress/metric reports.")
+    checkpoint_every: int = Field(1000, ge=1, le=MAX_UPDATES,
+                                  description="Updates between resumable in-run checkpoints.")
 
     @model_validator(mode="after")
     def _check(self) -> GuidanceConfig:
@@ -242,8 +263,9 @@ class EvalConfig(_Section):
     """Sample quality after each round (FD in classifier or Inception features, KID)."""
 
     enabled: bool = Field(True, description="Evaluate the teacher and every student.")
-    num_samples: int = Field(10000, ge=2, description="Generated (and reference) images per evaluation.")
-    batch_size: int = Field(500, ge=1, description="Sampling / feature batch size.")
+    num_samples: int = Field(10000, ge=2, le=MAX_UPDATES,
+                             description="Generated (and reference) images per evaluation.")
+    batch_size: int = Field(500, ge=1, le=MAX_BATCH, description="Sampling / feature batch size.")
     compile: bool = Field(False, description="torch.compile the sampler's network (static shapes; needs a C++ "
                                              "compiler on CPU). Samples run under runtime.precision either way.")
     seed: int = Field(0, ge=0, description="Seed of the sampling noise: the same for every compared model.")
@@ -257,7 +279,7 @@ class EvalConfig(_Section):
                                            description="Evaluate the teacher's ancestral sampler with these variance "
                                                        "interpolation coefficients (each in [0, 1]); the table keeps "
                                                        "the best per step count, as the paper tunes it. [] = skip.")
-    kid_subsets: int = Field(100, ge=1, description="Random subsets averaged for KID.")
+    kid_subsets: int = Field(100, ge=1, le=100_000, description="Random subsets averaged for KID.")
     kid_subset_size: int = Field(1000, ge=2, description="Images per KID subset (<= num_samples).")
     classifier_epochs: int = Field(5, ge=1, description="Epochs of the feature classifier (features=classifier).")
     teacher_extra_steps: list[int] = Field(default_factory=list,

@@ -4,6 +4,8 @@ permissions others can read (0755 folders, 0644 files, less what the user's umas
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
 
 from pd_core.interop.diffusers_folder import check_timesteps
@@ -21,8 +23,40 @@ def new_output_path(out: str, *, what: str) -> Path:
     path = Path(out.removeprefix("file://")).expanduser()
     if path.exists():
         raise ExportError(f"--out {path} already exists; choose a new path (an export never overwrites anything)")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ExportError(f"--out {path}: {path.parent} (or a folder above it) is a file, not a folder; choose a "
+                          f"path in a folder") from None
+    remove_stale_partials(path)
     return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_partials(target: Path) -> list[Path]:
+    """Remove ``.<name>.partial-<pid>`` files or folders next to ``target`` whose writing process is gone (a
+    killed export); the removed paths."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.partial-(\d+)$")
+    removed = []
+    for entry in target.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 def check_steps(schedule: Schedule, *, steps: int, most: int) -> None:

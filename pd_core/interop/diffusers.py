@@ -27,6 +27,7 @@ from safetensors.torch import load as load_safetensors
 from torch import Tensor, nn
 
 from pd_core._checks import state_misfit
+from pd_core.interop.bounds import weights_header
 from pd_core.interop.diffusers_folder import WEIGHTS_NAME, DiffusersImportError, FolderConfigs, read_configs
 from pd_core.schedule import DiscreteSchedule
 
@@ -63,6 +64,7 @@ class DiffusersModel:
 
 
 def _read_weights_bytes(configs: FolderConfigs) -> bytes:
+    check_weights_header(configs)  # declared sizes and shapes before a byte of tensor data is read
     return configs.folder.read(*[p for p in (configs.model_dir, WEIGHTS_NAME) if p], limit=MAX_WEIGHTS_BYTES)
 
 
@@ -138,6 +140,15 @@ def check_weights_fit(tensors: dict[str, Tensor], unet_config: dict, *, source: 
     if misfit is not None:
         raise DiffusersImportError(f"{source}: the weights do not fit the UNet2DModel config ({misfit}); save the "
                                    f"model and its config together with save_pretrained")
+
+
+def check_weights_header(configs: FolderConfigs) -> None:
+    """DiffusersImportError unless the safetensors header fills the file exactly and its shapes fit the config."""
+    url = configs.weights_url()
+    folder = configs.folder
+    header = weights_header(folder.fs, folder.path(*[p for p in (configs.model_dir, WEIGHTS_NAME) if p]), source=url)
+    check_weights_fit({PREFIX + k: torch.empty(shape, device="meta") for k, (_, shape) in header.items()},
+                      configs.unet_config, source=url)
 
 
 def unet_state_dict(tensors: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -18,6 +18,13 @@ from dataclasses import dataclass
 import fsspec
 
 from pd_core.config import Config, ConfigError
+from pd_core.interop.bounds import (
+    DiffusersImportError,
+    check_scheduler_config,
+    check_unet_config,
+    guidance_problem,
+    parse_json,
+)
 from pd_core.interop.schedulers import UnsupportedScheduler, check_scheduler_class, scheduler_notes
 
 URI_PREFIX = "diffusers:"
@@ -26,10 +33,6 @@ PICKLE_NAME = "diffusion_pytorch_model.bin"
 MAX_JSON_BYTES = 1 << 20  # a config file is a few KB
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x"}  # diffusers -> our parameterization
 SUPPORTED_TIME_EMBEDDINGS = ("positional",)  # fractional timesteps need a continuous embedding
-
-
-class DiffusersImportError(ValueError):
-    """A diffusers folder that cannot be imported; the message is one line naming the file and the fix."""
 
 
 def is_diffusers_uri(uri: str | None) -> bool:
@@ -93,7 +96,7 @@ class _Folder:
     def json(self, *names: str) -> dict:
         raw = self.read(*names, limit=MAX_JSON_BYTES)
         try:
-            doc = json.loads(raw)
+            doc = parse_json(raw, source=self.url(*names))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise DiffusersImportError(f"{self.url(*names)} is not valid JSON ({err}); re-save the model with "
                                        f"save_pretrained") from None
@@ -134,9 +137,7 @@ def _check_unet_config(config: dict, *, source: str) -> dict:
     if embedding not in SUPPORTED_TIME_EMBEDDINGS:
         raise DiffusersImportError(f"{source}: time_embedding_type {embedding!r} is not supported (the network must "
                                    f"take fractional timesteps: {', '.join(SUPPORTED_TIME_EMBEDDINGS)})")
-    size = config.get("sample_size")
-    if not isinstance(size, int) or size < 1:
-        raise DiffusersImportError(f"{source}: sample_size must be one integer (square images), got {size!r}")
+    check_unet_config(config, source=source)
     return _public(config)
 
 
@@ -208,9 +209,7 @@ def read_configs(uri: str, *, storage_options: dict | None = None) -> FolderConf
         raise DiffusersImportError(f"{scheduler_source}: rescale_betas_zero_snr makes alpha_bar 0 at the last "
                                    f"timestep (infinite noise, log-SNR -inf), which DDIM from pure noise cannot "
                                    f"represent")
-    steps = scheduler_config.get("num_train_timesteps", 1000)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise DiffusersImportError(f"{scheduler_source}: num_train_timesteps must be an integer >= 2, got {steps!r}")
+    check_scheduler_config(scheduler_config, source=scheduler_source)
     _check_weights_file(folder, model_dir)
     return FolderConfigs(folder=folder, model_dir=model_dir, unet_config=unet_config,
                          scheduler_config=scheduler_config, scheduler_source=scheduler_source,
@@ -239,6 +238,8 @@ def preflight(cfg: Config) -> FolderConfigs:
     finer than the model's timesteps, or when ``data.image_size`` is not the model's sample size.
     """
     uri = cfg.pipeline.teacher_uri or ""
+    if (problem := guidance_problem(guidance_enabled=cfg.guidance.enabled, guidance_weights=cfg.eval.guidance_weights)):
+        raise ConfigError(problem)
     try:
         configs = read_configs(uri, storage_options=dict(cfg.storage.storage_options))
         check_timesteps(steps=cfg.distill.start_steps, num_train_timesteps=configs.num_train_timesteps, source=uri)

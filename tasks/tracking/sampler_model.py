@@ -14,7 +14,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import mlflow
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tasks.tracking")  # the package's one logger: callers filter records on this name
 
 MODEL_NAME = "sampler"  # name of the logged model: runs:/<run_id>/sampler resolves to it
+MAX_MODEL_DOC_BYTES = 1 << 20  # an MLmodel file or a manifest is a few KB
 MODEL_CODE_PATH = Path(__file__).with_name("mlflow_model.py")  # the models-from-code file
 _PIP_REQUIREMENTS = ("torch", "safetensors", "numpy")
 
@@ -164,12 +165,35 @@ def load_sampler_from_mlflow(model_uri: str, *, dst_dir: str | None = None,
     Returns ``(weights_path, manifest)``: a local safetensors file and the manifest dict, so pd_core
     loads the model without executing logged code or unpickling anything. The weights' sha256 is
     checked against the one recorded at logging time. ``tracking_uri`` defaults to MLflow's own
-    resolution (MLFLOW_TRACKING_URI). Raises :class:`TrackingError` with a one-line message.
+    resolution (MLFLOW_TRACKING_URI). Raises :class:`TrackingError` with a one-line message. The files
+    land in ``dst_dir`` (the caller removes it), else in a new temp folder the caller owns on success
+    (removed on failure). The MLmodel's artifact paths must stay inside the downloaded model.
     """
-    import yaml
-
     uri = normalise_uri(tracking_uri or mlflow.get_tracking_uri())
     dst = dst_dir or tempfile.mkdtemp(prefix="pd-mlflow-model-")
+    try:
+        return _download_sampler(model_uri, uri=uri, dst=dst)
+    except BaseException:
+        if dst_dir is None:  # the caller never sees the folder: nothing may stay behind
+            shutil.rmtree(dst, ignore_errors=True)
+        raise
+
+
+def _inside(local: Path, relative: Any, *, model_uri: str, what: str) -> Path:
+    """``local / relative`` when it is a relative path that stays inside ``local`` (links resolved)."""
+    if not isinstance(relative, str) or not relative or Path(relative).is_absolute():
+        raise TrackingError(f"{model_uri}: the MLmodel's {what} path {relative!r} is not a relative path inside the "
+                            f"model; refusing it")
+    path = (local / relative).resolve()
+    if not path.is_relative_to(local.resolve()) or not path.is_file():
+        raise TrackingError(f"{model_uri}: the MLmodel's {what} path {relative!r} is not a file inside the model; "
+                            f"refusing it")
+    return path
+
+
+def _download_sampler(model_uri: str, *, uri: str, dst: str) -> tuple[str, dict]:
+    import yaml
+
     try:
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         location = _model_location(client, model_uri)
@@ -177,18 +201,27 @@ def load_sampler_from_mlflow(model_uri: str, *, dst_dir: str | None = None,
     except Exception as err:  # noqa: BLE001 - one clear line for the CLI
         raise TrackingError(f"cannot download MLflow model {model_uri} from {redact(uri)}: {one_line(err)}") from err
     mlmodel_path = local / "MLmodel"
-    if not mlmodel_path.is_file():
-        raise TrackingError(f"{model_uri} is not an MLflow model (no MLmodel file in {local})")
-    mlmodel = yaml.safe_load(mlmodel_path.read_text(encoding="utf-8")) or {}
-    artifacts = ((mlmodel.get("flavors") or {}).get("python_function") or {}).get("artifacts") or {}
+    if not mlmodel_path.is_file() or mlmodel_path.stat().st_size > MAX_MODEL_DOC_BYTES:
+        raise TrackingError(f"{model_uri} is not an MLflow model (no MLmodel file of at most "
+                            f"{MAX_MODEL_DOC_BYTES} bytes in {local})")
     try:
-        weights = local / artifacts["weights"]["path"]
-        manifest_file = local / artifacts["manifest"]["path"]
-    except (KeyError, TypeError) as err:
+        mlmodel = yaml.safe_load(mlmodel_path.read_text(encoding="utf-8")) or {}
+        artifacts = ((mlmodel.get("flavors") or {}).get("python_function") or {}).get("artifacts") or {}
+        weights_rel, manifest_rel = artifacts["weights"]["path"], artifacts["manifest"]["path"]
+    except (KeyError, TypeError, AttributeError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise TrackingError(f"{model_uri} is not a pd sampler model (no weights/manifest artifacts)") from err
+    weights = _inside(local, weights_rel, model_uri=model_uri, what="weights")
+    manifest_file = _inside(local, manifest_rel, model_uri=model_uri, what="manifest")
     expected = (mlmodel.get("metadata") or {}).get("weights_sha256")
     if expected and sha256_file(weights) != expected:
         raise TrackingError(f"{model_uri}: weights sha256 does not match the one logged ({expected[:12]}...)")
-    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    if manifest_file.stat().st_size > MAX_MODEL_DOC_BYTES:
+        raise TrackingError(f"{model_uri}: its manifest is larger than {MAX_MODEL_DOC_BYTES} bytes; refusing it")
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise TrackingError(f"{model_uri}: its manifest is not JSON ({one_line(err)})") from None
+    if not isinstance(manifest, dict):
+        raise TrackingError(f"{model_uri}: its manifest is not a JSON object")
     log.info("MLflow model %s downloaded to %s", model_uri, local)
     return str(weights), manifest

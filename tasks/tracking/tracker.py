@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from tasks.tracking.errors import Unresolved, is_transient, one_line
-from tasks.tracking.journal import PENDING_PREFIX, Journal, default_journal_path
+from tasks.tracking.journal import PENDING_PREFIX, Journal, default_journal_path, replay_payload
 from tasks.tracking.ops import MlflowOps
 from tasks.tracking.redact import clean_key, clean_params, clean_tags, redact, redacted_copy, redactor
 from tasks.tracking.sampler_model import MODEL_NAME
@@ -369,13 +369,15 @@ class Tracker:
         with self._journal.locked():
             entries = self._journal.entries()
             if not entries:
+                self._journal.replace([])  # lines it refused (if any) are moved aside
                 return 0
             self._last_probe = time.monotonic()
             done = dropped = 0
             remaining: list[dict[str, Any]] = []
             for index, entry in enumerate(entries):
                 try:
-                    self._ops.apply(entry["op"], entry["payload"], replaying=True)
+                    with replay_payload(entry) as payload:
+                        self._ops.apply(entry["op"], payload, replaying=True)
                 except Exception as err:  # noqa: BLE001 - classify, never raise into training code
                     if is_transient(err) and not isinstance(err, Unresolved):
                         remaining = entries[index:]

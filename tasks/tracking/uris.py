@@ -38,3 +38,11 @@ def default_artifact_location(uri: str) -> str | None:
     """``mlartifacts`` next to a sqlite file / file store, as file:// URI; None for servers."""
     path = local_store_path(uri)
     return None if path is None else (path.parent / "mlartifacts").as_uri()
+
+
+def new_store_note(uri: str | None) -> str | None:
+    """One line when ``uri`` names a sqlite file that does not exist yet (MLflow creates it), else None."""
+    path = local_store_path(uri) if uri and scheme(uri) == "sqlite" else None
+    if path is None or path.exists():
+        return None
+    return f"note: {path} does not exist yet: a new, empty MLflow database is created there (check --tracking-uri)"
