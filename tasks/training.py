@@ -102,7 +102,7 @@ def ensure_teacher_task(cfg: Config, *, parent_run_id: str | None = None) -> Che
     start = cfg.distill.start_steps
 
     def work(store: CheckpointStore, reporter: ProgressReporter) -> CheckpointInfo:
-        if cfg.runtime.nproc > 1:  # data-parallel: torchrun runs the job in nproc processes
+        if launch.is_data_parallel(cfg):  # torchrun runs the job in nproc processes on each of runtime.nodes
             return launch.launch_job(cfg, job="teacher", on_progress=reporter, fault_at_step=_fault_step())
         return jobs.ensure_teacher(cfg, store, on_progress=reporter, fault_at_step=_fault_step())
 
@@ -130,7 +130,7 @@ def guide_distill_task(cfg: Config, *, teacher: CheckpointInfo, parent_run_id: s
     steps = teacher.steps
 
     def work(store: CheckpointStore, reporter: ProgressReporter) -> CheckpointInfo:
-        if cfg.runtime.nproc > 1:  # data-parallel: torchrun runs the job in nproc processes
+        if launch.is_data_parallel(cfg):  # torchrun runs the job in nproc processes on each of runtime.nodes
             return launch.launch_job(cfg, job="guide", teacher=teacher, on_progress=reporter,
                                      fault_at_step=_fault_step())
         return jobs.run_guide_distill(cfg, store, teacher=teacher, on_progress=reporter, fault_at_step=_fault_step())
@@ -155,7 +155,7 @@ def distill_round_task(cfg: Config, *, teacher: CheckpointInfo, round_index: int
     name = round_run_name(round_index=round_index, teacher_steps=t_steps, student_steps=s_steps)
 
     def work(store: CheckpointStore, reporter: ProgressReporter) -> CheckpointInfo:
-        if cfg.runtime.nproc > 1:  # data-parallel: torchrun runs the round in nproc processes
+        if launch.is_data_parallel(cfg):  # torchrun runs the round in nproc processes on each of runtime.nodes
             return launch.launch_job(cfg, job="round", round_index=round_index, teacher=teacher,
                                      on_progress=reporter, fault_at_step=_fault_step())
         return jobs.run_round(cfg, store, round_index=round_index, teacher=teacher, on_progress=reporter,
