@@ -53,6 +53,7 @@ def _write(path: str, doc: dict, *, storage_options: dict | None = None) -> None
             f.write(json.dumps(doc))
         return
     tmp = Path(path).with_suffix(".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(json.dumps(doc))
     os.replace(tmp, path)
 

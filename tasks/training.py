@@ -19,6 +19,7 @@ from pd_core import jobs, launch
 from pd_core.config import Config, flatten
 from pd_core.jobs import CheckpointInfo
 from pd_core.store import CheckpointStore, StorageIOError
+from tasks import kubernetes
 from tasks.common import open_store, tracker_for
 from tasks.progress import ProgressReporter
 
@@ -51,6 +52,17 @@ def _fault_step() -> int | None:
 def run_params(cfg: Config, *, round_index: int, teacher_steps: int, student_steps: int) -> dict[str, Any]:
     """MLflow params of every run: the flattened resolved config plus round and step counts."""
     return {**flatten(cfg), "round": round_index, "teacher_steps": teacher_steps, "student_steps": student_steps}
+
+
+def _torchrun(cfg: Config, *, job: str, reporter: ProgressReporter, teacher: CheckpointInfo | None = None,
+              round_index: int | None = None) -> CheckpointInfo:
+    """The job under torchrun: a JobSet of runtime.nodes pods (launcher kubernetes, nodes > 1; its phase and
+    restarts go to the task's log), else local torchrun agents (progress to ``reporter``)."""
+    if cfg.runtime.launcher == "kubernetes" and cfg.runtime.nodes > 1:
+        return kubernetes.run_on_kubernetes(cfg, job=job, teacher=teacher, round_index=round_index,
+                                            fault_at_step=_fault_step(), log_line=get_run_logger().info)
+    return launch.launch_job(cfg, job=job, teacher=teacher, round_index=round_index, on_progress=reporter,
+                             fault_at_step=_fault_step())
 
 
 GPU_TASK = dict(cache_policy=NONE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
@@ -103,7 +115,7 @@ def ensure_teacher_task(cfg: Config, *, parent_run_id: str | None = None) -> Che
 
     def work(store: CheckpointStore, reporter: ProgressReporter) -> CheckpointInfo:
         if launch.is_data_parallel(cfg):  # torchrun runs the job in nproc processes on each of runtime.nodes
-            return launch.launch_job(cfg, job="teacher", on_progress=reporter, fault_at_step=_fault_step())
+            return _torchrun(cfg, job="teacher", reporter=reporter)
         return jobs.ensure_teacher(cfg, store, on_progress=reporter, fault_at_step=_fault_step())
 
     return _run_with_tracking(cfg, run_name="teacher", parent_run_id=parent_run_id, kind="teacher",
@@ -131,8 +143,7 @@ def guide_distill_task(cfg: Config, *, teacher: CheckpointInfo, parent_run_id: s
 
     def work(store: CheckpointStore, reporter: ProgressReporter) -> CheckpointInfo:
         if launch.is_data_parallel(cfg):  # torchrun runs the job in nproc processes on each of runtime.nodes
-            return launch.launch_job(cfg, job="guide", teacher=teacher, on_progress=reporter,
-                                     fault_at_step=_fault_step())
+            return _torchrun(cfg, job="guide", teacher=teacher, reporter=reporter)
         return jobs.run_guide_distill(cfg, store, teacher=teacher, on_progress=reporter, fault_at_step=_fault_step())
 
     params = {**run_params(cfg, round_index=0, teacher_steps=steps, student_steps=steps), **guidance_params(cfg)}
@@ -156,8 +167,7 @@ def distill_round_task(cfg: Config, *, teacher: CheckpointInfo, round_index: int
 
     def work(store: CheckpointStore, reporter: ProgressReporter) -> CheckpointInfo:
         if launch.is_data_parallel(cfg):  # torchrun runs the round in nproc processes on each of runtime.nodes
-            return launch.launch_job(cfg, job="round", round_index=round_index, teacher=teacher,
-                                     on_progress=reporter, fault_at_step=_fault_step())
+            return _torchrun(cfg, job="round", round_index=round_index, teacher=teacher, reporter=reporter)
         return jobs.run_round(cfg, store, round_index=round_index, teacher=teacher, on_progress=reporter,
                               fault_at_step=_fault_step())
 
