@@ -129,3 +129,7 @@ def _pd_core_logs_reach_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
     its extra loggers (``pd_core``): turn it back on per test, so caplog sees pd_core's records
     whatever ran before. Order-independent tests, not a change to what the product logs."""
     monkeypatch.setattr(logging.getLogger("pd_core"), "propagate", True)
+
+
+# The multi-node tests' session fixtures (one teacher and one two-node round for both test files).
+from tests.multinode_rounds import mn_teacher, two_node_round  # noqa: E402, F401

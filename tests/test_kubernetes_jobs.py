@@ -4,8 +4,8 @@ The JobSet is validated twice: the whole object against a strict JSON schema gen
 JobSet v1alpha2 API models that kubeflow-trainer-api ships, and its embedded Job (pod template
 included) against the Kubernetes 1.37 core schema with kubernetes-validate (strict). The round task's
 code then talks to a loopback API (tests/k8s_loopback.py) whose controller runs the pods' own commands
-here: the round completes with the weights of the local two-node launcher, a NaN in a pod comes back
-as the job's own error, and a cancelled wait deletes the JobSet.
+here: the round completes with the weights of the local two-node launcher (tests/multinode_rounds.py),
+a NaN in a pod comes back as the job's own error, and a cancelled wait deletes the JobSet.
 """
 
 from __future__ import annotations
@@ -18,22 +18,20 @@ import threading
 import jsonschema
 import pytest
 
-from pd_core import jobs, launch
-from pd_core.config import load_config
-from pd_core.store import CheckpointStore
+from pd_core import jobs
 from pd_core.train import NonFiniteLossError
 from tasks import kubernetes as k8s_jobs
 from tests.k8s_loopback import LoopbackJobSets
+from tests.multinode_rounds import round_cfg
 
 K8S_VERSION = "1.37.0"
 
 
+K8S = ("runtime.launcher=kubernetes", "runtime.kubernetes.poll_s=0.2")
+
+
 def _cfg(store, name: str, *extra: str) -> object:
-    return load_config(preset="smoke", overrides=[
-        f"pipeline.name={name}", f"storage.root={store}", "teacher.updates=4", "teacher.checkpoint_every=100",
-        "teacher.batch_size=16", "distill.updates_per_round=4", "distill.log_every=2", "distill.checkpoint_every=100",
-        "distill.batch_size=16", "runtime.nproc=1", "runtime.nodes=2", "runtime.launcher=kubernetes",
-        "runtime.threads=1", "runtime.kubernetes.poll_s=0.2", "eval.enabled=false", *extra])
+    return round_cfg(store, name, extra=(*K8S, *extra))
 
 
 def _strict(schema: dict) -> dict:
@@ -87,7 +85,7 @@ def test_the_jobset_passes_the_jobset_and_kubernetes_schemas_and_a_typo_does_not
     assert not [e for e in container["env"] if e["name"].startswith(("AWS_", "MLFLOW_"))]  # from the Secret only
     command = " ".join(container["command"])
     assert "--nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=$(PD_COORDINATOR):29400" in command
-    assert "--rdzv-id=pd-k8s-manifest-round1-0123abcd" in command and "--max-restarts=3" in command
+    assert "--rdzv-id=pd-k8s-manifest-round1-0123abcd" in command and "--max-restarts=2" in command
     typo = copy.deepcopy(manifest)
     typo["spec"]["failurePolicy"]["maxRestart"] = 1
     with pytest.raises(jsonschema.ValidationError, match="maxRestart"):
@@ -106,22 +104,14 @@ def _api(host: str):
     return client.ApiClient(configuration)
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    store = tmp_path_factory.mktemp("k8s") / "store"
-    return store, jobs.ensure_teacher(_cfg(store, "k8s-teacher"), CheckpointStore(str(store)))
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_round_runs_as_a_jobset_and_ends_with_the_weights_of_the_local_two_node_round(teacher, tmp_path):
-    store, info = teacher
+def test_a_round_runs_as_a_jobset_and_ends_with_the_weights_of_the_local_two_node_round(two_node_round, tmp_path):
+    store, teacher, local, _ = two_node_round
     lines: list[str] = []
     with LoopbackJobSets(mode="run", log_dir=tmp_path) as api:
-        got = k8s_jobs.run_on_kubernetes(_cfg(store, "k8s-round"), job="round", round_index=1, teacher=info,
+        got = k8s_jobs.run_on_kubernetes(_cfg(store, "k8s-round"), job="round", round_index=1, teacher=teacher,
                                          api_client=_api(api.host), log_line=lines.append)
-    local = launch.launch_job(_cfg(store, "k8s-local", "runtime.launcher=local"), job="round", round_index=1,
-                              teacher=info)
     assert got.trained and got.round == 1 and got.sha256 == local.sha256
     assert [m for m, *_ in api.requests][0] == "POST" and "DELETE" not in [m for m, *_ in api.requests]
     assert any(line.endswith("Running, restarts 0") for line in lines), lines
@@ -130,8 +120,8 @@ def test_a_round_runs_as_a_jobset_and_ends_with_the_weights_of_the_local_two_nod
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_failed_jobset_raises_the_error_global_rank_zero_left_in_object_storage(teacher, tmp_path):
-    store, info = teacher
+def test_a_failed_jobset_raises_the_error_global_rank_zero_left_in_object_storage(mn_teacher, tmp_path):
+    store, info = mn_teacher
     lines: list[str] = []
     with LoopbackJobSets(mode="run", log_dir=tmp_path) as api, pytest.raises(NonFiniteLossError):
         k8s_jobs.run_on_kubernetes(_cfg(store, "k8s-nan", "runtime.max_restarts=0"), job="round", round_index=1,

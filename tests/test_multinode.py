@@ -13,20 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pd_core import jobs, launch
+from pd_core import launch
 from pd_core.config import ConfigError, load_config
 from pd_core.data import BatchSampler, ImageData
 from pd_core.distributed_job import SIGKILL_AT_ENV
 from pd_core.store import CheckpointStore
 from pd_core.train import Runtime, rank_batches
-
-
-def _cfg(store, name: str, *, nodes: int, nproc: int, batch: int) -> object:
-    return load_config(preset="smoke", overrides=[
-        f"pipeline.name={name}", f"storage.root={store}", "teacher.updates=4", "teacher.checkpoint_every=100",
-        "teacher.batch_size=16", "distill.updates_per_round=6", "distill.log_every=2", "distill.checkpoint_every=3",
-        f"distill.batch_size={batch}", f"runtime.nproc={nproc}", f"runtime.nodes={nodes}", "runtime.max_restarts=2",
-        "runtime.threads=1", "eval.enabled=false"])
+from tests.multinode_rounds import round_cfg
 
 
 def _runtime(rank: int, world: int, nodes: int) -> Runtime:
@@ -56,29 +49,19 @@ def test_batch_sizes_that_do_not_divide_by_the_node_count_are_refused():
                                                "distill.batch_size=64"])
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    store = tmp_path_factory.mktemp("multinode") / "store"
-    cfg = _cfg(store, "mn-teacher", nodes=1, nproc=1, batch=16)
-    return store, jobs.ensure_teacher(cfg, CheckpointStore(str(store)))
-
-
 def _weights(store, info) -> dict[str, torch.Tensor]:
     return CheckpointStore(str(store)).load_checkpoint(info.key)[0]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_two_nodes_give_the_student_of_one_node_with_the_same_global_batch(teacher):
-    store, info = teacher
-    lines: list[str] = []
-    two = launch.launch_job(_cfg(store, "mn-two", nodes=2, nproc=1, batch=16), job="round", round_index=1,
-                            teacher=info, log_line=lines.append)
-    one = launch.launch_job(_cfg(store, "mn-one", nodes=1, nproc=2, batch=8), job="round", round_index=1,
-                            teacher=info)
+def test_two_nodes_give_the_student_of_one_node_with_the_same_global_batch(two_node_round):
+    store, teacher, two, lines = two_node_round
+    one = launch.launch_job(round_cfg(store, "mn-one", nodes=1, nproc=2, batch=8), job="round", round_index=1,
+                            teacher=teacher)
     assert any("effective batch 16 = 8 per process x 2 process(es) on 2 nodes" in line for line in lines), lines
     got, want = _weights(store, two), _weights(store, one)
-    teacher_weights = _weights(store, info)
+    teacher_weights = _weights(store, teacher)
     assert any(not torch.equal(got[k], teacher_weights[k]) for k in got)  # the round moved the weights
     for name, ref in want.items():
         torch.testing.assert_close(got[name], ref, rtol=1e-5, atol=1e-6, msg=name)
@@ -86,14 +69,12 @@ def test_two_nodes_give_the_student_of_one_node_with_the_same_global_batch(teach
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_a_killed_worker_restarts_the_job_which_resumes_to_the_uninterrupted_weights(teacher, monkeypatch):
-    store, info = teacher
-    straight = launch.launch_job(_cfg(store, "mn-straight", nodes=2, nproc=1, batch=16), job="round",
-                                 round_index=1, teacher=info)
+def test_a_killed_worker_restarts_the_job_which_resumes_to_the_uninterrupted_weights(two_node_round, monkeypatch):
+    store, teacher, straight, _ = two_node_round
     monkeypatch.setenv(SIGKILL_AT_ENV, "4")  # rank 0's worker, after the in-round state of update 3
     lines: list[str] = []
-    killed = launch.launch_job(_cfg(store, "mn-killed", nodes=2, nproc=1, batch=16), job="round", round_index=1,
-                               teacher=info, log_line=lines.append)
+    killed = launch.launch_job(round_cfg(store, "mn-killed"), job="round", round_index=1, teacher=teacher,
+                               log_line=lines.append)
     text = "\n".join(lines)
     assert "Signals.SIGKILL" in text or "exitcode: -9" in text, text[-3000:]  # torchrun saw the kill ...
     assert killed.resumed_from == 3  # ... and the restarted job resumed from the in-round state
