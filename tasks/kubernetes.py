@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -162,7 +163,7 @@ def run_on_kubernetes(cfg: Config, *, job: str, teacher: CheckpointInfo | None =
         try:
             k8s_config.load_incluster_config()
         except k8s_config.ConfigException:
-            k8s_config.load_kube_config()
+            k8s_config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # read now, not at import
         api_client = k8s.ApiClient()
     say = log_line or (lambda line: log.info("%s", line))
     kube = cfg.runtime.kubernetes

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -82,3 +83,70 @@ def test_a_flow_run_on_the_kubernetes_pool_renders_a_valid_job_with_gpus_secret_
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["PREFECT__FLOW_RUN_ID"] == str(flow_run.id)
     assert not [k for k in env if k.startswith(("AWS_", "MLFLOW_"))]  # settings come from the Secret only
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_the_round_task_on_kubernetes_submits_a_jobset_and_logs_its_phase_to_prefect(prefect_api, tmp_path,
+                                                                                     monkeypatch):
+    """The distill-round task itself, in a flow on the Prefect server, against the loopback API (reached through
+    a kubeconfig, as outside a cluster); the controller fails the pods at once (no torchrun: that path runs in
+    tests/test_kubernetes_jobs.py), so the task fails with the JobSet's reason and its log shows the phases."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    from pd_core.jobs import CheckpointInfo
+    from tasks.kubernetes import KubernetesJobError
+    from tasks.training import distill_round_task
+    from tests.k8s_loopback import LoopbackJobSets
+    from tests.multinode_rounds import round_cfg
+
+    cfg = round_cfg(tmp_path / "store", "k8s-task", extra=("runtime.launcher=kubernetes",
+                                                           "runtime.kubernetes.poll_s=0.2", "tracking.enabled=false",
+                                                           f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"))
+    teacher = CheckpointInfo(key="k", uri="s3://b/k", sha256="0" * 64, steps=8, round=0, trained=True,
+                             train_seconds=0.0, resumed_from=0)
+
+    @flow(name="k8s-round-task-test")
+    def one_round() -> dict:
+        state = distill_round_task(cfg, teacher=teacher, round_index=1, return_state=True)
+        return {"failed": state.is_failed(), "message": state.message}
+
+    with LoopbackJobSets(mode="run", log_dir=tmp_path) as api:
+        api.start = lambda body: api.pods.__setitem__(body["metadata"]["name"], [_exited(1)])
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "loopback",
+            "clusters": [{"name": "loopback", "cluster": {"server": api.host}}],
+            "users": [{"name": "test", "user": {}}],
+            "contexts": [{"name": "loopback", "context": {"cluster": "loopback", "user": "test"}}]}))
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        state = one_round(return_state=True)
+    task = state.result()
+    assert task["failed"] and KubernetesJobError.__name__ in task["message"], task
+    assert "failed without a result: FailedJobs" in task["message"], task
+    assert [m for m, *_ in api.requests].count("POST") == 1  # not retried: a failed JobSet is final
+    APILogHandler().flush()  # the run's logs reach the server in batches
+    messages: list[str] = []
+    with get_client(sync_client=True) as client:
+        for _ in range(60):  # at most ~30 s
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+            messages = [log.message for log in logs]
+            if any(m.endswith("Failed, restarts 0") for m in messages):
+                break
+            time.sleep(0.5)
+    assert any(m.startswith("JobSet default/pd-k8s-task-round1-") and m.endswith("submitted (2 nodes x 1 processes)")
+               for m in messages), messages
+    assert any(m.endswith("Failed, restarts 0") for m in messages), messages
+
+
+def _exited(code: int):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"])
+    proc.wait()
+    return proc
