@@ -97,8 +97,8 @@ def resolve_runtime(runtime_cfg: RuntimeConfig) -> Runtime:
     channels_last only on a GPU (on a CPU it is slower, with bf16 too), ``runtime.threads`` torch threads
     or, when null on a CPU, as many as the machine's load leaves free (:mod:`pd_core.train.threads`).
 
-    Inside a process group (torchrun) the Runtime carries rank and world size, and on CUDA the
-    device is GPU ``LOCAL_RANK``.
+    Inside a process group (torchrun) the Runtime carries rank, world size and ``runtime.nodes`` (a
+    job of several nodes must have nodes x nproc processes), and on CUDA the device is GPU ``LOCAL_RANK``.
     """
     try:
         device = resolve_device(runtime_cfg.device)
@@ -107,7 +107,7 @@ def resolve_runtime(runtime_cfg: RuntimeConfig) -> Runtime:
                          "use runtime.device=auto or cpu") from None
     info = dist.current()
     nodes = runtime_cfg.nodes if info.world_size > 1 else 1
-    if info.world_size > 1 and info.world_size != nodes * runtime_cfg.nproc:
+    if nodes > 1 and info.world_size != nodes * runtime_cfg.nproc:
         raise dist.DistributedJobError(f"the job has {info.world_size} processes but runtime.nodes x runtime.nproc = "
                                        f"{nodes} x {runtime_cfg.nproc}; start torchrun with --nnodes={nodes} "
                                        f"--nproc-per-node={runtime_cfg.nproc}")
