@@ -48,6 +48,11 @@ from pd_core.train import NonFiniteLossError, ProgressEvent
 log = logging.getLogger("pd_core.launch")
 
 PROGRESS_PREFIX = "PD_PROGRESS "  # a torchrun child's progress line: PD_PROGRESS {ProgressEvent as JSON}
+# The environment of every agent of a multi-node job. torchrun's c10d rendezvous otherwise shares one
+# TCPStore, hosted by an agent, across restarts; after a SIGKILL restart both new workers were once seen
+# waiting forever in the gloo process group's setup on it. With sharing off, global rank 0's worker
+# hosts a new store for every rendezvous round.
+RESTART_SAFE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 # A child's error is re-raised as the same type where it is one of these (task retry conditions depend on it).
@@ -168,7 +173,10 @@ def launch_job(cfg: Config, *, job: str, nproc: int | None = None, round_index: 
                                      rdzv_timeout_s=runtime.rdzv_timeout_s, local_addr="127.0.0.1")
                     for _ in range(runtime.nodes)]
         log.info("data-parallel %s on %d node(s) x %d processes: %s", job, len(cmds), nproc, " ".join(cmds[0][:6]))
-        rc, tail = _run_agents(cmds, env=child_env(os.environ), on_progress=on_progress, log_line=log_line)
+        env = child_env(os.environ)
+        if runtime.nodes > 1:
+            env.update(RESTART_SAFE_ENV)
+        rc, tail = _run_agents(cmds, env=env, on_progress=on_progress, log_line=log_line)
         result_path = tmpdir / "result.json"
         result = json.loads(result_path.read_text()) if result_path.exists() else None
     if result is not None and result.get("ok"):

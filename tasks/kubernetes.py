@@ -35,7 +35,7 @@ from typing import Any
 from pd_core.config import Config
 from pd_core.dist import DistributedJobError
 from pd_core.jobs import CheckpointInfo
-from pd_core.launch import job_args, rebuild_error, torchrun_command
+from pd_core.launch import RESTART_SAFE_ENV, job_args, rebuild_error, torchrun_command
 from pd_core.malloc_env import with_malloc_tunables
 
 log = logging.getLogger("tasks.kubernetes")
@@ -101,7 +101,8 @@ def jobset_manifest(cfg: Config, *, name: str, job: str, teacher: CheckpointInfo
                                rdzv_endpoint=rt.rdzv_endpoint or f"$(PD_COORDINATOR):{RDZV_PORT}", rdzv_id=name,
                                max_restarts=rt.max_restarts, rdzv_timeout_s=rt.rdzv_timeout_s,
                                local_addr="$(PD_POD_IP)", python="python")
-    env = {**with_malloc_tunables({}), "PYTHONUNBUFFERED": "1", CONFIG_ENV: json.dumps(cfg.model_dump(mode="json"))}
+    env = {**with_malloc_tunables({}), **RESTART_SAFE_ENV, "PYTHONUNBUFFERED": "1",
+           CONFIG_ENV: json.dumps(cfg.model_dump(mode="json"))}
     if teacher is not None:
         env[TEACHER_ENV] = json.dumps(dataclasses.asdict(teacher))
     pod = pod_template(cfg, name=name, command=command, env=env)
