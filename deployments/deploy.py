@@ -1,11 +1,13 @@
 """Register the pipeline on a running Prefect server: work pool, GPU limit, deployments, triggers.
 
     PREFECT_API_URL=http://localhost:4200/api python -m deployments.deploy --pool gpu-pool --gpus 1
+    ... python -m deployments.deploy --pool-type kubernetes --pool pd-k8s --gpus 1 --image REGISTRY/pd-worker:TAG
 
 Reads deployments/prefect.yaml (the one declaration of deployments, schedules and triggers) and,
 idempotently (rerun it after every change):
-1. creates the process work pool if it is missing (an existing pool keeps its settings, except
-   --pool-concurrency when given);
+1. creates the work pool if it is missing: a process pool, or with --pool-type kubernetes a
+   prefect-kubernetes pool whose base job template is deployments/kubernetes_pool.py's (an existing
+   pool keeps its settings, except --pool-concurrency when given);
 2. sets the tag concurrency limit `gpu` to the number of GPUs, so at most one task run tagged
    `gpu` runs per GPU whatever the number of flow runs;
 3. creates or updates each deployment: its flow is loaded from --project-dir by entrypoint
@@ -51,6 +53,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Register work pool, GPU concurrency limit, deployments and triggers.",
     )
     p.add_argument("--pool", default=None, help="work pool name (default: the spec's, gpu-pool)")
+    p.add_argument("--pool-type", choices=("process", "kubernetes"), default="process",
+                   help="process: flow runs are processes on the worker host; kubernetes: each flow run is a "
+                        "Kubernetes Job (prefect-kubernetes; see deployments/kubernetes_pool.py)")
+    p.add_argument("--image", default=None, help="kubernetes pool: the project image the flow-run pods run")
+    p.add_argument("--namespace", default=None, help="kubernetes pool: namespace of the flow-run Jobs")
+    p.add_argument("--env-secret", default="pd-env",
+                   help="kubernetes pool: Secret whose keys become the pods' environment (S3, MLflow)")
     p.add_argument(
         "--gpus", type=int, default=1,
         help="GPUs on the worker host: the `gpu` tag limit and default CUDA_VISIBLE_DEVICES "
@@ -66,8 +75,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also cap concurrent flow runs in the pool (default: leave the pool's setting)",
     )
     p.add_argument(
-        "--code-dir", default=os.environ.get("PD_CODE_DIR") or str(PROJECT_DIR),
-        help="where the WORKER finds this project (default: $PD_CODE_DIR, else this checkout)",
+        "--code-dir", default=None,
+        help="where the WORKER finds this project (default: $PD_CODE_DIR, else this checkout; "
+        "the image's /opt/pd on a kubernetes pool)",
     )
     p.add_argument(
         "--project-dir", default=str(PROJECT_DIR),
@@ -105,6 +115,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spec", default=str(SPEC_PATH), help="the deployment spec (prefect.yaml)")
     p.add_argument("--dry-run", action="store_true", help="print the plan; contact nothing")
     args = p.parse_args(argv)
+    if args.code_dir is None:
+        in_image = args.pool_type == "kubernetes"
+        args.code_dir = "/opt/pd" if in_image else os.environ.get("PD_CODE_DIR") or str(PROJECT_DIR)
     if args.gpus < 0:
         p.error(f"--gpus must be >= 0, got {args.gpus}")
     if args.pool_concurrency is not None and args.pool_concurrency < 1:
@@ -166,6 +179,10 @@ def plan(spec: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]
         env = job_variables.get("env")
         if isinstance(env, dict) and "CUDA_VISIBLE_DEVICES" in env:
             env["CUDA_VISIBLE_DEVICES"] = devices
+        if args.pool_type == "kubernetes":
+            from deployments.kubernetes_pool import deployment_job_variables
+
+            job_variables = deployment_job_variables(job_variables, gpus=args.gpus)
         schedules = []
         for s in d.get("schedules") or []:
             s = dict(s)
@@ -204,27 +221,41 @@ def plan(spec: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]
     return out
 
 
-def ensure_work_pool(client: Any, name: str, *, concurrency: int | None) -> str:
-    """Create the process work pool if missing; returns 'created' or 'exists'."""
+def pool_template(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """The base job template and description of a new pool of type ``args.pool_type``."""
+    if args.pool_type == "kubernetes":
+        from deployments.kubernetes_pool import base_job_template
+
+        return (base_job_template(image=args.image, namespace=args.namespace, env_secret=args.env_secret),
+                "Progressive-distillation flow runs (one Kubernetes Job each)")
+    from prefect.workers.process import ProcessWorker
+
+    return (ProcessWorker.get_default_base_job_template(),
+            "Progressive-distillation flow runs (process worker on the GPU host)")
+
+
+def ensure_work_pool(client: Any, name: str, *, concurrency: int | None, pool_type: str = "process",
+                     template: tuple[dict[str, Any], str] | None = None) -> str:
+    """Create the work pool of ``pool_type`` if missing; returns 'created' or 'exists'."""
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
-    from prefect.workers.process import ProcessWorker
 
     try:
         pool = client.read_work_pool(name)
     except ObjectNotFound:
+        base_job_template, description = template or pool_template(argparse.Namespace(pool_type=pool_type))
         client.create_work_pool(
             WorkPoolCreate(
                 name=name,
-                type="process",
-                base_job_template=ProcessWorker.get_default_base_job_template(),
+                type=pool_type,
+                base_job_template=base_job_template,
                 concurrency_limit=concurrency,
-                description="Progressive-distillation flow runs (process worker on the GPU host)",
+                description=description,
             )
         )
         return "created"
-    if pool.type != "process":
-        print(f"warning: work pool {name!r} has type {pool.type!r}, not 'process'", file=sys.stderr)
+    if pool.type != pool_type:
+        print(f"warning: work pool {name!r} has type {pool.type!r}, not {pool_type!r}", file=sys.stderr)
     if concurrency is not None and pool.concurrency_limit != concurrency:
         client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=concurrency))
     return "exists"
@@ -262,8 +293,9 @@ def register(items: list[dict[str, Any]], args: argparse.Namespace) -> list[tupl
     pools = sorted({i["work_pool"] for i in items})
     with get_client(sync_client=True) as client:
         for pool in pools:
-            state = ensure_work_pool(client, pool, concurrency=args.pool_concurrency)
-            print(f"work pool {pool!r}: {state} (type process)")
+            state = ensure_work_pool(client, pool, concurrency=args.pool_concurrency, pool_type=args.pool_type,
+                                     template=pool_template(args))
+            print(f"work pool {pool!r}: {state} (type {args.pool_type})")
         limit = max(args.gpus, 1)
         client.create_concurrency_limit(tag=args.gpu_tag, concurrency_limit=limit)
         print(f"tag concurrency limit {args.gpu_tag!r}: {limit}")
@@ -307,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         items = plan(load_spec(args.spec), args)
         if args.dry_run:
             print(json.dumps({
+                "pool_type": args.pool_type,
                 "gpu_tag": args.gpu_tag,
                 "gpu_limit": max(args.gpus, 1),
                 "code_dir": args.code_dir,

@@ -40,7 +40,8 @@ RUN pip install --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"
 #    pinned to the servers' versions.
 WORKDIR /opt/pd
 COPY pyproject.toml ./
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write(chr(10).join(deps))" \
+#    The `kubernetes` extra too: the same image runs Kubernetes flow-run pods and multi-node JobSet pods.
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = p['dependencies'] + p['optional-dependencies']['kubernetes']; open('/tmp/requirements.txt', 'w').write(chr(10).join(deps))" \
  && pip install -r /tmp/requirements.txt "prefect==${PREFECT_VERSION}" "mlflow==${MLFLOW_VERSION}" \
  && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 

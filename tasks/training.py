@@ -19,6 +19,7 @@ from pd_core import jobs, launch
 from pd_core.config import Config, pipeline_params
 from pd_core.jobs import CheckpointInfo
 from pd_core.store import CheckpointStore, StorageIOError
+from tasks import kubernetes
 from tasks.common import open_store, tracker_for
 from tasks.progress import ProgressReporter
 
@@ -53,6 +54,17 @@ def run_params(cfg: Config, *, round_index: int, teacher_steps: int, student_ste
     step counts; the whole resolved config is the parent run's ``config.yaml``."""
     return {**pipeline_params(cfg), "round": round_index, "teacher_steps": teacher_steps,
             "student_steps": student_steps}
+
+
+def _torchrun(cfg: Config, *, job: str, reporter: ProgressReporter, teacher: CheckpointInfo | None = None,
+              round_index: int | None = None) -> CheckpointInfo:
+    """The job under torchrun: a JobSet of runtime.nodes pods (launcher kubernetes, nodes > 1; its phase and
+    restarts go to the task's log), else local torchrun agents (progress to ``reporter``)."""
+    if cfg.runtime.launcher == "kubernetes" and cfg.runtime.nodes > 1:
+        return kubernetes.run_on_kubernetes(cfg, job=job, teacher=teacher, round_index=round_index,
+                                            fault_at_step=_fault_step(), log_line=get_run_logger().info)
+    return launch.launch_job(cfg, job=job, teacher=teacher, round_index=round_index, on_progress=reporter,
+                             fault_at_step=_fault_step())
 
 
 GPU_TASK = dict(cache_policy=NONE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
@@ -111,8 +123,8 @@ def ensure_teacher_task(cfg: Config, *, parent_run_id: str | None = None,
     def work(store: CheckpointStore, reporter: ProgressReporter) -> CheckpointInfo:
         if shared_key is not None:
             return jobs.shared_teacher(cfg, store, key=shared_key)
-        if cfg.runtime.nproc > 1:  # data-parallel: torchrun runs the job in nproc processes
-            return launch.launch_job(cfg, job="teacher", on_progress=reporter, fault_at_step=_fault_step())
+        if launch.is_data_parallel(cfg):  # torchrun runs the job in nproc processes on each of runtime.nodes
+            return _torchrun(cfg, job="teacher", reporter=reporter)
         return jobs.ensure_teacher(cfg, store, on_progress=reporter, fault_at_step=_fault_step())
 
     return _run_with_tracking(cfg, run_name="teacher", parent_run_id=parent_run_id, kind="teacher",
@@ -139,9 +151,8 @@ def guide_distill_task(cfg: Config, *, teacher: CheckpointInfo, parent_run_id: s
     steps = teacher.steps
 
     def work(store: CheckpointStore, reporter: ProgressReporter) -> CheckpointInfo:
-        if cfg.runtime.nproc > 1:  # data-parallel: torchrun runs the job in nproc processes
-            return launch.launch_job(cfg, job="guide", teacher=teacher, on_progress=reporter,
-                                     fault_at_step=_fault_step())
+        if launch.is_data_parallel(cfg):  # torchrun runs the job in nproc processes on each of runtime.nodes
+            return _torchrun(cfg, job="guide", teacher=teacher, reporter=reporter)
         return jobs.run_guide_distill(cfg, store, teacher=teacher, on_progress=reporter, fault_at_step=_fault_step())
 
     params = {**run_params(cfg, round_index=0, teacher_steps=steps, student_steps=steps), **guidance_params(cfg)}
@@ -164,9 +175,8 @@ def distill_round_task(cfg: Config, *, teacher: CheckpointInfo, round_index: int
     name = round_run_name(round_index=round_index, teacher_steps=t_steps, student_steps=s_steps)
 
     def work(store: CheckpointStore, reporter: ProgressReporter) -> CheckpointInfo:
-        if cfg.runtime.nproc > 1:  # data-parallel: torchrun runs the round in nproc processes
-            return launch.launch_job(cfg, job="round", round_index=round_index, teacher=teacher,
-                                     on_progress=reporter, fault_at_step=_fault_step())
+        if launch.is_data_parallel(cfg):  # torchrun runs the round in nproc processes on each of runtime.nodes
+            return _torchrun(cfg, job="round", round_index=round_index, teacher=teacher, reporter=reporter)
         return jobs.run_round(cfg, store, round_index=round_index, teacher=teacher, on_progress=reporter,
                               fault_at_step=_fault_step())
 

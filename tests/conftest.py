@@ -158,3 +158,7 @@ def smoke_guided(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> 
             out.update({run: result, f"{run}_data": as_plain_data(result), f"{run}_s": time.perf_counter() - t0})
     print(f"\nsmoke-guided: first run {out['first_s']:.1f}s, second run {out['second_s']:.1f}s")
     return out
+
+
+# The multi-node tests' session fixtures (one teacher and one two-node round for both test files).
+from tests.multinode_rounds import mn_teacher, two_node_round  # noqa: E402, F401

@@ -77,6 +77,7 @@ class Config(_Section):
                                     f"must not be '{student}' with diffusion.weighting "
                                     f"'{self.diffusion.weighting}': {exc}") from None
         self._check_guidance()
+        self._check_nodes()
         return self
 
     def _check_sizes(self) -> None:
@@ -86,6 +87,15 @@ class Config(_Section):
         problem = size_problem(model=self.model, image_size=self.data.image_size, batches=batches)
         if problem is not None:
             raise _FieldProblem(*problem)
+
+    def _check_nodes(self) -> None:
+        nodes = self.runtime.nodes
+        for name, batch in (("teacher.batch_size", self.teacher.batch_size),
+                            ("distill.batch_size", self.distill.batch_size),
+                            ("guidance.batch_size", self.guidance.batch_size)):
+            if batch % nodes:
+                raise _FieldProblem(name, f"must divide by runtime.nodes={nodes} (each process takes batch_size / "
+                                          f"nodes examples), got {batch}")
 
     def _check_guidance(self) -> None:
         conditional, dropout = self.model.class_conditional, self.teacher.label_dropout

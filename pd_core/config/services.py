@@ -15,6 +15,7 @@ from pd_core.config.base import _no_credentials_in_url, _secret_option_paths, _S
 from pd_core.config.urls import check_protocols
 
 _PIPELINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_K8S_NAME = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"  # an RFC 1123 label
 
 
 class StorageConfig(_Section):
@@ -59,6 +60,22 @@ class TrackingConfig(_Section):
         return _no_credentials_in_url(value)
 
 
+class KubernetesConfig(_Section):
+    """Where a multi-node job runs on Kubernetes (a Kubeflow PyTorchJob; see tasks/kubernetes.py)."""
+
+    namespace: str = Field("default", pattern=_K8S_NAME, description="Namespace of the PyTorchJob.")
+    image: str = Field("progressive-distillation-worker:latest", min_length=1, max_length=512,
+                       description="Container image of every node (docker/worker.Dockerfile).")
+    gpus_per_node: int = Field(0, ge=0, le=64, description="nvidia.com/gpu limit of each node's pod (0: CPU nodes).")
+    env_secret: str = Field("pd-env", pattern=_K8S_NAME,
+                            description="Kubernetes Secret whose keys become the pods' environment (S3 and MLflow "
+                                        "settings and credentials); never values in a manifest.")
+    node_selector: dict[str, str] = Field(default_factory=dict, max_length=32, description="Pod nodeSelector.")
+    service_account: str | None = Field(None, pattern=_K8S_NAME, description="Pods' service account.")
+    poll_s: float = Field(5.0, gt=0, le=300, description="Seconds between job status reads.")
+    timeout_s: int = Field(7 * 86400, ge=60, le=90 * 86400, description="Longest a job may run before it is deleted.")
+
+
 class RuntimeConfig(_Section):
     """Where and how the computation runs."""
 
@@ -70,6 +87,22 @@ class RuntimeConfig(_Section):
                                                          "(slower on CPUs, with bf16 too).")
     compile: bool = Field(False, description="torch.compile the networks.")
     nproc: int = Field(1, ge=1, description="Processes (GPUs) per training job.")
+    nodes: int = Field(1, ge=1, le=256,
+                       description="Nodes of a training job (torchrun agents, c10d rendezvous). The global batch is "
+                                   "batch_size x nproc whatever the node count: each process takes "
+                                   "batch_size / nodes examples (so batch sizes must divide by it).")
+    launcher: Literal["local", "kubernetes"] = Field(
+        "local", description="Where a job of nodes > 1 runs: local = one torchrun agent per node on this machine "
+                             "(loopback; tests and benchmarks); kubernetes = a Kubeflow PyTorchJob "
+                             "(runtime.kubernetes).")
+    rdzv_endpoint: str | None = Field(None, pattern=r"^[A-Za-z0-9.\-]{1,253}:[0-9]{1,5}$",
+                                      description="host:port of the c10d rendezvous; null = 127.0.0.1 and a free "
+                                                  "port (local launcher) or the master pod (kubernetes).")
+    max_restarts: int = Field(3, ge=0, le=100, description="torchrun --max-restarts of a multi-node job: a dead worker "
+                                                          "restarts the job, which resumes from its in-round state.")
+    rdzv_timeout_s: int = Field(900, ge=10, le=86400, description="How long the nodes wait for each other to join.")
+    kubernetes: KubernetesConfig = Field(default_factory=lambda: KubernetesConfig(),
+                                         description="The PyTorchJob a multi-node job runs as (launcher=kubernetes).")
     num_workers: int = Field(0, ge=0, description="Data-loading worker processes.")
     threads: int | None = Field(None, ge=1, le=1024,
                                 description="torch intra-op threads; null = on a CPU, the cores other processes "

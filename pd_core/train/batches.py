@@ -11,17 +11,26 @@ from pd_core.train.runtime import Runtime
 
 
 def rank_batches(sample_batch: BatchFn, runtime: Runtime) -> BatchFn:
-    """Rank r of W takes batch ``k W + r`` of ``sample_batch``'s stream at step k.
+    """Rank r of W = N P (N nodes of P processes) takes rows ``(r mod N) B/N .. (r mod N + 1) B/N - 1`` of
+    batch ``k P + floor(r / N)`` of ``sample_batch``'s stream at step k (on one node, N = 1: batch k W + r).
 
-    For a :class:`~pd_core.data.BatchSampler` with batch B, batches kW .. kW + W - 1 are exactly
-    batch k of the same sampler with batch W B (rank r holds its rows r B .. (r + 1) B - 1): the
-    effective batch is W B and the data order is that of one process (random flips aside, which are
-    drawn per batch).
+    For a :class:`~pd_core.data.BatchSampler` with batch B, batches kP .. kP + P - 1 are exactly
+    batch k of the same sampler with batch P B, so the global batch is P B whatever N, and rank r
+    holds its rows r B/N .. (r + 1) B/N - 1: the same rows (and data order) as rank r of one node of
+    W processes with batch B/N (random flips aside, which are drawn per batch).
     """
     if runtime.world_size <= 1:
         return sample_batch
-    world, rank = runtime.world_size, runtime.rank
-    return lambda step: sample_batch(step * world + rank)
+    world, rank, nodes = runtime.world_size, runtime.rank, runtime.nodes
+    if nodes <= 1:
+        return lambda step: sample_batch(step * world + rank)
+    per_node, part = world // nodes, rank % nodes
+
+    def fetch(step: int) -> tuple[Tensor, Tensor | None]:
+        x, y = sample_batch(step * per_node + rank // nodes)
+        rows = slice(part * (x.shape[0] // nodes), (part + 1) * (x.shape[0] // nodes))
+        return x[rows], (y[rows] if y is not None else None)
+    return fetch
 
 
 class DeviceBatches:

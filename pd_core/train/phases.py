@@ -32,8 +32,10 @@ log = logging.getLogger("pd_core.train")
 def _log_batch(phase: str, *, per_rank: int, runtime: Runtime) -> None:
     """One line: per-process batch x processes = effective batch (what the optimizer averages over)."""
     if runtime.is_main:
-        log.info("%s: effective batch %d = %d per process x %d process(es)%s", phase, per_rank * runtime.world_size,
-                 per_rank, runtime.world_size, " (DistributedDataParallel)" if runtime.world_size > 1 else "")
+        log.info("%s: effective batch %d = %d per process x %d process(es)%s%s", phase,
+                 per_rank * runtime.world_size, per_rank, runtime.world_size,
+                 f" on {runtime.nodes} nodes" if runtime.nodes > 1 else "",
+                 " (DistributedDataParallel)" if runtime.world_size > 1 else "")
 
 
 def teacher_loss_fn(*, net: nn.Module, diffusion_cfg: DiffusionConfig, generator: torch.Generator,
@@ -124,7 +126,7 @@ def _train(*, state: TrainState, spec: LoopSpec, loss_fn: LossFn, batch_size: in
            fault_at_step: int | None) -> TrainResult:
     """Run the loop from ``state.step`` to ``spec.total_steps``; the weights handed on are the EMA's, if any."""
     start, t0 = state.step, time.perf_counter()
-    _log_batch(spec.phase, per_rank=batch_size, runtime=runtime)
+    _log_batch(spec.phase, per_rank=batch_size // runtime.nodes, runtime=runtime)
     run_loop(state=state, spec=spec, loss_fn=loss_fn,
              sample_batch=rank_batches(device_batches(sample_batch, runtime), runtime),
              runtime=runtime, on_checkpoint=on_checkpoint, on_progress=on_progress, fault_at_step=fault_at_step)

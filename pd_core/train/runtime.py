@@ -60,6 +60,7 @@ class Runtime:
     compile: bool
     rank: int = 0  # this process's rank in a data-parallel job
     world_size: int = 1  # processes in the job (1: no DistributedDataParallel)
+    nodes: int = 1  # nodes the world_size processes run on: each process takes batch_size / nodes examples
     threads: AdaptiveThreads | None = None  # runtime.threads null on a CPU: threads follow the machine's load
 
     def follow_load(self) -> None:
@@ -96,8 +97,8 @@ def resolve_runtime(runtime_cfg: RuntimeConfig) -> Runtime:
     channels_last only on a GPU (on a CPU it is slower, with bf16 too), ``runtime.threads`` torch threads
     or, when null on a CPU, as many as the machine's load leaves free (:mod:`pd_core.train.threads`).
 
-    Inside a process group (torchrun) the Runtime carries rank and world size, and on CUDA the
-    device is GPU ``LOCAL_RANK``.
+    Inside a process group (torchrun) the Runtime carries rank, world size and ``runtime.nodes`` (a
+    job of several nodes must have nodes x nproc processes), and on CUDA the device is GPU ``LOCAL_RANK``.
     """
     try:
         device = resolve_device(runtime_cfg.device)
@@ -105,6 +106,11 @@ def resolve_runtime(runtime_cfg: RuntimeConfig) -> Runtime:
         raise ValueError("runtime.device is 'cuda' but no CUDA device is available; "
                          "use runtime.device=auto or cpu") from None
     info = dist.current()
+    nodes = runtime_cfg.nodes if info.world_size > 1 else 1
+    if nodes > 1 and info.world_size != nodes * runtime_cfg.nproc:
+        raise dist.DistributedJobError(f"the job has {info.world_size} processes but runtime.nodes x runtime.nproc = "
+                                       f"{nodes} x {runtime_cfg.nproc}; start torchrun with --nnodes={nodes} "
+                                       f"--nproc-per-node={runtime_cfg.nproc}")
     if device.type == "cuda" and info.world_size > 1:
         device = torch.device("cuda", info.local_rank)
     autocast_dtype = autocast_dtype_for(runtime_cfg.precision, device=device,
@@ -123,7 +129,8 @@ def resolve_runtime(runtime_cfg: RuntimeConfig) -> Runtime:
     elif device.type == "cpu":
         threads = adaptive_threads()
     return Runtime(device=device, autocast_dtype=autocast_dtype, channels_last=bool(channels_last),
-                   compile=runtime_cfg.compile, rank=info.rank, world_size=info.world_size, threads=threads)
+                   compile=runtime_cfg.compile, rank=info.rank, world_size=info.world_size, nodes=nodes,
+                   threads=threads)
 
 
 def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, runtime: Runtime,
