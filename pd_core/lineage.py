@@ -16,7 +16,12 @@ only those (kept next to it as ``settings``):
               range w_min, w_max the round draws w from. Round 1's parent is the stage-1 student when
               guided distillation is on, else the teacher
 
-Evaluation, storage, tracking and runtime settings, log and checkpoint cadences, ``teacher.seed``
+Every kind also records the data-parallel layout (``runtime.nproc`` and ``runtime.nodes``) when it is
+not one process: the global batch is ``batch_size x nproc`` and each rank draws its own noise, so
+the layout decides the weights (one process is hashed as if the field did not exist, so single-process
+checkpoints keep their hashes).
+
+Evaluation, storage, tracking and other runtime settings, log and checkpoint cadences, ``teacher.seed``
 and ``distill.seed`` (the pipeline seed is what seeds the training) change no weights and are left
 out, so changing distill.lr never invalidates the teacher. An in-round state carries the same
 lineage, so a state of other settings or another parent is never resumed into.
@@ -64,7 +69,17 @@ def settings_hash(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _lineage(settings: dict[str, Any], parent_sha256: str | None) -> Lineage:
+def _processes(cfg: Config) -> dict[str, int] | None:
+    """The data-parallel layout that decides the weights, or None for one process."""
+    if cfg.runtime.nproc * cfg.runtime.nodes == 1:
+        return None
+    return {"nproc": cfg.runtime.nproc, "nodes": cfg.runtime.nodes}
+
+
+def _lineage(settings: dict[str, Any], parent_sha256: str | None, cfg: Config) -> Lineage:
+    processes = _processes(cfg)
+    if processes is not None:
+        settings = {**settings, "processes": processes}
     return Lineage(settings=settings, settings_hash=settings_hash(settings), parent_sha256=parent_sha256)
 
 
@@ -77,7 +92,7 @@ def teacher_lineage(cfg: Config, *, source_sha256: str | None = None) -> Lineage
     settings = {"kind": "teacher", "model": dump["model"], "diffusion": dump["diffusion"], "data": dump["data"],
                 "teacher": teacher, "pipeline_seed": cfg.pipeline.seed,
                 "imported_from_sha256": source_sha256}
-    return _lineage(settings, source_sha256)
+    return _lineage(settings, source_sha256, cfg)
 
 
 def guided_lineage(cfg: Config, *, teacher_steps: int, parent_sha256: str,
@@ -94,7 +109,7 @@ def guided_lineage(cfg: Config, *, teacher_steps: int, parent_sha256: str,
                 "data": dump["data"], "guidance": guidance, "distill": {"dropout": dump["distill"]["dropout"]},
                 "student_parameterization": student_parameterization or cfg.diffusion.parameterization,
                 "pipeline_seed": cfg.pipeline.seed}
-    return _lineage(settings, parent_sha256)
+    return _lineage(settings, parent_sha256, cfg)
 
 
 def round_lineage(cfg: Config, *, round_index: int, teacher_steps: int, parent_sha256: str,
@@ -117,7 +132,7 @@ def round_lineage(cfg: Config, *, round_index: int, teacher_steps: int, parent_s
                 "distill": distill, "pipeline_seed": cfg.pipeline.seed}
     if guidance_range is not None:
         settings["guidance"] = {"w_min": guidance_range[0], "w_max": guidance_range[1]}
-    return _lineage(settings, parent_sha256)
+    return _lineage(settings, parent_sha256, cfg)
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -137,7 +152,8 @@ def _short(value: Any) -> str:
 def _setting_name(key: str) -> str:
     """A settings key as the config field a user would change (``pipeline_seed`` -> ``pipeline.seed``)."""
     return {"pipeline_seed": "pipeline.seed", "imported_from_sha256": "pipeline.teacher_uri",
-            "distill.updates": "distill.updates_per_round/last_rounds_updates/fast"}.get(key, key)
+            "distill.updates": "distill.updates_per_round/last_rounds_updates/fast",
+            "processes.nproc": "runtime.nproc", "processes.nodes": "runtime.nodes"}.get(key, key)
 
 
 def settings_difference(stored: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> str:

@@ -227,3 +227,24 @@ def test_manifests_and_states_record_their_lineage(template: Path, tmp_path: Pat
                                                             parent_sha256=teacher["sha256"]).settings_hash
     assert round1["settings"]["distill"] == {"batch_size": 64, "lr": 0.0005, "grad_clip": None, "dropout": 0.0,
                                              "updates": 20, "student_parameterization": "x"}
+
+
+def test_the_data_parallel_layout_decides_the_weights_and_one_process_keeps_its_old_hash() -> None:
+    from pd_core import lineage
+
+    def hashes(*overrides: str) -> tuple[str, str]:
+        cfg = _cfg("faults", *overrides)
+        return (lineage.teacher_lineage(cfg).settings_hash,
+                lineage.round_lineage(cfg, round_index=1, teacher_steps=8, parent_sha256="ab" * 32).settings_hash)
+
+    one = hashes()
+    one_settings = lineage.teacher_lineage(_cfg("faults")).settings
+    assert "processes" not in one_settings  # single-process checkpoints made before the field keep their hash
+    assert lineage.settings_hash(one_settings) == one[0]
+    layouts = {"nproc=2": hashes("runtime.nproc=2"), "nodes=2": hashes("runtime.nodes=2"),
+               "nproc=2,nodes=2": hashes("runtime.nproc=2", "runtime.nodes=2")}
+    for name, pair in layouts.items():
+        assert pair[0] != one[0] and pair[1] != one[1], name
+    assert len({pair for pair in layouts.values()}) == len(layouts)
+    two = lineage.teacher_lineage(_cfg("faults", "runtime.nproc=2")).settings
+    assert lineage.settings_difference(one_settings, two) == "runtime.nproc <unset> -> 2, runtime.nodes <unset> -> 1"
