@@ -9,8 +9,10 @@ prompt embedding; what the tests check is that two implementations agree on the 
 
 from __future__ import annotations
 
+import functools
 import json
 import string
+import tempfile
 from pathlib import Path
 
 import torch
@@ -76,10 +78,11 @@ def tiny_vae(*, seed: int = 0):
 
 
 def ddim_scheduler(*, prediction_type: str = "epsilon", beta_schedule: str = "scaled_linear"):
-    """The DDIM our sampler is today: trailing spacing, set_alpha_to_one, no clipping, steps_offset 0."""
+    """The DDIM our sampler is today: trailing spacing, set_alpha_to_one, no clipping (steps_offset 1, which
+    StableDiffusionPipeline insists on, changes only "leading" spacing)."""
     return diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                    beta_schedule=beta_schedule, prediction_type=prediction_type, clip_sample=False,
-                                   set_alpha_to_one=True, timestep_spacing="trailing", steps_offset=0)
+                                   set_alpha_to_one=True, timestep_spacing="trailing", steps_offset=1)
 
 
 def tiny_pipeline(tmp: Path, *, prediction_type: str = "epsilon", seed: int = 0):
@@ -105,3 +108,10 @@ def load_sd_pipeline(folder: Path):
                                                              requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@functools.cache
+def saved_sd_pipeline(prediction_type: str = "epsilon") -> Path:
+    """One saved tiny pipeline per prediction type for the whole test session (copy it before changing it)."""
+    root = Path(tempfile.mkdtemp(prefix="pd-sd-pipeline-"))
+    return save_sd_pipeline(root / "pipe", prediction_type=prediction_type)
