@@ -20,7 +20,8 @@ W_w (``time_embedding.cond_proj``, no bias) starts at zero, so the student start
 conditional model at every w. It learns
     min_eta E_{(x, c), t ~ U[0, 1), w ~ U[w_min, w_max], eps}
         weight(lambda_t) ||x_hat_eta(z_t, c, w) - x_hat_w(z_t, c)||^2
-with the teacher's two calls without gradients (:func:`stage1_target`); one student call then
+with the teacher's two calls without gradients (:func:`stage1_target`; :class:`TextGuidanceLoss`
+draws t ~ U[1/T, 1], the times the discrete teacher was trained on); one student call then
 replaces two, and a pipeline of it runs as stock ``StableDiffusionPipeline`` (one UNet call a step).
 """
 
@@ -31,8 +32,11 @@ import math
 import torch
 from torch import Tensor
 
+from pd_core._checks import broadcast_to, check_image_batch
 from pd_core.denoiser import Denoiser
-from pd_core.guidance import guided_combination
+from pd_core.guidance import guided_combination, sample_guidance
+from pd_core.schedule import DiscreteSchedule, alpha_sigma
+from pd_core.weighting import check_combination, per_example_loss
 
 EMBEDDING_SCALE = 1000.0  # phi_d embeds 1000 w, as diffusers' get_guidance_scale_embedding
 MAX_PERIOD = 10000.0
@@ -110,3 +114,45 @@ def stage1_target(teacher: Denoiser, *, z: Tensor, logsnr: Tensor, context: Tens
 def student_denoiser(student: Denoiser, *, context: Tensor, w: Tensor | float) -> Denoiser:
     """The stage-1 student at prompts ``context`` and weights ``w``: one call of ``net(z, logsnr, context, w)``."""
     return student.with_labels(context).with_guidance(_weights(w, batch=context.shape[0], like=context).float())
+
+
+class TextGuidanceLoss:
+    """Stage 1 (module docstring): per-example weight(lambda_t) ||x_hat_student(z_t, c, w) - x_hat_w(z_t, c)||^2.
+
+    ``teacher`` is a Denoiser over the frozen text-conditioned teacher net; the student a Denoiser
+    over the same UNet plus the guidance embedding. t ~ U[1/T, 1] on the teacher's discrete schedule
+    (t < 1/T lies between the clean end and the first training timestep), eps ~ N(0, I),
+    w ~ U[w_min, w_max], drawn in that order. No clipping.
+    """
+
+    def __init__(self, teacher: Denoiser, *, w_min: float, w_max: float, weighting: str, schedule: DiscreteSchedule):
+        if not 0.0 <= w_min <= w_max:
+            raise ValueError(f"guidance weights need 0 <= w_min <= w_max; got {w_min}, {w_max}")
+        self.teacher = teacher
+        self.w_min, self.w_max = w_min, w_max
+        self.weighting = weighting
+        self.schedule = schedule
+
+    def targets(self, x: Tensor, context: Tensor, null_context: Tensor, *,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(z_t, lambda_t, w, x_hat_w(z_t, c)) for latents ``x`` (B, C, h, w) and prompt embeddings ``context``."""
+        check_image_batch("x", x)
+        b = x.shape[0]
+        first = 1.0 / self.schedule.num_timesteps
+        u = torch.rand(b, device=x.device, dtype=torch.float64, generator=generator)
+        t = first + (1.0 - first) * u  # (B,) in [1/T, 1)
+        eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        w = sample_guidance(b, w_min=self.w_min, w_max=self.w_max, generator=generator, device=x.device,
+                            dtype=x.dtype)
+        lam = self.schedule.logsnr(t).to(x.dtype)
+        alpha, sigma = (broadcast_to(v, x) for v in alpha_sigma(lam))
+        z = alpha * x + sigma * eps
+        x_w, _ = stage1_target(self.teacher, z=z, logsnr=lam, context=context, null_context=null_context, w=w)
+        return z, lam, w, x_w
+
+    def __call__(self, student: Denoiser, x: Tensor, context: Tensor, null_context: Tensor, *,
+                 generator: torch.Generator | None = None) -> Tensor:
+        check_combination(parameterization=student.parameterization, weighting=self.weighting)
+        z, lam, w, x_w = self.targets(x, context, null_context, generator=generator)
+        x_hat, _ = student_denoiser(student, context=context, w=w)(z, lam)
+        return per_example_loss(x_hat=x_hat.float(), x=x_w.float(), logsnr=lam.float(), kind=self.weighting)

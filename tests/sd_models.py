@@ -115,3 +115,14 @@ def saved_sd_pipeline(prediction_type: str = "epsilon") -> Path:
     """One saved tiny pipeline per prediction type for the whole test session (copy it before changing it)."""
     root = Path(tempfile.mkdtemp(prefix="pd-sd-pipeline-"))
     return save_sd_pipeline(root / "pipe", prediction_type=prediction_type)
+
+
+def one_thread():
+    """Generator for a module fixture: torch on one thread while the tiny models run, restored after
+    (their operators are too small to share; a second thread only waits on a busy core)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

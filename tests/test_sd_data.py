@@ -18,7 +18,12 @@ from pd_core.data.common import DatasetError
 from pd_core.interop.sd_latents import encode_captions, encoders_sha256, ensure_encoded
 from pd_core.interop.sd_pipeline import read_text_to_image_model
 from pd_core.store import CheckpointStore
-from tests.sd_models import load_sd_pipeline, saved_sd_pipeline, tiny_vae
+from tests.sd_models import load_sd_pipeline, one_thread, saved_sd_pipeline, tiny_vae
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_thread()
 
 CAPTIONS = ["a photo of a sneaker", "a photo of a bag", "", "a photo of a sneaker", "a photo of a coat"]
 

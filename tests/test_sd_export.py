@@ -28,7 +28,12 @@ from pd_core.interop.sd_pipeline import (
     read_text_to_image_model,
 )
 from pd_core.text_guidance import student_denoiser
-from tests.sd_models import load_sd_pipeline, saved_sd_pipeline
+from tests.sd_models import load_sd_pipeline, one_thread, saved_sd_pipeline
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_thread()
 
 PROMPTS = ["a photo of a sneaker", "a photo of a bag"]
 PREDICTION = {"eps": "epsilon", "v": "v_prediction"}

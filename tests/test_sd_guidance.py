@@ -30,7 +30,12 @@ from pd_core.text_guidance import (
     stage1_target,
     student_denoiser,
 )
-from tests.sd_models import diffusers, load_sd_pipeline, saved_sd_pipeline
+from tests.sd_models import diffusers, load_sd_pipeline, one_thread, saved_sd_pipeline
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_thread()
 
 PROMPTS = ["a photo of a sneaker", "a photo of a bag"]
 KIND = {"epsilon": "eps", "v_prediction": "v"}

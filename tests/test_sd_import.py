@@ -35,7 +35,12 @@ from pd_core.interop.sd_pipeline import (
     read_text_to_image_model,
 )
 from tests.diffusers_models import save_teacher
-from tests.sd_models import load_sd_pipeline, saved_sd_pipeline, tiny_vae
+from tests.sd_models import load_sd_pipeline, one_thread, saved_sd_pipeline, tiny_vae
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_thread()
 
 PROMPTS = ["a photo of a sneaker", "a photo of a bag", ""]
 
