@@ -194,3 +194,31 @@ def test_a_hostile_pipeline_folder_is_refused_with_one_line_naming_the_component
     assert not (outside / "pwned").exists()  # no pickle ever ran
     assert snapshot(folder) == before and snapshot(outside) == before_outside
     assert not (tmp_path / "store").exists()  # nothing written
+
+
+def test_a_pipeline_folder_behind_an_fsspec_url_reads_like_a_local_one(tmp_path):
+    import fsspec
+
+    folder = saved_sd_pipeline()
+    fs = fsspec.filesystem("memory")
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fs.pipe_file(f"/pd-tests-sd/{path.relative_to(folder).as_posix()}", path.read_bytes())
+    try:
+        remote = read_text_to_image_model("diffusers:memory://pd-tests-sd")
+        local = read_text_to_image_model(f"diffusers:{folder}")
+        assert remote.hashes == local.hashes and remote.source == "memory://pd-tests-sd"
+        assert all(torch.equal(remote.weights["unet"][k], v) for k, v in local.weights["unet"].items())
+        assert build_tokenizer(remote)(PROMPTS).input_ids == build_tokenizer(local)(PROMPTS).input_ids
+    finally:
+        fs.rm("/pd-tests-sd", recursive=True)
+
+
+def test_a_weights_file_over_the_bound_is_refused_before_it_is_read(monkeypatch):
+    from pd_core.interop import sd_folder
+
+    size = (saved_sd_pipeline() / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    monkeypatch.setattr(sd_folder, "MAX_WEIGHTS_BYTES", size - 1)
+    with pytest.raises(DiffusersImportError, match=rf"^unet: .*diffusion_pytorch_model.safetensors is {size} bytes, "
+                                                   rf"more than the {size - 1} allowed"):
+        read_text_to_image(str(saved_sd_pipeline()))
