@@ -50,9 +50,10 @@ def random_student(teacher_unet, *, seed: int):
 @torch.no_grad()
 def test_an_exported_guided_student_is_a_stock_pipeline_that_equals_our_sampler(tmp_path, kind):
     teacher = read_text_to_image_model(f"diffusers:{saved_sd_pipeline()}")
-    student = random_student(build_cond_unet(teacher.configs["unet"], teacher.weights["unet"]), seed=1)
+    student = random_student(build_cond_unet(teacher.configs["unet"], teacher.weights["unet"]), seed=1).double()
     out = export_text_to_image(student_unet=student, parameterization=kind, teacher=teacher, steps=4,
                                out=str(tmp_path / "student"), source={"round": 2})
+    assert next(student.parameters()).dtype == torch.float64  # the caller's module is left as it was
     doc = json.loads((out / SAMPLER_FILE).read_text())
     assert (doc["steps"], doc["prediction_type"], doc["time_cond_proj_dim"]) == (4, PREDICTION[kind], 16)
     assert doc["teacher"]["sha256"] == teacher.source_sha256

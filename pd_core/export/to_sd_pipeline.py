@@ -21,6 +21,7 @@ existing folder is never overwritten.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -71,9 +72,9 @@ def export_text_to_image(*, student_unet: nn.Module, parameterization: str, teac
                 else "classifier-free guidance by the pipeline (two UNet calls per step when guidance_scale > 1)",
                 "teacher": {"source": teacher.source, "sha256": teacher.source_sha256}, "source": source or {}}
     pipe = diffusers.StableDiffusionPipeline(
-        unet=student_unet.float().eval(), vae=build_vae(teacher), text_encoder=build_text_encoder(teacher),
-        tokenizer=build_tokenizer(teacher), scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        unet=copy.deepcopy(student_unet).float().eval(), vae=build_vae(teacher),
+        text_encoder=build_text_encoder(teacher), tokenizer=build_tokenizer(teacher), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
