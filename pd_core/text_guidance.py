@@ -15,19 +15,18 @@ Stage 1: a student eps_eta(z_t, c, w) is the teacher's UNet2DConditionModel plus
 embedding (``time_cond_proj_dim`` = d): the time embedding's input gains W_w phi_d(w), where
     phi_d(w)_k = sin(1000 w f_k),  phi_d(w)_{k + d/2} = cos(1000 w f_k),  f_k = exp(-k ln(10000) / (d/2 - 1)),
 k = 0 .. d/2 - 1 (a zero appended for odd d), exactly what ``StableDiffusionPipeline`` feeds such a
-UNet as ``timestep_cond`` for guidance scale g (it embeds g - 1 = w; :func:`guidance_scale_embedding`).
+UNet as ``timestep_cond`` for guidance scale g (it embeds g - 1 = w;
+:func:`pd_core.interop.sd_unet.guidance_scale_embedding`).
 W_w (``time_embedding.cond_proj``, no bias) starts at zero, so the student starts as the teacher's
 conditional model at every w. It learns
-    min_eta E_{(x, c), t ~ U[0, 1), w ~ U[w_min, w_max], eps}
+    min_eta E_{(x, c), t ~ U[1/T, 1], w ~ U[w_min, w_max], eps}
         weight(lambda_t) ||x_hat_eta(z_t, c, w) - x_hat_w(z_t, c)||^2
-with the teacher's two calls without gradients (:func:`stage1_target`; :class:`TextGuidanceLoss`
-draws t ~ U[1/T, 1], the times the discrete teacher was trained on); one student call then
+(t from the first training timestep 1/T of the discrete teacher on) with the teacher's two calls
+without gradients (:func:`stage1_target`, :class:`TextGuidanceLoss`); one student call then
 replaces two, and a pipeline of it runs as stock ``StableDiffusionPipeline`` (one UNet call a step).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
@@ -37,33 +36,6 @@ from pd_core.denoiser import Denoiser
 from pd_core.guidance import guided_combination, sample_guidance
 from pd_core.schedule import DiscreteSchedule, alpha_sigma
 from pd_core.weighting import check_combination, per_example_loss
-
-EMBEDDING_SCALE = 1000.0  # phi_d embeds 1000 w, as diffusers' get_guidance_scale_embedding
-MAX_PERIOD = 10000.0
-
-
-def guidance_scale_embedding(w: Tensor, *, dim: int) -> Tensor:
-    """phi_d(w) (module docstring), (B,) -> (B, d) float32, the same float32 operations as diffusers'
-    ``get_guidance_scale_embedding(w, embedding_dim=d)``; pass w = g - 1 for guidance scale g."""
-    if w.ndim != 1:
-        raise ValueError(f"w must have shape (B,); got {tuple(w.shape)}")
-    if dim < 4:
-        raise ValueError(f"the guidance embedding needs dim >= 4; got {dim}")
-    half = dim // 2
-    scaled = w * EMBEDDING_SCALE
-    step = torch.log(torch.tensor(MAX_PERIOD)) / (half - 1)
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
-    angles = scaled.to(torch.float32)[:, None] * freqs[None, :]
-    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
-
-
-def guidance_scale_embedding_f64(w: float, *, dim: int) -> Tensor:
-    """phi_d(w) in float64 from the formula alone (a reference for :func:`guidance_scale_embedding`)."""
-    half = dim // 2
-    f = [math.exp(-k * math.log(MAX_PERIOD) / (half - 1)) for k in range(half)]
-    row = [math.sin(EMBEDDING_SCALE * w * fk) for fk in f] + [math.cos(EMBEDDING_SCALE * w * fk) for fk in f]
-    return torch.tensor(row + [0.0] * (dim % 2), dtype=torch.float64)
 
 
 def _weights(w: Tensor | float, *, batch: int, like: Tensor) -> Tensor:

@@ -11,15 +11,8 @@ import torch
 
 from pd_core import distill
 from pd_core.denoiser import Denoiser
-from pd_core.interop.sd_pipeline import (
-    TextUNetNet,
-    build_cond_unet,
-    build_text_encoder,
-    build_tokenizer,
-    encode_prompts,
-    guided_student_unet,
-    read_text_to_image_model,
-)
+from pd_core.interop.sd_pipeline import build_text_encoder, build_tokenizer, encode_prompts, read_text_to_image_model
+from pd_core.interop.sd_unet import TextUNetNet, build_cond_unet, guided_student_unet
 from pd_core.schedule import alpha_sigma
 from pd_core.text_guidance import TextGuidanceLoss, stage1_target, student_denoiser
 from tests.sd_models import one_thread, saved_sd_pipeline

@@ -18,15 +18,8 @@ from pd_core.denoiser import Denoiser
 from pd_core.export.files import ExportError
 from pd_core.export.to_sd_pipeline import SAMPLER_FILE, export_text_to_image, usage_line
 from pd_core.interop.sd_folder import read_text_to_image
-from pd_core.interop.sd_pipeline import (
-    TextUNetNet,
-    build_cond_unet,
-    build_text_encoder,
-    build_tokenizer,
-    encode_prompts,
-    guided_student_unet,
-    read_text_to_image_model,
-)
+from pd_core.interop.sd_pipeline import build_text_encoder, build_tokenizer, encode_prompts, read_text_to_image_model
+from pd_core.interop.sd_unet import TextUNetNet, build_cond_unet, guided_student_unet
 from pd_core.text_guidance import student_denoiser
 from tests.sd_models import load_sd_pipeline, one_thread, saved_sd_pipeline
 

@@ -13,23 +13,16 @@ import torch
 
 from pd_core import samplers
 from pd_core.denoiser import Denoiser
-from pd_core.interop.sd_pipeline import (
+from pd_core.interop.sd_pipeline import build_text_encoder, build_tokenizer, encode_prompts, read_text_to_image_model
+from pd_core.interop.sd_unet import (
     COND_PROJ_KEY,
     TextUNetNet,
     build_cond_unet,
-    build_text_encoder,
-    build_tokenizer,
-    encode_prompts,
-    guided_student_unet,
-    read_text_to_image_model,
-)
-from pd_core.text_guidance import (
-    TextGuidedDenoiser,
     guidance_scale_embedding,
     guidance_scale_embedding_f64,
-    stage1_target,
-    student_denoiser,
+    guided_student_unet,
 )
+from pd_core.text_guidance import TextGuidedDenoiser, stage1_target, student_denoiser
 from tests.sd_models import diffusers, load_sd_pipeline, one_thread, saved_sd_pipeline
 
 

@@ -27,13 +27,13 @@ from pd_core.interop.sd_folder import (
     source_sha256,
 )
 from pd_core.interop.sd_pipeline import (
-    build_cond_unet,
     build_text_encoder,
     build_tokenizer,
     build_vae,
     encode_prompts,
     read_text_to_image_model,
 )
+from pd_core.interop.sd_unet import build_cond_unet
 from tests.diffusers_models import save_teacher
 from tests.sd_models import load_sd_pipeline, one_thread, saved_sd_pipeline, tiny_vae
 

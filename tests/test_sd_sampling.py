@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from pd_core.images import to_uint8
-from pd_core.interop.sd_pipeline import build_cond_unet, guided_student_unet, read_text_to_image_model
+from pd_core.interop.sd_pipeline import read_text_to_image_model
 from pd_core.interop.sd_sampling import PromptSampler, decode_latents, sample_images, sample_latents
+from pd_core.interop.sd_unet import build_cond_unet, guided_student_unet
 from tests.sd_models import load_sd_pipeline, one_thread, saved_sd_pipeline, tiny_vae
 
 PROMPTS = ["a photo of a sneaker", "a photo of a bag"]

@@ -2,15 +2,11 @@
 
 :func:`read_text_to_image_model` reads every file a load needs once (bounded, safetensors only,
 never unpickled; which folders are accepted is :mod:`pd_core.interop.sd_folder`), hashes what it
-read (the pipeline's lineage) and builds nothing; the ``build_*`` functions turn it into modules.
-The UNet2DConditionModel becomes a net ``net(z, logsnr, context, w=None)`` over the scheduler's own
-float32 alpha_bar table (:class:`TextUNetNet`: the fractional timestep tau(lambda) of
-:class:`~pd_core.schedule.DiscreteSchedule`, so DDIM over it is diffusers' trailing DDIM), with
-``timestep_cond`` = phi_d(w) of :mod:`pd_core.text_guidance` for a UNet with ``time_cond_proj_dim``.
+read (the pipeline's lineage) and builds nothing; the ``build_*`` functions turn the VAE, text
+encoder and tokenizer into modules (the UNet: :mod:`pd_core.interop.sd_unet`).
 :func:`encode_prompts` is ``StableDiffusionPipeline.encode_prompt``'s text path (max-length padding,
-truncation, the last hidden state). :func:`guided_student_unet` is stage 1's student: the teacher's
-UNet plus a zero-initialised guidance embedding. diffusers and transformers are imported inside the
-functions that need them (optional dependencies).
+truncation, the last hidden state). diffusers and transformers are imported inside the functions
+that need them (optional dependencies).
 """
 
 from __future__ import annotations
@@ -33,11 +29,8 @@ from pd_core.interop.sd_folder import (
     read_text_to_image,
     source_sha256,
 )
+from pd_core.interop.sd_unet import PREFIX, TextUNetCondition, load_strict
 from pd_core.schedule import DiscreteSchedule
-from pd_core.text_guidance import guidance_scale_embedding
-
-COND_PROJ_KEY = "time_embedding.cond_proj.weight"  # the guidance embedding's one new tensor
-DEFAULT_GUIDANCE_DIM = 256  # time_cond_proj_dim of diffusers' guidance-embedded UNets (LCM)
 
 
 def require_transformers():
@@ -106,29 +99,15 @@ def read_text_to_image_model(uri: str | TextToImageFolder, *, storage_options: d
                             source=tti.location)
 
 
-def _load(module: nn.Module, tensors: dict[str, Tensor], *, component: str) -> nn.Module:
-    missing, unexpected = module.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise DiffusersImportError(f"{component}: the weights do not fit its config (missing {sorted(missing)[:3]}, "
-                                   f"unexpected {sorted(unexpected)[:3]}); save the pipeline with save_pretrained")
-    return module.eval()
-
-
-def build_cond_unet(config: dict, weights: dict[str, Tensor] | None = None) -> nn.Module:
-    """The UNet2DConditionModel of ``config``, with ``weights`` loaded (strictly) when given."""
-    unet = require_diffusers().UNet2DConditionModel.from_config(config)
-    return unet if weights is None else _load(unet, weights, component="unet")
-
-
 def build_vae(model: TextToImageModel) -> nn.Module:
-    return _load(require_diffusers().AutoencoderKL.from_config(model.configs["vae"]), model.weights["vae"],
+    return load_strict(require_diffusers().AutoencoderKL.from_config(model.configs["vae"]), model.weights["vae"],
                  component="vae")
 
 
 def build_text_encoder(model: TextToImageModel) -> nn.Module:
     transformers = require_transformers()
     config = transformers.CLIPTextConfig.from_dict(model.configs["text_encoder"])
-    return _load(transformers.CLIPTextModel(config), model.weights["text_encoder"], component="text_encoder")
+    return load_strict(transformers.CLIPTextModel(config), model.weights["text_encoder"], component="text_encoder")
 
 
 def build_tokenizer(model: TextToImageModel):
@@ -149,45 +128,14 @@ def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: list[str]) -> Te
     return text_encoder(ids.input_ids.to(device), attention_mask=None if mask is None else mask.to(device))[0]
 
 
-def guided_student_unet(teacher: nn.Module, *, dim: int = DEFAULT_GUIDANCE_DIM) -> nn.Module:
-    """Stage 1's student: the teacher's UNet2DConditionModel with ``time_cond_proj_dim = dim``, every teacher
-    tensor copied and the new ``time_embedding.cond_proj`` (no bias) zero, so it computes the teacher at every w."""
-    if teacher.config.time_cond_proj_dim is not None:
-        raise ValueError(f"the teacher already has a guidance embedding (time_cond_proj_dim "
-                         f"{teacher.config.time_cond_proj_dim})")
-    student = require_diffusers().UNet2DConditionModel.from_config({**teacher.config, "time_cond_proj_dim": dim})
-    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-    if set(missing) != {COND_PROJ_KEY} or unexpected:
-        raise RuntimeError(f"the student differs from its teacher beyond {COND_PROJ_KEY}: missing {missing}, "
-                           f"unexpected {unexpected}")
-    with torch.no_grad():
-        student.time_embedding.cond_proj.weight.zero_()
-    return student.to(next(teacher.parameters()).dtype).eval()
-
-
-class TextUNetNet(nn.Module):
-    """net(z, logsnr, context, w) = unet(z, tau(logsnr), encoder_hidden_states=context, timestep_cond=phi_d(w)).sample.
-
-    tau from the model's own schedule (:meth:`DiscreteSchedule.timestep`); ``w`` only for a UNet with
-    ``time_cond_proj_dim`` = d (and required by it), embedded as ``StableDiffusionPipeline`` does.
-    """
-
-    def __init__(self, unet: nn.Module, *, schedule: DiscreteSchedule):
-        super().__init__()
-        self.unet = unet
-        self.schedule = schedule
-
-    @property
-    def guidance_dim(self) -> int | None:
-        return self.unet.config.time_cond_proj_dim
-
-    def at_timestep(self, z: Tensor, timestep: Tensor, context: Tensor, w: Tensor | None = None) -> Tensor:
-        dim = self.guidance_dim
-        if (dim is None) != (w is None):
-            raise ValueError("w is given exactly when the UNet has a guidance embedding (time_cond_proj_dim); got "
-                             f"time_cond_proj_dim {dim} and w {'given' if w is not None else 'missing'}")
-        cond = None if w is None else guidance_scale_embedding(w, dim=dim).to(device=z.device, dtype=z.dtype)
-        return self.unet(z, timestep, encoder_hidden_states=context.to(z.dtype), timestep_cond=cond).sample
-
-    def forward(self, z: Tensor, logsnr: Tensor, context: Tensor, w: Tensor | None = None) -> Tensor:
-        return self.at_timestep(z, self.schedule.timestep(logsnr), context, w)
+def teacher_checkpoint(model: TextToImageModel) -> tuple[dict[str, Tensor], dict]:
+    """(tensors, manifest fields) of the imported UNet as a store checkpoint: the UNet's tensors under ``unet.``,
+    its architecture, schedule and parameterization, and the pipeline it came from (the lineage hash as
+    ``parent_sha256``; the VAE, text encoder and tokenizer stay in the folder, named by ``text_to_image``)."""
+    arch = TextUNetCondition.of(model.configs["unet"], schedule=model.schedule,
+                                scheduler_config=model.configs["scheduler"])
+    fields = {**arch.manifest_fields(), "schedule": model.schedule.to_dict(),
+              "parameterization": model.parameterization, "parent_sha256": model.source_sha256,
+              "num_train_timesteps": model.schedule.num_timesteps,
+              "text_to_image": {"source": model.source, "sha256": model.source_sha256, "files": model.hashes}}
+    return {PREFIX + k: v for k, v in model.weights["unet"].items()}, fields

@@ -20,13 +20,12 @@ from torch import Tensor, nn
 from pd_core.denoiser import Denoiser, DenoiserFn
 from pd_core.interop.sd_pipeline import (
     TextToImageModel,
-    TextUNetNet,
-    build_cond_unet,
     build_text_encoder,
     build_tokenizer,
     build_vae,
     encode_prompts,
 )
+from pd_core.interop.sd_unet import TextUNetNet, build_cond_unet
 from pd_core.samplers import ddim
 from pd_core.schedule import DiscreteSchedule
 from pd_core.text_guidance import TextGuidedDenoiser, student_denoiser
