@@ -75,3 +75,35 @@ def test_a_guided_students_architecture_round_trips_and_refuses_weights_that_do_
     store.save_checkpoint("bad", tensors={k: v for k, v in tensors.items() if "cond_proj" not in k}, manifest=manifest)
     with pytest.raises(StoreError, match="weights do not fit the architecture"):
         load_model(store, "bad")
+
+
+@torch.no_grad()
+def test_a_stored_guided_student_exports_as_a_stock_pipeline_equal_to_our_sampler(tmp_path):
+    from pd_core.export.files import ExportError
+    from pd_core.export.to_sd_pipeline import SAMPLER_FILE, export_student_checkpoint
+    from tests.sd_models import load_sd_pipeline
+
+    model = read_text_to_image_model(str(saved_sd_pipeline()))
+    _, fields = teacher_checkpoint(model)
+    arch = architecture_from_manifest(fields).with_guidance_embedding(16)
+    student = guided_student_unet(build_cond_unet(model.configs["unet"], model.weights["unet"]), dim=16)
+    student.time_embedding.cond_proj.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+    store = CheckpointStore(str(tmp_path / "store"))
+    store.save_checkpoint("r2", tensors={PREFIX + k: v for k, v in student.state_dict().items()},
+                          manifest={"kind": "student", "round": 2, "steps": 2, **arch.manifest_fields(),
+                                    "schedule": fields["schedule"], "parameterization": "v"})
+    loaded = load_model(store, "r2")
+    out = export_student_checkpoint(loaded, teacher=model, out=str(tmp_path / "export"))
+    assert '"round": 2' in (out / SAMPLER_FILE).read_text() and '"steps": 2' in (out / SAMPLER_FILE).read_text()
+    pipe = load_sd_pipeline(out)
+    context = encode_prompts(build_tokenizer(model), build_text_encoder(model), PROMPTS)
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(4))
+    ref = pipe(prompt_embeds=context, latents=z.clone(), num_inference_steps=2, guidance_scale=3.0,
+               output_type="latent").images
+    ours = samplers.ddim(student_denoiser(loaded.denoiser, context=context, w=2.0), z, num_steps=2, clip=False,
+                         schedule=loaded.schedule)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4)
+    store.save_checkpoint("t", tensors=teacher_checkpoint(model)[0], manifest={"kind": "teacher", "steps": 8,
+                                                                              **fields})
+    with pytest.raises(ExportError, match="does not divide"):
+        export_student_checkpoint(load_model(store, "t"), teacher=model, out=str(tmp_path / "e2"), steps=3)

@@ -115,3 +115,19 @@ def test_encoded_data_is_reused_only_for_the_same_data_and_encoders(tmp_path):
     fresh = ensure_encoded(store, other, data, size=8, seed=0)
     assert not fresh.reused and fresh.key != first.key  # another VAE: never the old latents
     assert not torch.allclose(fresh.latents, first.latents)
+
+
+def test_a_caption_folder_behind_an_fsspec_url_reads_like_a_local_one(tmp_path):
+    import fsspec
+
+    folder = write_caption_folder(tmp_path / "data")
+    fs = fsspec.filesystem("memory")
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fs.pipe_file(f"/pd-tests-captions/{path.relative_to(folder).as_posix()}", path.read_bytes())
+    try:
+        remote, local = load_captions("memory://pd-tests-captions", size=8), load_captions(str(folder), size=8)
+        assert remote.sha256 == local.sha256 and remote.captions == local.captions
+        assert torch.equal(remote.images, local.images)
+    finally:
+        fs.rm("/pd-tests-captions", recursive=True)

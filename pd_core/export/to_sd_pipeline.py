@@ -34,6 +34,7 @@ from pd_core.export.files import ExportError, check_steps, new_output_path
 from pd_core.interop.diffusers import require_diffusers
 from pd_core.interop.diffusers_folder import diffusers_prediction_type
 from pd_core.interop.sd_pipeline import TextToImageModel, build_text_encoder, build_tokenizer, build_vae
+from pd_core.interop.sd_unet import TextUNetNet
 
 SAMPLER_FILE = "pd_sampler.json"
 SAMPLER_FORMAT = "pd-text-to-image/1"
@@ -84,6 +85,19 @@ def export_text_to_image(*, student_unet: nn.Module, parameterization: str, teac
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def export_student_checkpoint(loaded, *, teacher: TextToImageModel, out: str, steps: int | None = None) -> Path:
+    """:func:`export_text_to_image` of a stored student (a :class:`~pd_core.models.LoadedModel` whose network is
+    a :class:`~pd_core.interop.sd_unet.TextUNetNet`), at its own step count unless ``steps`` is given."""
+    net = loaded.denoiser.net
+    if not isinstance(net, TextUNetNet):
+        raise ExportError("this checkpoint is not a text-to-image UNet2DConditionModel; only students of "
+                          "text-to-image teachers export as a StableDiffusionPipeline folder")
+    manifest = loaded.manifest
+    return export_text_to_image(student_unet=net.unet, parameterization=loaded.denoiser.parameterization,
+                                teacher=teacher, steps=steps or loaded.steps, out=out,
+                                source={k: manifest.get(k) for k in ("kind", "round", "steps", "sha256", "pipeline")})
 
 
 def usage_line(*, out: Path, steps: int, w: float | None) -> str:
