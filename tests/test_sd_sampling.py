@@ -80,3 +80,21 @@ def test_decoding_divides_by_the_scaling_factor_and_clamps():
     sampler = PromptSampler.of(read_text_to_image_model(str(saved_sd_pipeline())))
     with pytest.raises(ValueError, match=r"noise must have shape \(2, 4, 4, 4\)"):
         sample_latents(sampler, prompts=PROMPTS, w=1.0, steps=2, noise=torch.zeros(2, 4, 8, 8))
+
+
+@torch.no_grad()
+def test_a_prompt_grid_has_one_row_per_prompt_and_says_which(tmp_path):
+    from PIL import Image
+
+    from pd_core.images import write_display_grid
+    from pd_core.interop.sd_sampling import prompt_grid
+
+    sampler = PromptSampler.of(read_text_to_image_model(str(saved_sd_pipeline())))
+    images, caption = prompt_grid(sampler, prompts=PROMPTS, per_prompt=3, w=1.5, steps=2, seed=7)
+    assert images.shape == (6, 3, 8, 8)
+    assert caption == "2 steps, w = 1.5: row 1 'a photo of a sneaker'; row 2 'a photo of a bag'"
+    noise = torch.randn(6, 4, 4, 4, generator=torch.Generator().manual_seed(7))
+    row2 = sample_images(sampler, prompts=[PROMPTS[1]] * 3, w=1.5, steps=2, noise=noise[3:])
+    torch.testing.assert_close(images[3:], row2, rtol=0, atol=1e-6)  # row 2 is the second prompt's samples
+    path = write_display_grid(images, str(tmp_path / "grid.png"), caption=caption, nrow=3)
+    assert Image.open(path).size[0] >= 512

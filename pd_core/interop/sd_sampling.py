@@ -103,3 +103,17 @@ def sample_images(sampler: PromptSampler, *, prompts: list[str], w: float, steps
     """Images in [-1, 1] for ``prompts``: :func:`sample_latents` then :func:`decode_latents`."""
     latents = sample_latents(sampler, prompts=prompts, w=w, steps=steps, noise=noise)
     return decode_latents(sampler.vae, latents, scaling_factor=sampler.scaling_factor)
+
+
+def prompt_grid(sampler: PromptSampler, *, prompts: list[str], per_prompt: int, w: float, steps: int,
+                seed: int) -> tuple[Tensor, str]:
+    """Images for a grid with one row per prompt (``per_prompt`` samples each, noise from ``seed``) and its
+    caption naming the step count, w and each row's prompt; pass ``nrow=per_prompt`` to the grid writer."""
+    if not prompts or per_prompt < 1:
+        raise ValueError(f"need at least one prompt and per_prompt >= 1; got {len(prompts)} and {per_prompt}")
+    rows = [p for p in prompts for _ in range(per_prompt)]
+    noise = torch.randn((len(rows), *sampler.latent_shape), generator=torch.Generator().manual_seed(seed),
+                        dtype=next(sampler.net.parameters()).dtype)
+    images = sample_images(sampler, prompts=rows, w=w, steps=steps, noise=noise)
+    caption = f"{steps} steps, w = {w:g}: " + "; ".join(f"row {i + 1} '{p}'" for i, p in enumerate(prompts))
+    return images, caption
