@@ -149,3 +149,21 @@ def test_our_guided_latent_ddim_equals_stock_stable_diffusion_pipeline(predictio
         ref = _stock_latents(pipe, z=z, context=context.double(), null=null.double(), steps=steps, scale=1.0 + w)
         assert float((ref - z).abs().max()) > 1e-2  # the reference moved: the comparison is not vacuous
         np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-6, atol=1e-4, err_msg=f"w={w}")
+
+
+@torch.no_grad()
+def test_caption_indices_as_class_labels_give_the_text_guided_model_through_the_class_machinery():
+    from pd_core.guidance import GuidedDenoiser
+    from pd_core.interop.sd_unet import CaptionTableNet
+
+    model, net, context, null = imported()
+    table_net = CaptionTableNet(net, caption_embeds=context, null_embed=null)
+    assert table_net.null_label == 2 and "table" not in table_net.state_dict()  # data, not weights
+    y = torch.tensor([1, 0, 1])
+    z = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(6))
+    lam = model.schedule.logsnr(torch.tensor([0.2, 0.6, 0.9], dtype=torch.float64)).float()
+    via_labels = GuidedDenoiser(Denoiser(table_net, parameterization="eps"), y=y, w=2.0, null_label=2)(z, lam)
+    via_text = TextGuidedDenoiser(Denoiser(net, parameterization="eps"), context=context[y], null_context=null,
+                                  w=2.0)(z, lam)
+    for got, want in zip(via_labels, via_text, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

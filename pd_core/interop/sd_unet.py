@@ -9,7 +9,8 @@ feeds it):
     phi_d(w)_k = sin(1000 w f_k),  phi_d(w)_{k + d/2} = cos(1000 w f_k),  f_k = exp(-k ln(10000) / (d/2 - 1)),
 k = 0 .. d/2 - 1, a zero appended for odd d. :func:`guided_student_unet` copies a teacher and adds
 W = ``time_embedding.cond_proj`` (no bias) at zero, so the student computes the teacher at every w.
-:class:`TextUNetCondition` is what a checkpoint's manifest records of such a network.
+:class:`TextUNetCondition` is what a checkpoint's manifest records of such a network;
+:class:`CaptionTableNet` indexes a table of caption embeddings by class-label-like indices.
 diffusers is imported inside the functions that need it (an optional dependency).
 """
 
@@ -201,3 +202,29 @@ class TextUNetCondition:
         """Stage 1's student architecture: the same UNet with ``time_cond_proj_dim = dim``."""
         return TextUNetCondition.of({**self.config, "time_cond_proj_dim": dim}, schedule=self.schedule,
                                     scheduler_config=self.scheduler_config)
+
+
+class CaptionTableNet(nn.Module):
+    """net(z, logsnr, y[, w]) = text_net(z, logsnr, table[y][, w]): caption indices as class labels.
+
+    ``table`` (U + 1, L, D) holds the U distinct captions' embeddings and, as row U, the empty
+    prompt's, so index U is the null class of classifier-free guidance and the class-label
+    machinery (:class:`pd_core.guidance.GuidedDenoiser`, label dropout, the rounds) drives a
+    text-conditioned UNet unchanged. The table is data, not weights: a non-persistent buffer.
+    """
+
+    def __init__(self, text_net: TextUNetNet, *, caption_embeds: Tensor, null_embed: Tensor):
+        super().__init__()
+        if caption_embeds.ndim != 3 or null_embed.shape != (1, *caption_embeds.shape[1:]):
+            raise ValueError(f"caption_embeds (U, L, D) and null_embed (1, L, D) must agree; got "
+                             f"{tuple(caption_embeds.shape)} and {tuple(null_embed.shape)}")
+        self.text_net = text_net
+        self.register_buffer("table", torch.cat([caption_embeds, null_embed]), persistent=False)
+
+    @property
+    def null_label(self) -> int:
+        """The index of the empty prompt (U)."""
+        return self.table.shape[0] - 1
+
+    def forward(self, z: Tensor, logsnr: Tensor, y: Tensor, w: Tensor | None = None) -> Tensor:
+        return self.text_net(z, logsnr, self.table[y].to(z.dtype), w)
