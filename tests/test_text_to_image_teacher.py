@@ -159,3 +159,17 @@ def test_every_caption_tokenizes_into_known_tokens_with_each_class_word_one_toke
         assert decoded.replace(" ", "") == caption.replace(" ", "")  # CLIP's decode spaces out "t - shirt"
         assert len(tokenizer(caption).input_ids) <= tokenizer.model_max_length
     assert tokenizer.tokenize("a photo of a sneaker") == ["a</w>", "photo</w>", "of</w>", "a</w>", "sneaker</w>"]
+
+
+@pytest.mark.slow
+def test_the_written_caption_folder_reads_back_as_the_teachers_images_and_captions(tmp_path):
+    from benchmarks.text_to_image.train_teacher import load_data
+    from benchmarks.text_to_image.write_captions import main as write_main
+    from pd_core.data.captions import load_captions
+
+    assert write_main(["--out", str(tmp_path / "data"), "--limit", "30"]) == 0
+    read = load_captions(str(tmp_path / "data"), size=32)
+    images, captions = load_data(tiny_config(data_limit=30), data_url=None)
+    assert list(read.captions) == captions and captions.count("") == 3
+    torch.testing.assert_close(read.images, images, atol=0.5 / 127.5, rtol=0)
+    assert write_main(["--out", str(tmp_path / "bad"), "--limit", "0"]) == 2

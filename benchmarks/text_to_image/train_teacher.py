@@ -85,13 +85,13 @@ def identity(cfg: TeacherConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def load_data(cfg: TeacherConfig, *, data_url: str | None) -> tuple[torch.Tensor, list[str]]:
-    """Images (N, 3, S, S) in [-1, 1] and one caption each."""
+def load_data(cfg: TeacherConfig, *, data_url: str | None, split: str = "train") -> tuple[torch.Tensor, list[str]]:
+    """The first ``cfg.data_limit`` images (N, 3, S, S) in [-1, 1] of ``split`` and one caption each."""
     data = load_split(DataConfig(name="fashion_mnist", url=data_url, image_size=cfg.sizes.image_size,
-                                 limit=cfg.data_limit), split="train")
-    captions = class_captions(data.labels, names=FASHION_MNIST_NAMES, empty_fraction=cfg.empty_fraction,
-                              seed=cfg.seed)
-    return data.images.expand(-1, 3, -1, -1).contiguous(), captions
+                                 limit=cfg.data_limit), split=split)
+    images, labels = data.images[: cfg.data_limit], data.labels[: cfg.data_limit]
+    captions = class_captions(labels, names=FASHION_MNIST_NAMES, empty_fraction=cfg.empty_fraction, seed=cfg.seed)
+    return images.expand(-1, 3, -1, -1).contiguous(), captions
 
 
 def _eta(seconds: float) -> str:
