@@ -14,7 +14,7 @@ sneaker", a seeded tenth of them empty for classifier-free guidance). Two phases
    teacher's latents into images no classifier can name, so FD in our classifier's feature space and
    prompt accuracy would measure the VAE, not the distillation. A hand-made fixed map (pixel
    unshuffle) cannot be written as diffusers' ``AutoencoderKL`` weights, and the import and the stock
-   pipeline both need that class. The phase is short (a few percent of the budget).
+   pipeline both need that class. The phase is short (about a tenth of the CPU budget).
 2. Diffusion: a ``UNet2DConditionModel`` with cross-attention on the frozen ``CLIPTextModel``'s prompt
    embedding, trained as ``examples/text_to_image/train_text_to_image.py`` does: DDPMScheduler with
    Stable Diffusion's scaled_linear betas, uniform timesteps, ``add_noise``, MSE on the prediction
@@ -61,8 +61,8 @@ class TeacherConfig:
     """Every setting that decides the teacher's weights (a resume state must have been written with these)."""
 
     sizes: C.Sizes = C.Sizes()
-    vae_updates: int = 1500
-    unet_updates: int = 12000
+    vae_updates: int = 600
+    unet_updates: int = 15000
     batch_size: int = 64
     vae_lr: float = 1e-3
     unet_lr: float = 5e-4
