@@ -19,6 +19,7 @@ from benchmarks.text_to_image import recipe  # noqa: E402
 from benchmarks.text_to_image.train_teacher import StateMismatch, Trainer, main, tiny_config  # noqa: E402
 from pd_core.data.class_captions import FASHION_MNIST_NAMES, TEMPLATE  # noqa: E402
 from pd_core.interop.sd_folder import read_text_to_image  # noqa: E402
+from pd_core.interop.sd_pipeline import read_text_to_image_model  # noqa: E402
 from tests.sd_models import load_sd_pipeline, one_thread  # noqa: E402
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -53,6 +54,8 @@ def test_the_tiny_teacher_is_a_stock_pipeline_that_the_import_accepts(tiny_teach
     record = json.loads((tiny_teacher / "train.json").read_text())
     assert tti.configs["vae"]["scaling_factor"] == pytest.approx(record["scaling_factor"])
     assert tti.configs["unet"]["cross_attention_dim"] == C.TINY.text_hidden
+    model = read_text_to_image_model(tti)  # the import's full read: every file hashed, weights as tensors
+    assert model.scaling_factor == pytest.approx(record["scaling_factor"]) and model.parameterization == "eps"
     pipe = load_sd_pipeline(tiny_teacher)
     assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.timestep_spacing == "trailing"
     image = pipe("a photo of a sneaker", num_inference_steps=2, guidance_scale=3.0, output_type="pt",
