@@ -8,7 +8,10 @@ The manifest records what rebuilds it, never a pickle:
 - ``"unet": {UNetSpec fields}`` -> :class:`PdUNet` (:class:`pd_core.unet.UNet`);
 - ``"diffusers_unet2d": {UNet2DModel config}`` with a discrete ``"schedule"`` -> :class:`DiffusersUNet2D`
   (:class:`pd_core.interop.diffusers.DiffusersUNetNet`: the UNet2DModel run at the fractional
-  timestep of each log-SNR; needs the optional ``diffusers`` package).
+  timestep of each log-SNR; needs the optional ``diffusers`` package);
+- ``"diffusers_unet2d_condition": {UNet2DConditionModel config}`` with a discrete ``"schedule"`` ->
+  :class:`pd_core.interop.sd_unet.TextUNetCondition` (``net(z, logsnr, context[, w])``, prompt
+  embeddings as ``context``).
 
 Students keep their teacher's architecture: :func:`architecture_from_manifest` of the teacher's
 manifest builds both.
@@ -26,6 +29,7 @@ import torch
 from torch import nn
 
 from pd_core.interop import diffusers as diffusers_io
+from pd_core.interop.sd_unet import TEXT_UNET_KEY, TextUNetCondition
 from pd_core.schedule import DiscreteSchedule, schedule_from_dict
 from pd_core.unet import UNet, UNetSpec, spec_from_dict, spec_to_dict
 
@@ -190,6 +194,8 @@ class DiffusersUNet2D:
 
 def architecture_from_manifest(manifest: dict) -> Architecture:
     """The network a checkpoint's manifest describes (ValueError naming the field when it describes none)."""
+    if manifest.get(TEXT_UNET_KEY) is not None:  # a text-to-image UNet2DConditionModel
+        return TextUNetCondition.from_manifest(manifest)
     if manifest.get(DIFFUSERS_KEY) is not None:
         schedule = schedule_from_dict(manifest.get("schedule"))
         if not isinstance(schedule, DiscreteSchedule):

@@ -1,0 +1,131 @@
+"""Image-caption pairs in Hugging Face's ``imagefolder`` convention, local or any fsspec URL.
+
+A folder holds images and ``metadata.jsonl``: one JSON object a line with ``file_name`` (a path
+relative to the folder, never leaving it) and ``text`` (the caption; "" is an empty caption, the
+null prompt of classifier-free guidance). With split folders, ``<root>/<split>/metadata.jsonl``.
+Images are decoded with Pillow as RGB (a text-to-image VAE takes 3 channels) and fitted to
+``size`` with :mod:`pd_core.data.shaping` (u / 127.5 - 1). Everything is bounded: the metadata
+file's size and line count, each caption's length, each image file's size.
+
+:attr:`CaptionData.sha256` hashes the metadata bytes and every image's bytes in order: what decides
+the encoded latents besides the encoders, the image size and the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import torch
+from torch import Tensor
+
+from pd_core.data.common import DatasetError
+from pd_core.data.files import _local, join_url
+from pd_core.data.shaping import fit_to_size, to_unit_range
+
+METADATA_NAME = "metadata.jsonl"
+MAX_METADATA_BYTES = 64 << 20
+MAX_EXAMPLES = 1_000_000
+MAX_CAPTION_CHARS = 2000
+MAX_IMAGE_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class CaptionData:
+    """Images (N, 3, size, size) in [-1, 1], their captions, and the sha256 of everything read."""
+
+    images: Tensor
+    captions: tuple[str, ...]
+    sha256: str
+    source: str
+
+
+def _metadata_url(root: str, split: str, fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, str]:
+    """(folder path, folder URL) holding metadata.jsonl: ``<root>/<split>/`` when it has one, else ``<root>``."""
+    if fs.isfile(f"{path.rstrip('/')}/{split}/{METADATA_NAME}"):
+        return f"{path.rstrip('/')}/{split}", join_url(root, split)
+    if fs.isfile(f"{path.rstrip('/')}/{METADATA_NAME}"):
+        return path.rstrip("/"), root
+    raise DatasetError(f"{join_url(root, METADATA_NAME)} does not exist: an image-caption folder needs a "
+                       f"metadata.jsonl with one {{\"file_name\": ..., \"text\": ...}} per line")
+
+
+def _read(fs: fsspec.AbstractFileSystem, path: str, *, limit: int, url: str) -> bytes:
+    try:
+        size = int(fs.size(path))
+        if size > limit:
+            raise DatasetError(f"{url} is {size} bytes, more than the {limit} allowed; is it the right file?")
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise DatasetError(f"{url} does not exist (named in {METADATA_NAME})") from None
+    except OSError as err:
+        raise DatasetError(f"{url} could not be read: {err}") from None
+
+
+def parse_metadata(raw: bytes, *, source: str) -> list[tuple[str, str]]:
+    """(file_name, text) per line of a metadata.jsonl; DatasetError naming the line and the field."""
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{source} is not UTF-8 text ({err})") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if len(rows) >= MAX_EXAMPLES:
+            raise DatasetError(f"{source} has more than {MAX_EXAMPLES} examples; split the data set")
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{source} line {number} is not JSON ({err})") from None
+        name, text = (doc.get("file_name"), doc.get("text")) if isinstance(doc, dict) else (None, None)
+        if not isinstance(name, str) or not name:
+            raise DatasetError(f"{source} line {number}: file_name must be a non-empty string (the image's path "
+                               f"relative to the folder)")
+        if not isinstance(text, str) or len(text) > MAX_CAPTION_CHARS:
+            raise DatasetError(f"{source} line {number}: text must be a string of at most {MAX_CAPTION_CHARS} "
+                               f"characters (\"\" for an empty caption)")
+        clean = posixpath.normpath(name)
+        if clean.startswith(("../", "/")) or clean == ".." or "\\" in name or "://" in name:
+            raise DatasetError(f"{source} line {number}: file_name {name!r} leaves the folder; give a path inside it")
+        rows.append((clean, text))
+    if not rows:
+        raise DatasetError(f"{source} lists no images")
+    return rows
+
+
+def _decode(raw: bytes, *, url: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            img.load()
+            return np.asarray(img.convert("RGB")).transpose(2, 0, 1)  # (3, H, W) uint8
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DatasetError(f"{url} is not a readable image ({exc}); remove it from {METADATA_NAME}") from None
+
+
+def load_captions(url: str, *, size: int, split: str = "train") -> CaptionData:
+    """The image-caption pairs of the folder at ``url`` (module docstring), images fitted to ``size``."""
+    try:
+        fs, path = fsspec.core.url_to_fs(_local(url))
+    except (ValueError, ImportError, OSError) as err:
+        raise DatasetError(f"{url}: cannot open this location ({err})") from None
+    folder, folder_url = _metadata_url(url, split, fs, path)
+    meta_url = join_url(folder_url, METADATA_NAME)
+    raw_meta = _read(fs, f"{folder}/{METADATA_NAME}", limit=MAX_METADATA_BYTES, url=meta_url)
+    rows = parse_metadata(raw_meta, source=meta_url)
+    digest = hashlib.sha256(raw_meta)
+    images = []
+    for name, _ in rows:
+        image_url = join_url(folder_url, name)
+        raw = _read(fs, f"{folder}/{name}", limit=MAX_IMAGE_BYTES, url=image_url)
+        digest.update(hashlib.sha256(raw).digest())
+        images.append(fit_to_size(to_unit_range(_decode(raw, url=image_url)[None]), size=size, source=image_url))
+    return CaptionData(images=torch.cat(images), captions=tuple(text for _, text in rows), sha256=digest.hexdigest(),
+                       source=folder_url)

@@ -1,0 +1,103 @@
+"""Image-caption data encoded ONCE with a text-to-image teacher's VAE and text encoder, kept in the store.
+
+Latents follow diffusers' text-to-image training recipe: x = scaling_factor * s, s a sample of the
+VAE encoder's latent distribution N(mean(image), std(image)^2) drawn with a generator seeded by
+``seed`` (one draw per image, in data order, batch by batch). Captions are embedded as
+``StableDiffusionPipeline.encode_prompt`` does (:func:`~pd_core.interop.sd_pipeline.encode_prompts`);
+each distinct caption once: ``caption_embeds`` (U, L, D) and ``caption_index`` (N,) say which
+caption each image has, and ``null_embed`` (1, L, D) is the empty prompt's.
+
+The store key names everything that decides these tensors: the data's sha256, the encoders' sha256
+(VAE, text encoder and tokenizer components of the teacher's lineage), the image size and the seed.
+A changed VAE or data set is another key, never a reuse; a complete entry is loaded, not re-encoded,
+and a rounds job never needs the VAE or the text encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pd_core.data.captions import CaptionData
+from pd_core.interop.sd_folder import component_sha256
+from pd_core.interop.sd_pipeline import TextToImageModel, build_text_encoder, build_tokenizer, build_vae, encode_prompts
+from pd_core.store import CheckpointStore
+
+log = logging.getLogger(__name__)
+ENCODERS = ("vae", "text_encoder", "tokenizer")
+KIND = "encoded-captions"
+
+
+@dataclass(frozen=True)
+class EncodedCaptions:
+    """Latents (N, C, h, w), per-image caption index (N,), distinct caption embeddings (U, L, D), null (1, L, D)."""
+
+    latents: Tensor
+    caption_index: Tensor
+    caption_embeds: Tensor
+    null_embed: Tensor
+    key: str
+    reused: bool
+
+    def prompt_embeds(self, index: Tensor) -> Tensor:
+        """(B, L, D) prompt embeddings of examples ``index`` (B,)."""
+        return self.caption_embeds[self.caption_index[index]]
+
+
+def encoders_sha256(model: TextToImageModel) -> str:
+    """sha256 of the VAE, text encoder and tokenizer components (their files as read)."""
+    lines = "".join(f"{c} {component_sha256(model.hashes[c])}\n" for c in ENCODERS)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def encoded_key(*, data_sha256: str, encoders: str, size: int, seed: int) -> str:
+    """Store key of one data set encoded by one VAE and text encoder at one image size and seed."""
+    return f"latents/data-{data_sha256[:16]}-enc-{encoders[:16]}-{size}px-s{seed}"
+
+
+@torch.no_grad()
+def encode_captions(model: TextToImageModel, data: CaptionData, *, seed: int, batch: int = 64) -> dict[str, Tensor]:
+    """The tensors of the module docstring for ``data`` (float32)."""
+    vae = build_vae(model)
+    tokenizer, text_encoder = build_tokenizer(model), build_text_encoder(model)
+    generator = torch.Generator().manual_seed(seed)
+    latents = []
+    for start in range(0, data.images.shape[0], batch):
+        dist = vae.encode(data.images[start:start + batch]).latent_dist
+        latents.append(dist.sample(generator=generator) * model.scaling_factor)
+    distinct = list(dict.fromkeys(data.captions))
+    where = {text: i for i, text in enumerate(distinct)}
+    embeds = torch.cat([encode_prompts(tokenizer, text_encoder, distinct[i:i + batch])
+                        for i in range(0, len(distinct), batch)])
+    return {"latents": torch.cat(latents).contiguous(),
+            "caption_index": torch.tensor([where[t] for t in data.captions], dtype=torch.int64),
+            "caption_embeds": embeds.contiguous(), "null_embed": encode_prompts(tokenizer, text_encoder, [""])}
+
+
+def ensure_encoded(store: CheckpointStore, model: TextToImageModel, data: CaptionData, *, size: int,
+                   seed: int) -> EncodedCaptions:
+    """The encoded data from the store, or encoded now and saved there (module docstring)."""
+    encoders = encoders_sha256(model)
+    key = encoded_key(data_sha256=data.sha256, encoders=encoders, size=size, seed=seed)
+    want = {"kind": KIND, "data_sha256": data.sha256, "encoders_sha256": encoders, "image_size": size,
+            "seed": seed, "count": int(data.images.shape[0])}
+    reused = store.is_complete(key)
+    if reused:
+        tensors, manifest = store.load_checkpoint(key)
+        differs = {k: manifest.get(k) for k, v in want.items() if manifest.get(k) != v}
+        if differs:
+            raise ValueError(f"{store.uri(key)} holds other encodings ({differs}); delete it and rerun")
+        log.info("encoded captions reused from %s (%d images)", store.uri(key), want["count"])
+    else:
+        tensors = encode_captions(model, data, seed=seed)
+        ref = store.save_checkpoint(key, tensors=tensors, manifest={**want, "source": data.source,
+                                                                      "teacher": model.source})
+        log.info("encoded %d images and %d captions once to %s", want["count"],
+                 tensors["caption_embeds"].shape[0], ref.uri)
+    return EncodedCaptions(latents=tensors["latents"], caption_index=tensors["caption_index"],
+                           caption_embeds=tensors["caption_embeds"], null_embed=tensors["null_embed"], key=key,
+                           reused=reused)
