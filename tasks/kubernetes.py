@@ -7,7 +7,7 @@
     pod      python -m torch.distributed.run --nnodes N --nproc-per-node P --rdzv-backend c10d
                  --rdzv-endpoint $(PD_COORDINATOR):29400 --rdzv-id ID --max-restarts R
                  -m pd_core.distributed_job --config env:PD_JOB_CONFIG ... --out <storage.root>/jobs/<name>.json
-             (the same command as pd_core.launch's local agents); every key of runtime.kubernetes.env_secret
+             (the same command as pd_core.launch's local agents); every key of runtime.kubernetes.env_secret_name
              becomes the environment (S3 and MLflow settings), nvidia.com/gpu = gpus_per_node.
     wait     read the JobSet every ``poll_s``; log each change of phase and restart count (one line each);
              Completed -> read global rank 0's result from object storage; Failed -> that result's error,
@@ -76,7 +76,7 @@ def pod_template(cfg: Config, *, name: str, command: list[str], env: dict[str, s
     limits = {"nvidia.com/gpu": str(kube.gpus_per_node)} if kube.gpus_per_node else None
     container = k8s.V1Container(
         name="pd", image=kube.image, command=command, env=env_vars,
-        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=kube.env_secret))],
+        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=kube.env_secret_name))],
         ports=[k8s.V1ContainerPort(container_port=RDZV_PORT, name="rdzv")],
         resources=k8s.V1ResourceRequirements(limits=limits) if limits else None)
     pod = k8s.V1PodTemplateSpec(

@@ -67,9 +67,9 @@ class KubernetesConfig(_Section):
     image: str = Field("progressive-distillation-worker:latest", min_length=1, max_length=512,
                        description="Container image of every node (docker/worker.Dockerfile).")
     gpus_per_node: int = Field(0, ge=0, le=64, description="nvidia.com/gpu limit of each node's pod (0: CPU nodes).")
-    env_secret: str = Field("pd-env", pattern=_K8S_NAME,
-                            description="Kubernetes Secret whose keys become the pods' environment (S3 and MLflow "
-                                        "settings and credentials); never values in a manifest.")
+    env_secret_name: str = Field("pd-env", pattern=_K8S_NAME,
+                                 description="Kubernetes Secret whose keys become the pods' environment (S3 and "
+                                             "MLflow settings and credentials); never values in a manifest.")
     node_selector: dict[str, str] = Field(default_factory=dict, max_length=32, description="Pod nodeSelector.")
     service_account: str | None = Field(None, pattern=_K8S_NAME, description="Pods' service account.")
     poll_s: float = Field(5.0, gt=0, le=300, description="Seconds between job status reads.")
