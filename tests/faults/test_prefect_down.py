@@ -91,6 +91,7 @@ def test_a_killed_prefect_server_ends_the_run_in_one_line_and_a_rerun_continues(
     teacher_uri = teacher_line.split("teacher saved to ")[1].split()[0]
     assert f"teacher     {teacher_uri}" in rerun.stdout
     assert "pipeline apigone finished" in rerun.stdout
+    assert "the previous run of this pipeline" in rerun.stderr and "died without ending" in rerun.stderr  # reconciled
 
 
 def test_a_standing_server_that_stops_answering_is_given_up_after_several_misses() -> None:
