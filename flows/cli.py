@@ -230,6 +230,17 @@ def start_prefect_and_warm_up(cfg) -> EmbeddedServer | None:
     return server if server.attach() else None
 
 
+def _api_watch(server: EmbeddedServer | None) -> contextlib.AbstractContextManager:
+    """Stops the run with one line once its Prefect API (embedded or standing) stops answering."""
+    from prefect.settings import get_current_settings
+
+    from tasks.prefect_watch import watch_api
+
+    watch = watch_api(embedded_process=server.process if server else None,
+                      api_url=server.api_url if server else get_current_settings().api.url)
+    return watch or contextlib.nullcontext()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from tasks.common import resolve_config
 
@@ -251,7 +262,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if not os.environ.get("PD_DEBUG"):
         _console_without_tracebacks()
-    with server.flow_settings() if server else contextlib.nullcontext():
+    with server.flow_settings() if server else contextlib.nullcontext(), _api_watch(server):
         result = distillation_pipeline(preset=args.preset, overrides=args.overrides, name=args.name,
                                        teacher_uri=args.teacher_uri, storage=args.storage,
                                        tracking_uri=args.tracking_uri, config_path=args.config_path,

@@ -10,7 +10,8 @@ start (and, in a fresh home, its database migrations) then lies on the flow's cr
 Prefect's) as soon as ``pd run`` has validated its config, so the start runs on another core while
 this process imports; :meth:`EmbeddedServer.attach` then points Prefect at it through
 ``PREFECT_API_URL``. The server lives exactly as long as this process: it is stopped at exit, and
-on Linux the kernel stops it if this process dies without running exit handlers.
+on Linux the kernel stops it if this process dies without running exit handlers. It runs in a
+session of its own, so a Ctrl-C (SIGINT to the terminal's process group) reaches only the run.
 
 The server is marked as embedded (``PD_EMBEDDED_PREFECT_API_URL``) so the flows still treat it as
 the one-process server it is (no ``gpu`` tag: see ``tasks.common.gpu_task_tags``).
@@ -202,7 +203,9 @@ def spawn(*, environ: Mapping[str, str] | None = None) -> EmbeddedServer | None:
     env = {**environ, **SERVER_ENV}
 
     def launch(port: int) -> subprocess.Popen:
-        return subprocess.Popen(_uvicorn_command(port), env=env, stdin=subprocess.DEVNULL,
+        # A session of its own: a Ctrl-C to the run's process group stops the run, which then reports to a
+        # live server, not the server under it (tasks.prefect_watch would take that for a dead API).
+        return subprocess.Popen(_uvicorn_command(port), env=env, stdin=subprocess.DEVNULL, start_new_session=True,
                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
     port = free_port()

@@ -128,6 +128,7 @@ def test_early_server_runs_the_flow_and_dies_with_its_process(tmp_path: Path) ->
     try:
         child = int(parent.stdout.readline())
         os.kill(child, 0)  # running
+        assert os.getpgid(child) != os.getpgid(parent.pid)  # a Ctrl-C to the run's process group spares it
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=10)
         assert _gone(child, within_s=60), "the server outlived its SIGKILLed parent"
