@@ -62,7 +62,7 @@ def test_the_pd_notify_flow_is_deployed_only_when_asked_for():
 
     spec = deploy.load_spec(deploy.SPEC_PATH)
     names = {d["name"] for d in deploy.plan(spec, deploy.parse_args([]))}
-    assert names == {"pd-teacher", "pd-distill"}  # the default: no flow run per round
+    assert names == {"pd-teacher", "pd-distill", "pd-sweep"}  # the default: no flow run per round
     assert "pd-notify" in {d["name"] for d in deploy.plan(spec, deploy.parse_args(["--notify-flow"]))}
     assert "pd-notify" not in {d["name"] for d in deploy.plan(spec, deploy.parse_args(["--notify-flow",
                                                                                         "--no-notify"]))}
