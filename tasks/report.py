@@ -32,6 +32,7 @@ from tasks.common import open_store, tracker_for
 from tasks.evaluate import grid_artifact_path, is_headline
 from tasks.progress import artifact_key
 from tasks.results import Report, RoundResult
+from tasks.tracking.sampler_model import sampler_model_name
 from tasks.training import storage_error_only
 
 FEW_STEPS = 4  # students with at most this many steps are registered as samplers
@@ -65,6 +66,8 @@ def _register_students(cfg: Config, store, tracker, rounds: list[RoundResult], *
             save_file(tensors, str(path))
             _, version = tracker.log_sampler_model(student.mlflow_run_id, weights_path=str(path), manifest=manifest,
                                                    registered_model=name, alias=aliases,
+                                                   model_name=sampler_model_name(pipeline=cfg.pipeline.name,
+                                                                                 steps=student.steps),
                                                    tags={"steps": str(student.steps), "checkpoint_uri": student.uri,
                                                          "pd.pipeline": cfg.pipeline.name,
                                                          "round": str(student.round)},

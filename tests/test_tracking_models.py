@@ -63,6 +63,31 @@ def test_sampler_model_round_trip_without_pickle(tmp_path: Path, db_uri: str) ->
             load_sampler_from_mlflow(model_uri, tracking_uri=db_uri)
 
 
+def test_logged_models_are_named_after_pipeline_and_steps_and_old_sampler_names_still_load(tmp_path: Path,
+                                                                                             db_uri: str) -> None:
+    from tasks.tracking.sampler_model import log_model, sampler_model_name, sha256_file
+
+    assert sampler_model_name(pipeline="sweep.distill-lr-1e-3", steps=4) == "sweep_distill-lr-1e-3-4-step"
+    tracker = Tracker(tracking_uri=db_uri, experiment="pd-models")
+    named, legacy = tracker.start_run(run_name="round-02"), tracker.start_run(run_name="round-old")
+    _tiny_weights(tmp_path / "a.safetensors")
+    _tiny_weights(tmp_path / "b.safetensors", seed=1)
+    manifest = {"kind": "student", "round": 2, "steps": 2, "sha256": "ab" * 32}
+    name = sampler_model_name(pipeline="smoke", steps=2)
+    uri, _ = tracker.log_sampler_model(named, weights_path=str(tmp_path / "a.safetensors"), manifest=manifest,
+                                       registered_model=None, model_name=name)
+    assert _client(db_uri).get_logged_model(uri.removeprefix("models:/")).name == "smoke-2-step"
+    # a sampler logged before models had names: called "sampler"
+    log_model(_client(db_uri), run_id=legacy, weights_path=str(tmp_path / "b.safetensors"),
+              manifest={**manifest, "round": 1}, sha256=sha256_file(tmp_path / "b.safetensors"), tags={})
+    uris = ((f"runs:/{named}/smoke-2-step", 2), (f"runs:/{named}/{MODEL_NAME}", 2), (f"runs:/{legacy}/{MODEL_NAME}", 1))
+    for index, (model_uri, run_round) in enumerate(uris):
+        _, got = load_sampler_from_mlflow(model_uri, tracking_uri=db_uri, dst_dir=str(tmp_path / "dl" / str(index)))
+        assert got["round"] == run_round, model_uri
+    with pytest.raises(TrackingError, match="smoke-4-step"):  # another name: not this run's sampler
+        load_sampler_from_mlflow(f"runs:/{named}/smoke-4-step", tracking_uri=db_uri)
+
+
 def test_unet_student_logged_and_sampled_from_mlflow(tmp_path: Path, db_uri: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     unet = pytest.importorskip("pd_core.unet")

@@ -23,7 +23,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS, MLFLOW_PARENT_RUN_
 
 from tasks.tracking.errors import Unresolved
 from tasks.tracking.journal import PENDING_PREFIX, Journal
-from tasks.tracking.sampler_model import log_model, sha256_file
+from tasks.tracking.sampler_model import MODEL_NAME, log_model, sha256_file
 from tasks.tracking.uris import local_store_path
 from tasks.tracking.views import (
     DESCRIPTION_TAG,
@@ -266,7 +266,7 @@ class MlflowOps:
         sha = sha256_file(p["weights_path"])
         tags = {**p["tags"], "pd.weights_sha256": sha, "pd.format": "safetensors"}
         model_id = log_model(self.client, run_id=run_id, weights_path=p["weights_path"], manifest=p["manifest"],
-                             sha256=sha, tags=tags)
+                             sha256=sha, tags=tags, name=p.get("model_name") or MODEL_NAME)  # journals before names
         uri = f"models:/{model_id}"
         log.info("MLflow model %s logged for run %s (weights sha256 %s)", uri, run_id, sha[:12])
         version = None

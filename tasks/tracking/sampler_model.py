@@ -1,5 +1,8 @@
 """The sampler as an MLflow model: logged as a "models from code" pyfunc, loaded back as plain files.
 
+A logged model is named after its pipeline and step count (:func:`sampler_model_name`, ``smoke-4-step``), so
+MLflow's model lists tell them apart; ``runs:/<run_id>/<name>`` resolves to it, and ``runs:/<run_id>/sampler``
+to the run's sampler whatever its name (samplers logged before they had names were all called ``sampler``).
 The model is ``mlflow_model.py`` (next to this file; MLflow copies it into the model) with the weights
 as a safetensors artifact and the manifest as JSON: no pickle anywhere. :func:`load_sampler_from_mlflow`
 gives pd_core a weights file and a manifest to load without executing any logged code.
@@ -11,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,7 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tasks.tracking")  # the package's one logger: callers filter records on this name
 
-MODEL_NAME = "sampler"  # name of the logged model: runs:/<run_id>/sampler resolves to it
+MODEL_NAME = "sampler"  # runs:/<run_id>/sampler: the run's sampler, whatever its name (the name of older ones)
+_NAME_UNSAFE = re.compile(r"[/:.%\"']")  # characters MLflow refuses in a logged model's name
 MAX_MODEL_DOC_BYTES = 1 << 20  # an MLmodel file or a manifest is a few KB
 MODEL_CODE_PATH = Path(__file__).with_name("mlflow_model.py")  # the models-from-code file
 _PIP_REQUIREMENTS = ("torch", "safetensors", "numpy")
@@ -44,6 +49,11 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def sampler_model_name(*, pipeline: str, steps: int) -> str:
+    """The logged model's name: ``<pipeline>-<N>-step`` (characters MLflow refuses in the name become '_')."""
+    return f"{_NAME_UNSAFE.sub('_', pipeline)}-{steps}-step"
 
 
 def _extra_requirements(manifest: dict) -> list[str]:
@@ -93,14 +103,14 @@ def _write_model_dir(tmp: Path, *, weights_path: str, manifest: dict, sha256: st
 
 
 def log_model(client: MlflowClient, *, run_id: str, weights_path: str, manifest: dict, sha256: str,
-              tags: dict[str, str]) -> str:
-    """Log the sampler as a logged model of ``run_id`` (an output of the run); its model id.
+              tags: dict[str, str], name: str = MODEL_NAME) -> str:
+    """Log the sampler as a logged model of ``run_id`` (an output of the run) named ``name``; its model id.
 
     The logged model is READY once its artifacts are uploaded; on any failure it is marked FAILED
     (best effort) and the error is raised.
     """
     experiment_id = client.get_run(run_id).info.experiment_id
-    model = client.create_logged_model(experiment_id=experiment_id, name=MODEL_NAME, source_run_id=run_id,
+    model = client.create_logged_model(experiment_id=experiment_id, name=name, source_run_id=run_id,
                                        tags=tags, model_type="diffusion-sampler")
     try:
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
@@ -143,24 +153,32 @@ def _model_location(client: MlflowClient, model_uri: str) -> str:
         run_id, _, name = model_uri[len("runs:"):].strip("/").partition("/")
         name = name or MODEL_NAME
         run = client.get_run(run_id)
-        token: str | None = None
-        matches = []
-        while True:
-            page = client.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                               filter_string=f"name = '{name}'", page_token=token)
-            matches += [m for m in page if m.source_run_id == run_id]
-            token = page.token
-            if not token:
-                break
+        matches = _run_models(client, run, name=name)
+        if not matches and name == MODEL_NAME:  # runs:/<run>/sampler: the run's sampler, whatever its name
+            matches = _run_models(client, run, name=None)
         if matches:
             return max(matches, key=lambda m: m.creation_timestamp).artifact_location
         return f"{run.info.artifact_uri.rstrip('/')}/{name}"  # a model logged as plain run artifacts
     return model_uri  # already an artifact location (file://, s3://, mlflow-artifacts:/...)
 
 
+def _run_models(client: MlflowClient, run, *, name: str | None) -> list:
+    """The logged models ``run`` produced (named ``name``; any name for None), every page read."""
+    where = f"source_run_id = '{run.info.run_id}'" + ("" if name is None else f" AND name = '{name}'")
+    token: str | None = None
+    found = []
+    while True:
+        page = client.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=where,
+                                           page_token=token)
+        found += [m for m in page if m.source_run_id == run.info.run_id]
+        token = page.token
+        if not token:
+            return found
+
+
 def load_sampler_from_mlflow(model_uri: str, *, dst_dir: str | None = None,
                              tracking_uri: str | None = None) -> tuple[str, dict]:
-    """Download a logged sampler (``models:/name@alias``, ``models:/<id>``, ``runs:/<run>/sampler``).
+    """Download a logged sampler (``models:/name@alias``, ``models:/<id>``, ``runs:/<run>/<name or sampler>``).
 
     Returns ``(weights_path, manifest)``: a local safetensors file and the manifest dict, so pd_core
     loads the model without executing logged code or unpickling anything. The weights' sha256 is

@@ -285,14 +285,15 @@ class Tracker:
     def log_sampler_model(self, run_id: str | None, *, weights_path: str, manifest: dict,
                           registered_model: str | None, tags: dict[str, str] | None = None,
                           alias: str | Sequence[str] | None = None,
-                          description: str | None = None) -> tuple[str, str | None]:
+                          description: str | None = None, model_name: str = MODEL_NAME) -> tuple[str, str | None]:
         """Log the sampler as a models-from-code pyfunc (safetensors + manifest); register it if asked.
 
         Returns ``(model_uri, version)``: ``models:/<model_id>`` and the registered version (None when
         not registered). ``alias`` (one name or several) is set on that version in the same (journaled)
         call, so a version registered during an outage gets its aliases on replay; ``description`` is the
-        version's description in the registry. While MLflow
-        is unreachable returns ``("runs:/<run_id>/sampler", None)`` and the replay does it all later;
+        version's description in the registry; ``model_name`` the logged model's name (MLflow's model lists
+        show it; ``tasks.tracking.sampler_model.sampler_model_name``). While MLflow
+        is unreachable returns ``("runs:/<run_id>/<model_name>", None)`` and the replay does it all later;
         ``("", None)`` when MLflow refused it (logged).
         """
         if run_id is None or not self.enabled:
@@ -302,8 +303,8 @@ class Tracker:
                    "manifest": json.loads(red(json.dumps(manifest))),
                    "registered_model": registered_model, "tags": clean_tags(tags, red),
                    "aliases": [alias] if isinstance(alias, str) else list(alias or []),
-                   "description": red(description) if description else None}
-        result = self._submit("log_sampler_model", payload, offline_result=(f"runs:/{run_id}/{MODEL_NAME}", None))
+                   "description": red(description) if description else None, "model_name": model_name}
+        result = self._submit("log_sampler_model", payload, offline_result=(f"runs:/{run_id}/{model_name}", None))
         return ("", None) if result is None else (result[0], result[1])
 
     def reopen_run(self, run_id: str) -> str | None:

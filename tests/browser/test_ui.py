@@ -436,7 +436,7 @@ def test_the_reports_rounds_compare_shows_every_rounds_grid_side_by_side(stack: 
     _shot(page, stack, "mlflow-rounds-compare")
 
 
-def test_registered_versions_are_described_with_steps_round_and_fd(stack: Stack) -> None:
+def test_registered_versions_are_described_and_logged_models_named_after_pipeline_and_steps(stack: Stack) -> None:
     client = stack.mlflow_client()
     versions = client.search_model_versions(f"name = 'pd-{FIRST}'")
     assert {int(v.tags["steps"]) for v in versions} == set(STEPS)
@@ -444,3 +444,4 @@ def test_registered_versions_are_described_with_steps_round_and_fd(stack: Stack)
         n = int(v.tags["steps"])
         assert v.description.startswith(f"{n}-step DDIM sampler of pipeline `{FIRST}`: round "), v.description
         assert "fd_digits" in v.description and v.tags["pd.pipeline"] == FIRST
+        assert client.get_logged_model(v.model_id).name == f"{FIRST}-{n}-step"
