@@ -444,4 +444,4 @@ def test_registered_versions_are_described_and_logged_models_named_after_pipelin
         n = int(v.tags["steps"])
         assert v.description.startswith(f"{n}-step DDIM sampler of pipeline `{FIRST}`: round "), v.description
         assert "fd_digits" in v.description and v.tags["pd.pipeline"] == FIRST
-        assert client.get_logged_model(v.model_id).name == f"{FIRST}-{n}-step"
+        assert client.get_logged_model(v.source.removeprefix("models:/")).name == f"{FIRST}-{n}-step"
