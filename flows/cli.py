@@ -280,6 +280,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"  MLflow      {result.report.mlflow_link}")
     if result.report.mlflow_view:
         print(f"  all runs    {result.report.mlflow_view}")
+    if result.report.mlflow_compare:
+        print(f"  compare     {result.report.mlflow_compare}")
     if result.report.report_uri:
         print(f"  report      {result.report.report_uri}")
     if result.report.table:

@@ -163,7 +163,8 @@ def worse_than_teacher(rows: list[dict[str, object]], *, fd_name: str | None) ->
 def parent_metrics(wide: pd.DataFrame) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
     """What the parent run gets from the wide table: per step count, the series values (``distilled_fd_digits``
     at step N) plus each headline value under its own key (``distilled_fd_digits_4steps``); and the
-    floor's values (no step count)."""
+    floor's values (no step count). The distilled sampler's keys come first, its per-step keys before its
+    series: MLflow's Compare page plots the first metric a run logged (``distilled_fd_digits_1steps``)."""
     by_steps: dict[int, dict[str, float]] = {}
     floor: dict[str, float] = {}
     for record in wide.to_dict(orient="records"):
@@ -171,7 +172,8 @@ def parent_metrics(wide: pd.DataFrame) -> tuple[dict[int, dict[str, float]], dic
         values = {c: _number(v) for c, v in record.items() if c not in ("steps", "n_samples")}
         series = {c: v for c, v in values.items() if v is not None and not c.startswith("floor_")}
         floor.update({c: v for c, v in values.items() if v is not None and c.startswith("floor_")})
-        by_steps[steps] = {**series, **{f"{c}_{steps}steps": v for c, v in series.items() if is_headline(c)}}
+        keyed = {**{f"{c}_{steps}steps": v for c, v in series.items() if is_headline(c)}, **series}
+        by_steps[steps] = dict(sorted(keyed.items(), key=lambda item: not item[0].startswith("distilled_")))
     return by_steps, floor
 
 
@@ -219,6 +221,7 @@ def _report_markdown(cfg: Config, *, teacher: CheckpointInfo, rounds: list[Round
         lines += [f"MLflow is a local store: start its UI with `{command}`, then open the links below.", ""]
     links = [("this pipeline's MLflow run", tracker.run_link(parent_run_id).split("then open ", 1)[-1]),
              ("all pipelines by step count", tracker.view_link(QUALITY_VIEW)),
+             ("compare the pipelines: FD against sampling steps", tracker.charts_link(QUALITY_VIEW) if rows else None),
              ("compare this pipeline's rounds", tracker.compare_link([r.student.mlflow_run_id for r in rounds]))]
     lines += [f"- MLflow, {text}: {url}" if not url.startswith("http") else f"- MLflow: [{text}]({url})"
               for text, url in links if url]
@@ -305,4 +308,5 @@ def publish_report_task(cfg: Config, *, teacher: CheckpointInfo, baselines: list
     logger.info("report of %s published (%d records)", name, len(records))
     return Report(mlflow_link=tracker.run_link(parent_run_id), table=table, report_uri=report_uri,
                   registered=registered, mlflow_view=tracker.view_link(QUALITY_VIEW) if fd_name else None,
+                  mlflow_compare=tracker.charts_link(QUALITY_VIEW) if fd_name else None,
                   warnings=warnings)

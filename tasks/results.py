@@ -32,6 +32,7 @@ class Report:
     report_uri: str | None = None  # quality.csv in the store
     registered: dict[str, str] = field(default_factory=dict)  # registered model name and versions
     mlflow_view: str | None = None  # MLflow's runs table of every pipeline, quality by step count
+    mlflow_compare: str | None = None  # the same pipelines as charts: FD against sampling steps, a line per pipeline
     warnings: list[str] = field(default_factory=list)  # step counts where a student is worse than the teacher's DDIM
 
 

@@ -46,6 +46,10 @@ def test_parent_gets_the_series_and_one_key_per_step_count_from_the_records():
     assert not any(k.startswith("distilled") for k in by_steps[8])  # no student at 8 steps: no NaN logged
     assert floor == {"floor_fd_digits": pytest.approx(1.93562169), "floor_kid_digits": pytest.approx(0.0182)}
     assert all(not math.isnan(v) for values in by_steps.values() for v in values.values())
+    # the first key a run logs is what MLflow's Compare page plots: the 1-step student's FD
+    assert list(by_steps[1])[:2] == ["distilled_fd_digits_1steps", "distilled_kid_digits_1steps"]
+    keys = list(by_steps[1])
+    assert all(not k.startswith("distilled") for k in keys[keys.index("teacher_ddim_fd_digits"):])
 
 
 def test_the_quality_view_shows_the_students_then_the_teacher_then_the_floor_fewest_steps_first():

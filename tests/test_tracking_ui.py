@@ -105,6 +105,9 @@ def test_compare_link_lists_the_runs_as_mlflow_parses_them(db_uri: str) -> None:
     assert tracker.compare_link([runs[0], "pending-0000"]) is None  # a journaled run has no page yet
     assert unquote(compare_url("b", experiment_id="1", run_ids=["a"])) == \
         'b/#/compare-runs?runs=["a"]&experiments=["1"]&workflowType=machine_learning'
+    experiment = MlflowClient(db_uri).get_experiment_by_name("pd-compare").experiment_id
+    assert tracker.charts_link("pd-q").endswith(  # the saved view as MLflow's charts
+        f"/#/experiments/{experiment}/runs?viewStateShareKey=pd-q&workflowType=machine_learning&compareRunsMode=CHART")
 
 
 def test_saved_view_holds_the_columns_and_keeps_those_saved_before(db_uri: str) -> None:

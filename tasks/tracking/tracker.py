@@ -33,6 +33,7 @@ from tasks.tracking.uris import default_artifact_location, local_store_path, nor
 from tasks.tracking.views import (
     LOCAL_UI_URL,
     artifact_url,
+    charts_url,
     compare_url,
     experiment_url,
     metric_column,
@@ -251,6 +252,11 @@ class Tracker:
         """The runs table with the saved view ``view_id`` applied (None when MLflow cannot say the experiment)."""
         experiment = self._ops.experiment_id_quiet() if self.enabled else None
         return None if experiment is None else view_url(self.ui_url, experiment_id=experiment, view_id=view_id)
+
+    def charts_link(self, view_id: str) -> str | None:
+        """The saved view ``view_id`` as MLflow's charts: metrics against steps, one line per run."""
+        experiment = self._ops.experiment_id_quiet() if self.enabled else None
+        return None if experiment is None else charts_url(self.ui_url, experiment_id=experiment, view_id=view_id)
 
     def compare_link(self, run_ids: Sequence[str | None]) -> str | None:
         """MLflow's Compare page for these runs (None unless every run exists in MLflow)."""

@@ -17,6 +17,12 @@ whose value is ``{"name", "createdAt", "updatedAt", "state"}``; ``state`` is the
 facets (``searchFilter``, ``orderByKey``, ...) and the table state (``selectedColumns``: ``metrics.`key```
 ...). ``#/experiments/<id>/runs?viewStateShareKey=<id>`` opens it. The UI keeps each user's own default
 columns in the browser; a saved view is the way a server can offer columns to everyone.
+
+Runs compared: MLflow's *Compare* button opens a page of last values (a parallel-coordinates plot of the
+first metric, then run details, every param and every metric), where a series shows one number. Its charts
+view of the experiment (``compareRunsMode=CHART``) draws each metric of the visible runs, a metric logged
+at several steps as one line per run against the step; with the number of sampling steps as the step,
+``distilled_fd_<dataset>`` is one chart of FD against steps, every step count of every pipeline in it.
 """
 
 from __future__ import annotations
@@ -52,6 +58,12 @@ def run_url(base: str, *, experiment_id: str, run_id: str) -> str:
 def view_url(base: str, *, experiment_id: str, view_id: str) -> str:
     """The runs table with a saved view applied."""
     return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={quote(view_id)}&{MODEL_TRAINING_QUERY}"
+
+
+def charts_url(base: str, *, experiment_id: str, view_id: str) -> str:
+    """The saved view's runs as MLflow's charts (``compareRunsMode=CHART``): a chart per metric over the view's
+    runs, a metric logged at several steps as one line per run against its step."""
+    return f"{view_url(base, experiment_id=experiment_id, view_id=view_id)}&compareRunsMode=CHART"
 
 
 def compare_url(base: str, *, experiment_id: str, run_ids: Sequence[str]) -> str:

@@ -351,7 +351,7 @@ _COMPARE_VALUES = """(name) => {
 }"""
 
 
-def test_mlflow_compare_page_shows_every_step_counts_fd_of_both_pipelines(stack: Stack, page) -> None:
+def test_mlflow_compare_page_plots_the_one_step_fd_and_lists_every_step_counts_fd(stack: Stack, page) -> None:
     from playwright.sync_api import expect
 
     from tasks.tracking.views import compare_url
@@ -362,24 +362,47 @@ def test_mlflow_compare_page_shows_every_step_counts_fd_of_both_pipelines(stack:
     expect(page.get_by_text("Comparing 2 Runs").first).to_be_visible()
     for name in (FIRST, SECOND):
         expect(page.get_by_text(name, exact=True).first).to_be_visible()
+    # its plot shows the first metric a run logged: the 1-step student's FD, not the teacher's 8-step one
+    expect(page.get_by_text("distilled_fd_digits_1steps", exact=True).first).to_be_in_viewport()
     params = [p for p in runs[0].data.params]  # the settings that tell pipelines apart, not the whole config
     assert "distill.lr" in params and len(params) <= 25, params
     metrics_top = page.get_by_text("Metrics", exact=True).first.bounding_box()["y"]
     assert metrics_top < 2 * VIEWPORT["height"], metrics_top  # under the plot and run details, not 1600 px of params
     for n in STEPS:
         key = f"distilled_fd_digits_{n}steps"
-        label = page.get_by_text(key, exact=True).first
+        label = page.get_by_text(key, exact=True).last
         label.scroll_into_view_if_needed()
         values = page.evaluate(_COMPARE_VALUES, key)
         assert values is not None and len(values) == 2, (key, values)
         for shown, run in zip(values, runs, strict=True):
             assert abs(float(shown) - run.data.metrics[key]) <= 0.01 * run.data.metrics[key], (key, shown, run.info)
-    # For the picture: only what differs (the pipelines' names, learning rate and teacher; their FDs).
-    for switch in page.get_by_role("switch").all():
-        if "Show diff only" in switch.locator("xpath=..").inner_text():
-            switch.click()
-    page.get_by_text("Run details").first.evaluate("e => e.scrollIntoView({block: 'start'})")
-    expect(page.get_by_text("distilled_fd_digits_1steps", exact=True).first).to_be_visible()
+
+
+_CHART = """(key) => {
+  let card = [...document.querySelectorAll('body *')].find(e => !e.childElementCount && e.textContent.trim() === key);
+  while (card && !card.querySelector('.js-plotly-plot')) card = card.parentElement;
+  if (!card) return null;
+  const plot = card.querySelector('.js-plotly-plot'), box = plot.getBoundingClientRect(), axes = plot._fullLayout || {};
+  return {bottom: box.bottom, right: box.right, x: (axes.xaxis || {}).range, y: (axes.yaxis || {}).range,
+          traces: (plot.data || []).map(t => ({name: t.name, x: Array.from(t.x || []), y: Array.from(t.y || [])}))};
+}"""
+
+
+def test_compare_link_charts_every_step_counts_fd_of_both_pipelines_in_the_first_screen(stack: Stack, page) -> None:
+    printed = next(line for line in stack.outputs[SECOND].stdout.splitlines() if line.strip().startswith("compare"))
+    link = printed.split()[-1]
+    assert link.endswith("/runs?viewStateShareKey=pd-quality-by-steps&workflowType=machine_learning"
+                         "&compareRunsMode=CHART"), printed
+    page.set_viewport_size({"width": 1400, "height": 900})  # the first screen
+    page.goto(link)
+    page.wait_for_function(f"(c => c && c.traces.length > 1)(({_CHART})('distilled_fd_digits'))")
+    chart = page.evaluate(_CHART, "distilled_fd_digits")  # FD against sampling steps, a line per pipeline
+    assert chart["bottom"] <= 900 and chart["right"] <= 1400, chart
+    for name in (FIRST, SECOND):
+        fd = [stack.parent(name).data.metrics[f"distilled_fd_digits_{n}steps"] for n in STEPS]
+        line = next(t for t in chart["traces"] if t["name"] == name)
+        assert line["x"] == list(STEPS) and line["y"] == pytest.approx(fd, rel=1e-6), (name, line)
+        assert all(chart["y"][0] <= v <= chart["y"][1] for v in fd) and chart["x"][0] < 1 and chart["x"][1] > STEPS[-1]
     _shot(page, stack, "mlflow-compare")
 
 
