@@ -228,6 +228,21 @@ def test_prefect_flow_run_is_named_after_the_pipeline_and_tagged(stack: Stack, p
     _shot(page, stack, "prefect-flow-run")
 
 
+_RUN_ROWS = "[...document.querySelectorAll('a[href*=\"/runs/flow-run/\"]')].map(a => a.innerText.trim()).filter(t => t)"
+
+
+def test_prefect_run_list_searched_by_a_pipeline_name_lists_its_pipeline_run_first(stack: Stack, page) -> None:
+    for pipeline in (SECOND, FIRST):
+        page.goto(f"{stack.prefect.url}/runs")  # the default list: every flow run of the past week
+        page.wait_for_function(f"{_RUN_ROWS}.length > 0")
+        page.locator("input[placeholder='Search by flow run name']:visible").fill(pipeline)
+        page.wait_for_url(f"**flow-run-search={pipeline}")
+        page.wait_for_function(f"q => {_RUN_ROWS}.length > 0 && {_RUN_ROWS}.every(t => t.includes(q))", arg=pipeline)
+        rows, own = page.evaluate(_RUN_ROWS), stack.flow_run(pipeline)["name"]
+        holders = [f"{p}-" for p in (FIRST, SECOND) if p != pipeline and pipeline in p]  # ui-smoke-lr holds ui-smoke
+        assert all(r.startswith(tuple(holders)) for r in rows[:rows.index(own)]), (pipeline, rows)
+
+
 def test_prefect_report_shows_every_sample_grid_at_a_readable_size(stack: Stack, page) -> None:
     from playwright.sync_api import expect
 
