@@ -3,14 +3,17 @@
 MLflow 3 (3.18 here) opens an experiment in its GenAI view unless told otherwise. What says otherwise:
 
 - the UI's workflow switch (*GenAI* / *Model training*, top of the sidebar) lives in each browser
-  (local storage ``mlflow.workflowType``, default GenAI) and, in 3.18, decides the view of every
-  experiment; so every link carries ``workflowType=machine_learning``, which opens the "Model training"
-  view (runs, not traces) whatever the browser last used. Opened from MLflow's home page, an experiment
-  follows the switch: the experiment's description (``mlflow.note.content``, shown on the home page and
-  above the runs table) tells a newcomer to flip it once;
+  (local storage ``mlflow.workflowType_v1``, default GenAI) and, in 3.18, decides the view of every
+  experiment: a link's ``workflowType`` query overrides it for that page, and nothing else does (the UI's
+  ``shouldEnableWorkflowBasedNavigation`` is on, so the experiment kind is derived from the switch, never
+  read from the experiment; no server setting exists). So every link carries
+  ``workflowType=machine_learning``, which opens the "Model training" view (runs, not traces) whatever the
+  browser last used. Opened from MLflow's home page (a link without the query), an experiment follows
+  the switch: the experiment's description (``mlflow.note.content``, shown on the home page and above the
+  runs table) tells a newcomer to flip it once;
 - the experiment tag ``mlflow.experimentKind`` = ``custom_model_development`` declares the experiment a
-  model-training one (what the UI's own experiment-type selector writes; 3.18's UI reads the switch
-  instead, other MLflow versions and clients read the tag).
+  model-training one (what the UI's experiment-type selector writes; 3.18's UI does not read it for the
+  view; it stays the experiment's declared kind, searchable as ``tags.`mlflow.experimentKind```).
 
 A saved view of the runs table (the "Views" menu) is an experiment tag ``mlflow.sharedViewState.<id>``
 whose value is ``{"name", "createdAt", "updatedAt", "state"}``; ``state`` is the JSON of the search
