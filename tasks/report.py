@@ -6,8 +6,9 @@
   (the MLflow server's artifact URL), or says where the PNG is when nothing serves it.
 - MLflow, on the parent run: the tables, the report, and every headline metric per step count as its
   own key (``distilled_fd_digits_4steps``; see tasks/evaluate.py) next to the stepped series; a saved
-  runs-table view of the experiment showing those keys for every pipeline; the few-step students
-  registered as versions of one model.
+  runs-table view of the experiment showing those keys for every pipeline (and, as MLflow's charts, the
+  series: FD against sampling steps, a line per pipeline); the few-step students logged as models named
+  after pipeline and steps and registered as versions of one model.
 """
 
 from __future__ import annotations
