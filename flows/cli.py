@@ -250,8 +250,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                          restart_from=args.restart_from)
     if (cfg.pipeline.teacher_uri or "").startswith("diffusers:"):
         from pd_core.interop.diffusers_folder import preflight
+        from pd_core.interop.sd_folder import is_text_to_image_folder, preflight_text_to_image
 
-        preflight(cfg)  # the folder, its configs, the step count and image size; JSON only, before Prefect starts
+        # the folder, its configs, the step count and image size; JSON only, before Prefect starts
+        text = cfg.data.name == "captions" or is_text_to_image_folder(
+            cfg.pipeline.teacher_uri, storage_options=dict(cfg.storage.storage_options))
+        if text:
+            preflight_text_to_image(cfg)
+        else:
+            preflight(cfg)
     from tasks.tracking.uris import new_store_note
 
     if note := new_store_note(args.tracking_uri):
