@@ -71,3 +71,13 @@ def test_unet_calls_count_two_a_step_for_the_guided_teacher_only():
 def test_evaluation_prompts_are_class_balanced_in_the_order_of_the_noise(leading, tmp_path):
     cfg = _cfg(leading[0], tmp_path)
     assert eval_prompts(cfg, start=3, count=3) == ["a photo of a coat", "a photo of a bag", "a photo of a coat"]
+
+
+def test_the_text_to_image_preset_prompts_name_the_benchmarks_classes_as_its_captions_do():
+    from pd_core.config import load_config
+    from pd_core.data.class_captions import FASHION_MNIST_NAMES, TEMPLATE
+
+    cfg = load_config(preset="text-to-image-cpu")
+    assert tuple(cfg.eval.class_names) == FASHION_MNIST_NAMES and cfg.eval.prompt_template == TEMPLATE
+    assert cfg.data.name == "captions" and cfg.guidance.enabled
+    assert [tuple(r) for r in cfg.distill.rounds()] == [(8, 4), (4, 2), (2, 1)]
