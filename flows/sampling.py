@@ -350,6 +350,9 @@ def evaluate_model_cli(cfg: Config, *, model: str, steps: int | None, sampler: s
     class-conditional model on class-balanced labels at guidance weight ``guidance`` (default 0)."""
     device = resolve_runtime(cfg.runtime).device
     store, load, manifest = _evaluated_model(cfg, model=model, storage=storage, device=device)
+    if manifest.get("diffusers_unet2d_condition") is not None:
+        raise BadArgument("pd eval measures pixel-space models; a text-to-image model is measured by `pd run` per step "
+                          "count and w (its report, pipelines/<name>/report/quality.csv)")
     size = int((manifest.get("unet") or {}).get("image_size", cfg.data.image_size))
     if size != cfg.data.image_size:
         raise BadArgument(f"--model makes {size}x{size} images but the config's data ({cfg.data.name}) is "

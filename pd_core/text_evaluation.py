@@ -236,7 +236,7 @@ def write_text_grid(cfg: Config, store: CheckpointStore, *, key: str, steps: int
         x = sample_images(sampler, kind="distilled", prompts=[p for p in prompts for _ in range(cols)], noise=noise,
                           steps=steps, w=w)
         u = images.to_uint8(x.float().cpu())
-        caption = f"{cfg.pipeline.name}, {steps} steps, w = {w:g}: " + "; ".join(
+        caption = f"{cfg.pipeline.name}, {steps} step{'' if steps == 1 else 's'}, w = {w:g}: " + "; ".join(
             f"row {i + 1} '{p}'" for i, p in enumerate(prompts))
         store.put_bytes(raw_key, images.png_bytes(images.make_grid(u, nrow=cols)))
         store.put_bytes(out_key, images.png_bytes(images.display_grid(u, caption=caption, nrow=cols)))

@@ -111,3 +111,30 @@ def test_encoded_data_reaches_the_rounds_as_class_labelled_latents_with_their_ta
     torch.testing.assert_close(data.caption_embeds[1:2], data.null_embed)  # the empty caption is the null prompt
     again = text_to_image.encode_data(cfg, store)
     assert again.reused and again.sha256 == info.sha256
+
+
+def test_unguided_distillation_of_a_text_teacher_runs_the_rounds_from_the_teacher_without_stage_1(tmp_path):
+    from pd_core import jobs, text_to_image
+    from pd_core.config import load_config
+    from pd_core.data.class_captions import write_caption_folder
+    from pd_core.models import load_model
+
+    images = torch.randint(0, 256, (4, 3, 8, 8), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    write_caption_folder(images, ["a photo of a bag", ""] * 2, str(tmp_path / "data"))
+    cfg = load_config(preset="smoke", overrides=[f"pipeline.teacher_uri=diffusers:{saved_sd_pipeline()}",
+                                                 f"storage.root={tmp_path / 'store'}", "data.name=captions",
+                                                 f"data.url={tmp_path / 'data'}", "distill.start_steps=2",
+                                                 "distill.updates_per_round=2", "distill.batch_size=2",
+                                                 "diffusion.weighting=snr_plus_one"])
+    store = jobs.open_store(cfg)
+    teacher = jobs.ensure_teacher(cfg, store)
+    text_to_image.encode_data(cfg, store)
+    student = jobs.run_round(cfg, store, round_index=1, teacher=teacher)
+    manifest = store.read_manifest(student.key)
+    assert student.trained and student.steps == 1 and manifest["parent_sha256"] == teacher.sha256
+    assert manifest["parameterization"] == "v" and manifest["diffusers_unet2d_condition"]["time_cond_proj_dim"] is None
+    assert manifest["text_to_image"] == store.read_manifest(teacher.key)["text_to_image"]
+    assert "guidance" not in manifest["settings"] and "encoded_data" in manifest["settings"]
+    assert load_model(store, student.key).architecture.image_shape == (4, 4, 4)
+    again = jobs.run_round(cfg, store, round_index=1, teacher=teacher)
+    assert not again.trained and again.sha256 == student.sha256
