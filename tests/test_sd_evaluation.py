@@ -47,7 +47,7 @@ def _cfg(folder, tmp_path):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.parametrize("steps", [4])
 def test_diffusers_ddim_is_stock_stable_diffusion_with_the_folders_leading_spacing(leading, tmp_path, steps):
     folder, store = leading
     sampler = prompt_sampler(_cfg(folder, tmp_path), store, "t")
