@@ -37,6 +37,7 @@ from pd_core.interop.sd_pipeline import read_text_to_image_model, teacher_checkp
 from pd_core.interop.sd_unet import CaptionTableArch, TextUNetCondition
 from pd_core.job_checkpoints import CheckpointInfo, _manifest, pipeline_prefix, teacher_key
 from pd_core.store import CheckpointStore, StoreError
+from pd_core.train import resolve_runtime
 
 log = logging.getLogger("pd_core.jobs")
 
@@ -117,7 +118,8 @@ def encode_data(cfg: Config, store: CheckpointStore) -> EncodedInfo:
     the pipeline at it. The only job that builds the VAE and the text encoder."""
     model = read_text_to_image_model(cfg.pipeline.teacher_uri or "", storage_options=_options(cfg))
     data = load_captions(cfg.data.url or "", size=cfg.data.image_size, split="train")
-    encoded = ensure_encoded(store, model, data, size=cfg.data.image_size, seed=cfg.pipeline.seed)
+    encoded = ensure_encoded(store, model, data, size=cfg.data.image_size, seed=cfg.pipeline.seed,
+                             device=resolve_runtime(cfg.runtime).device)
     manifest = store.read_manifest(encoded.key) or {}
     info = EncodedInfo(key=encoded.key, sha256=str(manifest.get("sha256")), count=int(encoded.latents.shape[0]),
                        captions=int(encoded.caption_embeds.shape[0]), reused=encoded.reused)
