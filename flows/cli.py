@@ -20,6 +20,7 @@ from flows.cli_args import (
     BadArgument,
     check_model,
     check_out,
+    check_prompts,
     check_sampling,
     check_uri,
     guidance_weight,
@@ -111,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                "else the sqlite file `pd run` uses)")
     sample.add_argument("--label", type=int, help="class-conditional models: the class of every image "
                                                   "(default: image i is class i mod K, one class per column)")
-    sample.add_argument("--guidance", type=guidance_weight, help="class-conditional models: the guidance weight w "
-                                                                  "(default 0, the conditional model)")
+    sample.add_argument("--guidance", type=guidance_weight, help="class-conditional and text-to-image models: the "
+                                                                  "guidance weight w = guidance_scale - 1 (default 0)")
+    sample.add_argument("--prompt", action="append", help="text-to-image models: a prompt (repeat for more); one "
+                                                          "grid row of --num images per prompt")
 
     ev = sub.add_parser("eval", help="evaluate one checkpoint at a step count with the config's metrics")
     _add_config_args(ev)
@@ -129,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", required=True,
                         help="checkpoint folder URI (as `pd run` prints) or models:/NAME@ALIAS")
     export.add_argument("--format", dest="fmt", required=True, choices=("diffusers", "onnx"),
-                        help="diffusers: a folder UNet2DModel.from_pretrained loads (students of diffusers teachers); "
+                        help="diffusers: a folder UNet2DModel.from_pretrained loads (students of diffusers teachers; "
+                             "a StableDiffusionPipeline folder for students of text-to-image teachers); "
                              "onnx: the whole N-step sampler, noise in, image out")
     export.add_argument("--out", required=True, help="new output folder (diffusers) or .onnx file (onnx)")
     export.add_argument("--steps", type=int, help="sampling steps (default: the steps the model was distilled for)")
@@ -250,8 +254,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                          restart_from=args.restart_from)
     if (cfg.pipeline.teacher_uri or "").startswith("diffusers:"):
         from pd_core.interop.diffusers_folder import preflight
+        from pd_core.interop.sd_folder import is_text_to_image_folder, preflight_text_to_image
 
-        preflight(cfg)  # the folder, its configs, the step count and image size; JSON only, before Prefect starts
+        # the folder, its configs, the step count and image size; JSON only, before Prefect starts
+        text = cfg.data.name == "captions" or is_text_to_image_folder(
+            cfg.pipeline.teacher_uri, storage_options=dict(cfg.storage.storage_options))
+        if text:
+            preflight_text_to_image(cfg)
+        else:
+            preflight(cfg)
     from tasks.tracking.uris import new_store_note
 
     if note := new_store_note(args.tracking_uri):
@@ -352,6 +363,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     batch_size = args.batch_size if args.batch_size is not None else max(1, min(256, args.num))
     check_sampling(num=args.num, steps=args.steps, batch_size=batch_size, gamma=args.gamma, seed=args.seed,
                    guidance=args.guidance, label=args.label)
+    check_prompts(args.prompt, label=args.label, sampler=args.sampler)
     check_uri("--tracking-uri", args.tracking_uri, storage=False)
     check_out(args.out)
     check_model(args.model)
@@ -361,7 +373,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = sample_to_grid(model=args.model, steps=args.steps, num=args.num, out=args.out, sampler=args.sampler,
                          gamma=args.gamma, seed=args.seed, batch_size=args.batch_size, device=args.device,
                          throughput=args.throughput, tracking_uri=args.tracking_uri, scale=args.scale,
-                         label=args.label, guidance=args.guidance)
+                         label=args.label, guidance=args.guidance, prompts=args.prompt)
     print(out)
     return 0
 

@@ -21,6 +21,8 @@ MAX_NUM = 100_000  # images per `pd sample`
 MAX_STEPS = 10_000  # sampling steps (the paper's largest teacher samples in 8192)
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 100.0  # guidance weight w (eval.guidance_weights has the same bound)
+MAX_PROMPTS = 64  # --prompt rows of one `pd sample` grid
+MAX_PROMPT_CHARS = 2000  # one prompt (a caption's bound in pd_core.data.captions)
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 _MLFLOW_URI = re.compile(r"^(models:/[^/\s@]+([@/][^/\s]+)?|runs:/[^/\s]+/\S+)$")
 
@@ -80,6 +82,22 @@ def check_sampling(*, num: int | None, steps: int | None, batch_size: int | None
     check_bounds("--guidance", guidance, low=0.0, high=MAX_GUIDANCE, hint="the usual guidance weights are 0 to 8")
     if label is not None and label < 0:
         raise BadArgument(f"--label must be a class >= 0, got {label}")
+
+
+def check_prompts(prompts: list[str] | None, *, label: int | None, sampler: str) -> None:
+    """The bounds of ``pd sample --prompt`` (text-to-image models): at most MAX_PROMPTS prompts of at most
+    MAX_PROMPT_CHARS characters, DDIM only, no --label."""
+    if not prompts:
+        return
+    if len(prompts) > MAX_PROMPTS:
+        raise BadArgument(f"--prompt is given {len(prompts)} times, at most {MAX_PROMPTS} (one grid row each)")
+    long = next((p for p in prompts if len(p) > MAX_PROMPT_CHARS), None)
+    if long is not None:
+        raise BadArgument(f"--prompt must be at most {MAX_PROMPT_CHARS} characters, got {len(long)}")
+    if label is not None:
+        raise BadArgument("--label is for class-conditional models; a text-to-image model takes --prompt")
+    if sampler != "ddim":
+        raise BadArgument(f"--sampler {sampler}: text-to-image models sample with ddim (the exported pipeline's)")
 
 
 def check_uri(name: str, value: str | None, *, storage: bool = True) -> None:

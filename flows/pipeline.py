@@ -3,7 +3,8 @@
     teacher (2N_0 steps) -> round 1 -> student N_0/2 -> round 2 -> ... -> student final_steps
 
 With guidance.enabled, ``guide-distill`` (stage 1 of guided distillation) runs after the teacher and its
-w-conditioned student is round 1's teacher.
+w-conditioned student is round 1's teacher. A text-to-image pipeline (a Stable Diffusion-style teacher,
+image-caption data) runs ``encode-data`` after the teacher: the rounds train on the stored latents.
 
 Every round reads its teacher from the store and writes its student there; a rerun skips the
 rounds whose checkpoints are complete and verified and continues a partial round from its state.
@@ -34,12 +35,20 @@ from flows.identity import (
 from pd_core.config import Config
 from pd_core.jobs import pipeline_prefix
 from pd_core.store import Lease, LeaseHeldError, LeaseLostError, StoreError
+from pd_core.text_to_image import is_text_pipeline
 from tasks.common import gpu_task_tags, open_store, resolve_config, start_pipeline_run, tracker_for
 from tasks.evaluate import evaluate_round_task, evaluate_teacher_task
 from tasks.reconcile import FLOW_RUN_TAG, end_dead_run
 from tasks.report import publish_report_task
 from tasks.results import PipelineResult, RoundResult
-from tasks.training import GUIDE_RUN_NAME, distill_round_task, ensure_teacher_task, guide_distill_task, round_run_name
+from tasks.training import (
+    GUIDE_RUN_NAME,
+    distill_round_task,
+    encode_data_task,
+    ensure_teacher_task,
+    guide_distill_task,
+    round_run_name,
+)
 
 LEASE_TTL_S = 15 * 60  # renewed every third of it while the flow runs; a crashed owner's lease expires after this
 
@@ -141,7 +150,8 @@ def distillation_pipeline(preset: PresetName = "smoke", overrides: list[str] | N
         overrides: Config fields to change, each KEY=VALUE, e.g. distill.lr=1e-4 or eval.num_samples=1000.
         name: The pipeline name; its checkpoints live under pipelines/NAME (default: the preset's name).
         teacher_uri: Import this teacher instead of training one: a checkpoint folder URI, or
-            diffusers:<folder or URL> (a UNet2DModel with its scheduler config).
+            diffusers:<folder or URL> (a UNet2DModel with its scheduler config, or a StableDiffusionPipeline
+            folder with data.name captions).
         storage: Checkpoint store root, a path or s3://bucket/prefix (default: the worker's PD_STORAGE).
         tracking_uri: MLflow tracking URI as the worker reaches it (default: the worker's MLFLOW_TRACKING_URI).
         config_path: A YAML config file merged over the preset (a path on the worker).
@@ -179,6 +189,9 @@ def distillation_pipeline(preset: PresetName = "smoke", overrides: list[str] | N
         logger.info("pipeline %s: store %s, MLflow %s", name, cfg.storage.root, tracker.run_link(parent))
         teacher = ensure_teacher_task.with_options(tags=gpu_tags)(cfg, parent_run_id=parent, shared_key=shared_teacher)
         guard.check()
+        if is_text_pipeline(cfg):  # latents and prompt embeddings once; no later task runs the VAE or text encoder
+            encode_data_task.with_options(tags=gpu_tags)(cfg)
+            guard.check()
         baselines = evaluate_teacher_task.with_options(tags=gpu_tags)(cfg, teacher=teacher)
         rounds, current, guided = [], teacher, None
         if cfg.guidance.enabled:  # stage 1: one w-conditioned call replaces the guided teacher's two

@@ -22,10 +22,12 @@ import torch
 from safetensors.torch import load_file
 
 from flows.cli_args import BadArgument
-from pd_core import evaluation, images, jobs, samplers
+from pd_core import evaluation, images, jobs, samplers, text_to_image
 from pd_core.config import Config
 from pd_core.guidance import guided
 from pd_core.interop.diffusers_folder import check_timesteps
+from pd_core.interop.sd_sampling import PromptSampler, prompt_grid
+from pd_core.interop.sd_unet import TextUNetCondition
 from pd_core.models import (
     LoadedModel,
     load_model,
@@ -156,12 +158,14 @@ def gen_for(device: torch.device, seed: int) -> torch.Generator:
 
 def sample_to_grid(*, model: str, steps: int | None, num: int, out: str, sampler: str, gamma: float, seed: int,
                    batch_size: int, device: str, throughput: bool, tracking_uri: str | None = None,
-                   scale: int | None = None, label: int | None = None, guidance: float | None = None) -> str:
+                   scale: int | None = None, label: int | None = None, guidance: float | None = None,
+                   prompts: list[str] | None = None) -> str:
     """``pd sample``: write a PNG grid of ``num`` samples for people (atomically; upscaled by ``scale``, default:
     to at least 512 px wide, captioned with the model, steps and sampler); return a one-line summary.
 
     A class-conditional model samples class ``label`` (default: image i asks for class i mod K, so with
-    K columns each column is one class) at guidance weight ``guidance`` (default 0).
+    K columns each column is one class) at guidance weight ``guidance`` (default 0). A text-to-image model
+    samples ``prompts`` instead (:func:`sample_prompt_grid`).
     Bounds are checked by the CLI (:func:`flows.cli_args.check_sampling`); here: the memory the images
     take, the label against the model's classes, and a warning when a student is sampled with other
     steps than it was distilled for.
@@ -176,6 +180,11 @@ def sample_to_grid(*, model: str, steps: int | None, num: int, out: str, sampler
     if isinstance(loaded.schedule, DiscreteSchedule):
         check_timesteps(steps=steps, num_train_timesteps=loaded.schedule.num_timesteps, source=model, field="--steps")
     warn_other_steps(loaded.manifest, steps)
+    if isinstance(loaded.architecture, TextUNetCondition):
+        return sample_prompt_grid(loaded, model=model, steps=steps, prompts=prompts, num=num, out=out, seed=seed,
+                                  guidance=guidance or 0.0, scale=scale, device=dev)
+    if prompts:
+        raise BadArgument("--prompt needs a text-to-image model (a student of a diffusers:<pipeline folder> teacher)")
     c, h, w = loaded.image_shape
     need = num * c * h * w * 4
     if need > MAX_SAMPLE_BYTES:
@@ -200,6 +209,45 @@ def sample_to_grid(*, model: str, steps: int | None, num: int, out: str, sampler
     if throughput:
         line += f"; {num / seconds:.1f} images/s ({seconds / num * 1e3:.2f} ms/image on {dev.type})"
     return line
+
+
+def prompt_sampler_of(loaded: LoadedModel, *, source: str) -> PromptSampler:
+    """The text UNet of ``loaded`` with the VAE, text encoder and tokenizer of the folder its manifest names."""
+    try:
+        folder = text_to_image.folder_of(loaded.manifest, source=source)
+    except ValueError as err:
+        raise BadArgument(str(err)) from None
+    return PromptSampler.of(folder, unet=loaded.denoiser.net.unet, parameterization=loaded.denoiser.parameterization)
+
+
+def prompt_images(loaded: LoadedModel, *, source: str, prompts: list[str], num: int, steps: int, seed: int,
+                  guidance: float, device: torch.device) -> tuple[torch.Tensor, str]:
+    """(images (P num, 3, H, W) in [-1, 1], caption): ``num`` samples per prompt, one row per prompt, from latent
+    noise seeded by ``seed`` (:func:`pd_core.interop.sd_sampling.prompt_grid`)."""
+    sampler = prompt_sampler_of(loaded, source=source)
+    for module in (sampler.vae, sampler.text_encoder):
+        module.to(device)
+    return prompt_grid(sampler, prompts=prompts, per_prompt=num, w=guidance, steps=steps, seed=seed)
+
+
+def sample_prompt_grid(loaded: LoadedModel, *, model: str, steps: int, prompts: list[str] | None, num: int, out: str,
+                       seed: int, guidance: float, scale: int | None, device: torch.device) -> str:
+    """``pd sample --prompt`` of a text-to-image model: a grid with one row of ``num`` images per prompt, captioned
+    with the prompts, the step count and w; a guided student takes w itself (one UNet call a step), a teacher or
+    an unguided student at w > 0 is classifier-free guided (two)."""
+    if not prompts:
+        raise BadArgument("--prompt is required for a text-to-image model (repeat it for several rows)")
+    if num * len(prompts) > 4096:
+        raise BadArgument(f"--num {num} per prompt x {len(prompts)} prompts: at most 4096 images in one grid")
+    x, caption = prompt_images(loaded, source=model, prompts=prompts, num=num, steps=steps, seed=seed,
+                               guidance=guidance, device=device)
+    try:
+        grid = images.display_grid(x, caption=caption, scale=scale, nrow=num)
+    except ValueError as err:
+        raise BadArgument(f"--num {num}{f' --scale {scale}' if scale else ''}: {err}") from None
+    write_atomically(out, images.png_bytes(grid))
+    return (f"wrote {num * len(prompts)} samples ({len(prompts)} prompt(s), {steps} step{'' if steps == 1 else 's'}, "
+            f"guidance w = {guidance:g}) to {out}")
 
 
 def _round_keys(store: CheckpointStore, name: str) -> list[str]:
@@ -302,6 +350,9 @@ def evaluate_model_cli(cfg: Config, *, model: str, steps: int | None, sampler: s
     class-conditional model on class-balanced labels at guidance weight ``guidance`` (default 0)."""
     device = resolve_runtime(cfg.runtime).device
     store, load, manifest = _evaluated_model(cfg, model=model, storage=storage, device=device)
+    if manifest.get("diffusers_unet2d_condition") is not None:
+        raise BadArgument("pd eval measures pixel-space models; a text-to-image model is measured by `pd run` per step "
+                          "count and w (its report, pipelines/<name>/report/quality.csv)")
     size = int((manifest.get("unet") or {}).get("image_size", cfg.data.image_size))
     if size != cfg.data.image_size:
         raise BadArgument(f"--model makes {size}x{size} images but the config's data ({cfg.data.name}) is "

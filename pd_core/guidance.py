@@ -134,9 +134,12 @@ class GuidanceLoss:
     """
 
     def __init__(self, teacher: Denoiser, *, null_label: int, w_min: float, w_max: float, weighting: str,
-                 schedule: Schedule = COSINE):
+                 schedule: Schedule = COSINE, t_min: float = 0.0):
         if not 0.0 <= w_min <= w_max:
             raise ValueError(f"guidance weights need 0 <= w_min <= w_max; got {w_min}, {w_max}")
+        if not 0.0 <= t_min < 1.0:
+            raise ValueError(f"t_min must lie in [0, 1); got {t_min}")
+        self.t_min = t_min
         self.teacher = teacher
         self.null_label = null_label
         self.w_min, self.w_max = w_min, w_max
@@ -145,7 +148,7 @@ class GuidanceLoss:
 
     def targets(self, x: Tensor, y: Tensor, *,
                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Draw t ~ U[0, 1), eps, w ~ U[w_min, w_max] (in that order) and return (z_t, lambda_t, w, x_hat_w(z_t, y)).
+        """Draw t ~ U[t_min, 1), eps, w ~ U[w_min, w_max] (in that order); return (z_t, lambda_t, w, x_hat_w(z_t, y)).
 
         The target is computed without gradients.
         """
@@ -153,6 +156,8 @@ class GuidanceLoss:
         _check_labels(y, batch=x.shape[0])
         b = x.shape[0]
         t = torch.rand(b, device=x.device, dtype=x.dtype, generator=generator)  # (B,)
+        if self.t_min:  # a discrete schedule: t ~ U[1/T, 1), from its first training timestep on
+            t = self.t_min + (1.0 - self.t_min) * t
         eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         w = sample_guidance(b, w_min=self.w_min, w_max=self.w_max, generator=generator, device=x.device,
                             dtype=x.dtype)

@@ -23,12 +23,13 @@ import logging
 
 import torch
 
-from pd_core import dist, finite, lineage
+from pd_core import dist, finite, lineage, text_to_image
 from pd_core.architecture import Architecture, DiffusersUNet2D, PdUNet, architecture_from_manifest
 from pd_core.config import Config
 from pd_core.data import BatchSampler, ImageData, load_split
 from pd_core.interop.diffusers import read_diffusers_model, weights_sha256
 from pd_core.interop.diffusers_folder import check_timesteps, is_diffusers_uri
+from pd_core.interop.sd_unet import CaptionTableArch
 from pd_core.job_checkpoints import (
     CheckpointInfo,
     _manifest,
@@ -79,7 +80,8 @@ def _config_schedule(cfg: Config) -> Schedule:
 
 
 def _check_finite_student(weights: dict[str, torch.Tensor], manifest: dict, *, label: str, round_index: int,
-                          device: torch.device, w: float = 0.0, section: str = "distill") -> None:
+                          device: torch.device, w: float = 0.0, section: str = "distill",
+                          arch: Architecture | None = None) -> None:
     """NonFiniteOutputError (naming the round and the way out) unless the student's weights and samples are finite.
 
     A class-conditional student samples at guidance weight ``w``; ``section`` is the config section
@@ -89,7 +91,7 @@ def _check_finite_student(weights: dict[str, torch.Tensor], manifest: dict, *, l
     bad, total = finite.nonfinite_weights(weights), sum(t.numel() for t in weights.values())
     what = f"{bad} of its {total} weights are non-finite"
     if not bad:
-        model = model_from_tensors(weights, manifest, source=label, device=device)
+        model = model_from_tensors(weights, manifest, source=label, device=device, arch=arch)
         bad, total = finite.nonfinite_samples(model, steps=steps, device=device, w=w)
         what = (f"the student samples non-finite values ({bad} of {total} values, {finite.CHECK_SAMPLES} "
                 f"samples at {steps} step(s), seed {finite.CHECK_SEED}{f', w {w:g}' if model.num_classes else ''})")
@@ -99,8 +101,10 @@ def _check_finite_student(weights: dict[str, torch.Tensor], manifest: dict, *, l
             f"rerun with --restart-from {round_index}: it retrains this round, the rounds before it are kept")
 
 
-def load_train_data(cfg: Config) -> ImageData:
-    """The training split of ``cfg.data``."""
+def load_train_data(cfg: Config, store: CheckpointStore | None = None) -> ImageData:
+    """The training split of ``cfg.data``; a text-to-image pipeline's: its encoded latents from ``store``."""
+    if text_to_image.is_text_pipeline(cfg):
+        return text_to_image.encoded_train_data(cfg, store if store is not None else open_store(cfg))
     return load_split(cfg.data, split="train")
 
 
@@ -120,6 +124,8 @@ def _teacher_source(cfg: Config, store: CheckpointStore) -> tuple[str | None, bo
     uri = cfg.pipeline.teacher_uri
     if not uri:
         return None, False
+    if is_diffusers_uri(uri) and text_to_image.is_text_pipeline(cfg):  # every file a load of the pipeline reads
+        return text_to_image.text_source_sha256(cfg), False
     if is_diffusers_uri(uri):  # a diffusers folder: the sha256 of its weights file
         return weights_sha256(uri, storage_options=dict(cfg.storage.storage_options)), False
     src_root, src_key = split_uri(uri)
@@ -218,6 +224,8 @@ def shared_teacher(cfg: Config, store: CheckpointStore, *, key: str) -> Checkpoi
 def import_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -> CheckpointInfo:
     """Copy a verified teacher checkpoint from any store URI into this pipeline (its sha256 becomes the parent),
     or import a diffusers folder (``diffusers:<folder or fsspec URL>``, :func:`import_diffusers_teacher`)."""
+    if is_diffusers_uri(uri) and text_to_image.is_text_pipeline(cfg):
+        return text_to_image.import_text_teacher(cfg, store, uri=uri)
     if is_diffusers_uri(uri):
         return import_diffusers_teacher(cfg, store, uri=uri)
     src_root, src_key = split_uri(uri)
@@ -343,18 +351,22 @@ def run_guide_distill(cfg: Config, store: CheckpointStore, *, teacher: Checkpoin
     steps = teacher.steps
     phase = guide_phase(steps=steps)
     teacher_kind, student_kind = _parameterizations(cfg, store, teacher)
+    if text_to_image.is_text_pipeline(cfg):
+        student_kind = teacher_kind  # zero-initialised, it starts as the teacher only when it reads it the same way
     want = lineage.guided_lineage(cfg, teacher_steps=steps, parent_sha256=teacher.sha256,
-                                  student_parameterization=student_kind)
+                                  student_parameterization=student_kind,
+                                  encoded_data=text_to_image.encoded_sha256(cfg, store))
     found = _reusable(store, cfg, key, want=want, label=phase, steps=steps, round_index=0,
                       restart_index=GUIDE_RESTART)
     if found is not None:
         return found
     teacher_weights, teacher_manifest, teacher_arch = _load_parent(store, teacher)
-    if not (isinstance(teacher_arch, PdUNet) and teacher_arch.num_classes > 0 and teacher_arch.null_class
-            and not teacher_arch.guidance_embedding):
+    data = data if data is not None else load_train_data(cfg, store)
+    teacher_arch = text_to_image.with_caption_table(teacher_arch, data)
+    if not (isinstance(teacher_arch, PdUNet | CaptionTableArch) and teacher_arch.num_classes > 0
+            and teacher_arch.null_class and not teacher_arch.guidance_embedding):
         raise PipelineMismatchError(f"{teacher.uri} is not a class-conditional teacher with a null class; guided "
                                     f"distillation needs one (model.class_conditional, teacher.label_dropout > 0)")
-    data = data if data is not None else load_train_data(cfg)
     _check_data_fits(data, teacher_arch, source=teacher.uri)
     runtime = resolve_runtime(cfg.runtime)
     schedule = manifest_schedule(teacher_manifest)
@@ -376,9 +388,10 @@ def run_guide_distill(cfg: Config, store: CheckpointStore, *, teacher: Checkpoin
                          schedule=schedule,
                          extra={"updates": g.updates, "teacher_steps": steps, "w_min": g.w_min, "w_max": g.w_max,
                                 **_timing(result), **arch.without_dropout().manifest_fields(),
-                                "parameterization": student_kind, "teacher_parameterization": teacher_kind})
+                                "parameterization": student_kind, "teacher_parameterization": teacher_kind,
+                                **text_to_image.source_fields(teacher_manifest)})
     _check_finite_student(result.weights, manifest, label=phase, round_index=GUIDE_RESTART, device=runtime.device,
-                          w=g.w_max, section="guidance")
+                          w=g.w_max, section="guidance", arch=arch)
     info = _publish(store, key, weights=result.weights, manifest=manifest, is_main=runtime.is_main)
     log.info("%s saved to %s (sha256 %s)", phase, info.uri, info.sha256[:12])
     return dataclasses.replace(info, train_seconds=result.seconds)
@@ -386,8 +399,7 @@ def run_guide_distill(cfg: Config, store: CheckpointStore, *, teacher: Checkpoin
 
 def _guidance_range(cfg: Config, store: CheckpointStore, teacher: CheckpointInfo) -> tuple[float, float] | None:
     """(guidance.w_min, guidance.w_max) when the teacher takes w (a round of guided distillation's stage 2); None."""
-    unet = (store.read_manifest(teacher.key) or {}).get("unet")
-    takes_w = isinstance(unet, dict) and bool(unet.get("guidance_embedding"))
+    takes_w = _architecture(store.read_manifest(teacher.key) or {}, source=teacher.uri).guidance_embedding
     return (cfg.guidance.w_min, cfg.guidance.w_max) if takes_w else None
 
 
@@ -408,13 +420,14 @@ def run_round(cfg: Config, store: CheckpointStore, *, round_index: int, teacher:
     guidance_range = _guidance_range(cfg, store, teacher)
     want = lineage.round_lineage(cfg, round_index=round_index, teacher_steps=teacher_steps,
                                  parent_sha256=teacher.sha256, student_parameterization=student_kind,
-                                 guidance_range=guidance_range)
+                                 guidance_range=guidance_range, encoded_data=text_to_image.encoded_sha256(cfg, store))
     found = _reusable(store, cfg, key, want=want, label=phase, steps=student_steps, round_index=round_index)
     if found is not None:
         return found
-    data = data if data is not None else load_train_data(cfg)
+    data = data if data is not None else load_train_data(cfg, store)
     runtime = resolve_runtime(cfg.runtime)
     teacher_weights, teacher_manifest, arch = _load_parent(store, teacher)
+    arch = text_to_image.with_caption_table(arch, data)  # a text UNet: caption indices as class labels
     _check_data_fits(data, arch, source=teacher.uri)
     schedule = manifest_schedule(teacher_manifest)  # a round keeps its teacher's schedule
     seed = cfg.pipeline.seed + 1000 * round_index  # each round sees its own noise and batches
@@ -439,9 +452,10 @@ def run_round(cfg: Config, store: CheckpointStore, *, round_index: int, teacher:
                          extra={"updates": updates, "teacher_steps": teacher_steps, **_timing(result),
                                 **arch.without_dropout().manifest_fields(),
                                 "parameterization": student_kind, "teacher_parameterization": teacher_kind,
-                                **({"w_min": guidance_range[0], "w_max": guidance_range[1]} if guidance_range else {})})
+                                **({"w_min": guidance_range[0], "w_max": guidance_range[1]} if guidance_range else {}),
+                                **text_to_image.source_fields(teacher_manifest)})
     _check_finite_student(result.weights, manifest, label=phase, round_index=round_index, device=runtime.device,
-                          w=guidance_range[1] if guidance_range else 0.0)
+                          w=guidance_range[1] if guidance_range else 0.0, arch=arch)
     info = _publish(store, key, weights=result.weights, manifest=manifest, is_main=runtime.is_main)
     log.info("%s saved to %s (sha256 %s)", phase, info.uri, info.sha256[:12])
     return dataclasses.replace(info, train_seconds=result.seconds)

@@ -70,11 +70,12 @@ def manifest_schedule(manifest: dict) -> Schedule:
                           logsnr_max=float(manifest.get("logsnr_max", 20.0)))
 
 
-def model_from_tensors(tensors: dict, manifest: dict, *, source: str,
-                       device: torch.device | str = "cpu") -> LoadedModel:
-    """An eval-mode network built from the manifest's architecture, loaded with ``tensors`` (strict)."""
+def model_from_tensors(tensors: dict, manifest: dict, *, source: str, device: torch.device | str = "cpu",
+                       arch: Architecture | None = None) -> LoadedModel:
+    """An eval-mode network built from the manifest's architecture (or ``arch``, one whose state dict is the
+    manifest's: a text UNet over a caption table), loaded with ``tensors`` (strict)."""
     try:
-        arch = architecture_from_manifest(manifest)
+        arch = arch if arch is not None else architecture_from_manifest(manifest)
     except (ValueError, TypeError, KeyError) as err:
         raise StoreError(f"{source}: the manifest does not describe a network this version can build ({err})") from err
     check_weights_fit(tensors, arch, source=source)

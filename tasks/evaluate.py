@@ -19,9 +19,10 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from pd_core import evaluation
+from pd_core import evaluation, text_evaluation
 from pd_core.config import Config
 from pd_core.jobs import CheckpointInfo
+from pd_core.text_to_image import is_text_pipeline
 from pd_core.train import resolve_runtime
 from tasks.common import open_store, tracker_for
 from tasks.training import GPU_TASK
@@ -65,6 +66,8 @@ def evaluate_teacher_task(cfg: Config, *, teacher: CheckpointInfo) -> list[dict]
     """Teacher DDIM and stochastic (every gamma) at each step count of the chain, plus the real-vs-real floor."""
     if not cfg.eval.enabled:
         return []
+    if is_text_pipeline(cfg):
+        return _evaluate_text_teacher(cfg, teacher=teacher)
     logger = get_run_logger()
     store, device = open_store(cfg), resolve_runtime(cfg.runtime).device
     ctx = evaluation.feature_context(cfg, store, device=device)
@@ -107,6 +110,8 @@ def evaluate_round_task(cfg: Config, *, student: CheckpointInfo) -> list[dict]:
     unconditional); metrics and sample grids to its MLflow run. Records carry their ``sample_grid``."""
     if not cfg.eval.enabled:
         return []
+    if is_text_pipeline(cfg):
+        return _evaluate_text_student(cfg, student=student)
     store, device = open_store(cfg), resolve_runtime(cfg.runtime).device
     ctx = evaluation.feature_context(cfg, store, device=device)
     tracker = tracker_for(cfg)
@@ -138,3 +143,49 @@ def _log_grid(tracker, run_id: str | None, store, *, grid_uri: str) -> None:
         tracker.log_artifact(run_id, str(path), artifact_path=folder or None)
 
 
+
+
+def _evaluate_text_teacher(cfg: Config, *, teacher: CheckpointInfo) -> list[dict]:
+    """A text-to-image teacher per w and step count of the chain: our guided DDIM (``ddim_`` metrics) and stock
+    StableDiffusionPipeline with the folder's scheduler settings (``diffusers_ddim_``), plus the floor."""
+    store, device = open_store(cfg), resolve_runtime(cfg.runtime).device
+    ctx = text_evaluation.text_feature_context(cfg, store, device=device)
+    records = [evaluation.floor_record(cfg, store, ctx)]
+    tracker, run_id = tracker_for(cfg), teacher.mlflow_run_id
+    for w in text_evaluation.text_evaluation_weights(cfg, store.read_manifest(teacher.key) or {}):
+        for steps in evaluation.teacher_step_counts(cfg):
+            for kind, prefix in (("teacher_ddim", "ddim"), ("diffusers_ddim", "diffusers_ddim")):
+                record = text_evaluation.evaluate_text_checkpoint(cfg, store, ctx, key=teacher.key, kind=kind,
+                                                                  steps=steps, w=w, device=device)
+                records.append(record)
+                metrics = {f"{prefix}_{k}": v for k, v in numeric_metrics(record).items()}
+                tracker.log_metrics(run_id, metrics, step=steps)
+                tracker.log_metrics(run_id, per_step_keys(metrics, steps=steps))
+        if cfg.eval.grid_size:
+            grid = text_evaluation.write_text_grid(cfg, store, key=teacher.key, steps=cfg.distill.start_steps, w=w,
+                                                   device=device)
+            tracker.set_tags(run_id, {_grid_tag(w): grid})
+            _log_grid(tracker, run_id, store, grid_uri=grid)
+    tracker.flush()
+    return records
+
+
+def _evaluate_text_student(cfg: Config, *, student: CheckpointInfo) -> list[dict]:
+    """A text-to-image student with its own N-step DDIM at each of its weights; metrics and grids to its run."""
+    store, device = open_store(cfg), resolve_runtime(cfg.runtime).device
+    ctx = text_evaluation.text_feature_context(cfg, store, device=device)
+    tracker, run_id = tracker_for(cfg), student.mlflow_run_id
+    records = []
+    for w in text_evaluation.text_evaluation_weights(cfg, store.read_manifest(student.key) or {}):
+        record = text_evaluation.evaluate_text_checkpoint(cfg, store, ctx, key=student.key, kind="distilled",
+                                                          steps=student.steps, w=w, device=device)
+        grid = None
+        if cfg.eval.grid_size:
+            grid = text_evaluation.write_text_grid(cfg, store, key=student.key, steps=student.steps, w=w,
+                                                   device=device)
+            tracker.set_tags(run_id, {_grid_tag(w): grid})
+            _log_grid(tracker, run_id, store, grid_uri=grid)
+        tracker.log_metrics(run_id, numeric_metrics(record))
+        records.append({**record, "sample_grid": grid} if grid else record)
+    tracker.flush()
+    return records

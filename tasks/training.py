@@ -1,4 +1,5 @@
-"""Prefect tasks at the compute boundaries: ensure the teacher, guided distillation's stage 1, distill one round.
+"""Prefect tasks at the compute boundaries: ensure the teacher, encode a text-to-image pipeline's data, guided
+distillation's stage 1, distill one round.
 
 They take the resolved config and :class:`pd_core.jobs.CheckpointInfo` values (URIs, sha256s),
 never tensors or models, and return the CheckpointInfo with its MLflow run id. The flows tag them (see
@@ -15,7 +16,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.tasks import exponential_backoff
 
-from pd_core import jobs, launch
+from pd_core import jobs, launch, text_to_image
 from pd_core.config import Config, pipeline_params
 from pd_core.jobs import CheckpointInfo
 from pd_core.store import CheckpointStore, StorageIOError
@@ -160,6 +161,16 @@ def guide_distill_task(cfg: Config, *, teacher: CheckpointInfo, parent_run_id: s
                               params=params, progress_key=f"{cfg.pipeline.name}-{GUIDE_RUN_NAME}",
                               description=f"guided distillation, stage 1 (w in [{cfg.guidance.w_min:g}, "
                                           f"{cfg.guidance.w_max:g}], {steps} steps)", work=work)
+
+
+@task(name="encode-data", task_run_name="encode-data", **GPU_TASK)
+def encode_data_task(cfg: Config) -> text_to_image.EncodedInfo:
+    """A text-to-image pipeline's image-caption data through the teacher's VAE and text encoder, once (reused when
+    the store has it); every later task trains on the stored latents and embeddings."""
+    info = text_to_image.encode_data(cfg, open_store(cfg))
+    get_run_logger().info("encoded data %s: %d images, %d distinct captions (%s)", info.key, info.count,
+                          info.captions, "reused" if info.reused else "encoded now")
+    return info
 
 
 def round_run_name(*, round_index: int, teacher_steps: int, student_steps: int) -> str:

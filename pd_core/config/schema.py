@@ -98,6 +98,11 @@ class Config(_Section):
                                           f"nodes examples), got {batch}")
 
     def _check_guidance(self) -> None:
+        if self.data.name == "captions":  # a text-to-image teacher: prompts condition it, "" is its null prompt
+            if not (self.pipeline.teacher_uri or "").startswith("diffusers:"):
+                raise _FieldProblem("data.name", "'captions' needs a text-to-image teacher to encode it: set "
+                                                 "pipeline.teacher_uri to diffusers:<Stable Diffusion-style folder>")
+            return
         conditional, dropout = self.model.class_conditional, self.teacher.label_dropout
         if dropout > 0 and not conditional:
             raise _FieldProblem("teacher.label_dropout", f"needs model.class_conditional=true (labels to drop), "

@@ -10,7 +10,7 @@ final_steps, both powers of two.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -94,14 +94,16 @@ class DiffusionConfig(_Section):
         return self
 
 
-DatasetName = Literal["fashion_mnist", "mnist", "cifar10", "npz", "folder", "digits"]
+DatasetName = Literal["fashion_mnist", "mnist", "cifar10", "npz", "folder", "digits", "captions"]
 
 
 class DataConfig(_Section):
     """Where the images come from and how they are shaped (pd_core.data)."""
 
     name: DatasetName = Field(description="Dataset kind: fashion_mnist, mnist (IDX files), cifar10 (binary "
-                                          "version), npz, folder (class subfolders), digits (scikit-learn 8x8).")
+                                          "version), npz, folder (class subfolders), digits (scikit-learn 8x8), "
+                                          "captions (images + metadata.jsonl with file_name and text, Hugging "
+                                          "Face's imagefolder; for a text-to-image teacher).")
     url: str | None = Field(None, description="Directory, file or fsspec URL of the data; None = the dataset's "
                                               "default location (fashion_mnist: /usr/share/datasets/fashion-mnist).")
     image_size: int = Field(ge=1, le=MAX_IMAGE_SIZE,
@@ -126,9 +128,10 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        if self.name in ("npz", "folder") and self.url is None:
-            raise _FieldProblem("url", f"is required for data.name '{self.name}' (a path or fsspec URL of the "
-                                       f"{'.npz file or directory' if self.name == 'npz' else 'image folder'})")
+        if self.name in ("npz", "folder", "captions") and self.url is None:
+            what = {"npz": ".npz file or directory", "folder": "image folder",
+                    "captions": "folder holding metadata.jsonl"}[self.name]
+            raise _FieldProblem("url", f"is required for data.name '{self.name}' (a path or fsspec URL of the {what})")
         if self.name == "digits" and self.url is not None:
             raise _FieldProblem("url", "must be null for data.name 'digits' (the data ships with scikit-learn), "
                                        f"got {self.url!r}")
@@ -285,10 +288,24 @@ class EvalConfig(_Section):
     teacher_extra_steps: list[int] = Field(default_factory=list,
                                            description="Extra teacher DDIM step counts for the quality table.")
     grid_size: int = Field(8, ge=0, description="Sample grid of n x n images per model; 0 = none.")
+    class_names: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(
+        None, min_length=1, max_length=1000,
+        description="Text-to-image pipelines: the classes the prompts name (prompt_template of each); evaluation "
+                    "prompts are class-balanced, prompt_accuracy is measured and the feature classifier learns the "
+                    "captions that name a class. None: the data's distinct non-empty captions in turn.")
+    prompt_template: str = Field("a photo of a {}", min_length=3, max_length=200,
+                                 description="Text-to-image pipelines: the caption of a class (its name in {}).")
     guidance_weights: list[float] = Field(default_factory=lambda: [0.0], min_length=1, max_length=MAX_EVAL_WEIGHTS,
                                           description="Guidance weights w at which class-conditional models are "
                                                       "evaluated, on class-balanced labels (w = 0: the conditional "
                                                       "model; w > 0 needs a null class).")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if value.count("{}") != 1 or value.replace("{}", "").count("{") or value.replace("{}", "").count("}"):
+            raise ValueError(f"must hold exactly one {{}} where the class name goes, got {value!r}")
+        return value
 
     @field_validator("inception_weights")
     @classmethod

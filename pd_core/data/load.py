@@ -1,6 +1,7 @@
 """load_split: one split of the configured dataset as float32 (N, C, S, S) in [-1, 1], S = data.image_size.
 
-Dispatches on ``data.name`` to the format modules, cuts the training split to ``data.limit``
+Dispatches on ``data.name`` to the format modules (``captions``: the images of an image-caption folder,
+unlabelled; a text-to-image pipeline trains on their encoded latents instead), cuts the training split to ``data.limit``
 examples, and fits every image to ``data.image_size``.
 """
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from pd_core.config import DataConfig
+from pd_core.data.captions import load_captions
 from pd_core.data.cifar import _load_cifar10
 from pd_core.data.common import DatasetError, Split
 from pd_core.data.dataset import ImageData
@@ -46,6 +48,8 @@ def load_split(cfg: DataConfig, *, split: Split) -> ImageData:
     elif cfg.name == "digits":
         images, labels = _load_digits(split)
         num_classes = 10
+    elif cfg.name == "captions":  # the images only (RGB); a text-to-image teacher encodes them with their captions
+        images, labels, num_classes = load_captions(cfg.url, size=cfg.image_size, split=split).images, None, 0
     else:  # DataConfig's Literal makes this unreachable; kept so a new name fails loudly
         raise DatasetError(f"unknown dataset {cfg.name!r}")
     if split == "train" and cfg.limit is not None:

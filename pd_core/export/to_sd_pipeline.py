@@ -37,6 +37,7 @@ from pd_core.interop.sd_pipeline import TextToImageModel, build_text_encoder, bu
 from pd_core.interop.sd_unet import TextUNetNet
 
 SAMPLER_FILE = "pd_sampler.json"
+CARD_FILE = "README.md"
 SAMPLER_FORMAT = "pd-text-to-image/1"
 MAX_STEPS = 1024
 
@@ -80,6 +81,7 @@ def export_text_to_image(*, student_unet: nn.Module, parameterization: str, teac
     try:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / SAMPLER_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        (tmp / CARD_FILE).write_text(model_card(target=target, steps=steps, document=document), encoding="utf-8")
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -98,6 +100,25 @@ def export_student_checkpoint(loaded, *, teacher: TextToImageModel, out: str, st
     return export_text_to_image(student_unet=net.unet, parameterization=loaded.denoiser.parameterization,
                                 teacher=teacher, steps=steps or loaded.steps, out=out,
                                 source={k: manifest.get(k) for k in ("kind", "round", "steps", "sha256", "pipeline")})
+
+
+def model_card(*, target: Path, steps: int, document: dict) -> str:
+    """The folder's README.md: what it is, the step count N it was distilled for and the exact stock call."""
+    guided = document["time_cond_proj_dim"] is not None
+    call = usage_line(out=target, steps=steps, w=2.0 if guided else 0.0)
+    how = " with guided distillation (Meng et al. 2023)" if guided else ""
+    return (f"# A {steps}-step distilled text-to-image pipeline\n\n"
+            f"Progressive distillation (Salimans & Ho 2022){how}"
+            f" of the teacher at `{document['teacher']['source']}` (sha256 {document['teacher']['sha256'][:12]}).\n\n"
+            f"- Distilled for **{steps} sampling step(s)**: call it with `num_inference_steps={steps}`; other step "
+            f"counts run but are not what it was trained for.\n"
+            f"- Scheduler: DDIM, trailing spacing, `prediction_type={document['prediction_type']}`, no clipping.\n"
+            f"- Guidance: {document['guidance']}.\n\n"
+            f"```python\nfrom diffusers import StableDiffusionPipeline\n\n"
+            f"pipe = StableDiffusionPipeline.from_pretrained({str(target)!r}, safety_checker=None, "
+            f"requires_safety_checker=False)\n"
+            f"image = pipe(\"a photo of a sneaker\", num_inference_steps={steps}"
+            f", guidance_scale={'3.0' if guided else '1.0'}).images[0]\n```\n\n`{call}`\n")
 
 
 def usage_line(*, out: Path, steps: int, w: float | None) -> str:

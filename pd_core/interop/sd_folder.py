@@ -43,6 +43,7 @@ from pd_core.interop.diffusers_folder import (
     diffusers_location,
     is_diffusers_uri,
 )
+from pd_core.kinds import check_combination
 
 PIPELINE_CLASSES = ("StableDiffusionPipeline",)
 INDEX_NAME = "model_index.json"
@@ -356,8 +357,9 @@ def source_sha256(hashes: dict[str, dict[str, str]]) -> str:
 def preflight_text_to_image(cfg: Config) -> TextToImageFolder:
     """Check ``pipeline.teacher_uri`` (a text-to-image folder) against the config before a run starts.
 
-    ConfigError (one line naming the component and field) when the folder cannot be imported or
-    ``distill.start_steps`` is finer than its scheduler's timesteps.
+    ConfigError (one line naming the component and field) when the folder cannot be imported,
+    ``distill.start_steps`` is finer than its scheduler's timesteps, or the data is not image-caption
+    pairs (``data.name`` captions) at the pipeline's image size.
     """
     uri = cfg.pipeline.teacher_uri or ""
     try:
@@ -365,4 +367,16 @@ def preflight_text_to_image(cfg: Config) -> TextToImageFolder:
         check_timesteps(steps=cfg.distill.start_steps, num_train_timesteps=tti.num_train_timesteps, source=uri)
     except DiffusersImportError as err:
         raise ConfigError(f"pipeline.teacher_uri: {err}") from None
+    if cfg.data.name != "captions":
+        raise ConfigError(f"data.name must be 'captions' (an image-caption folder, data.url) for the text-to-image "
+                          f"teacher {uri}, got {cfg.data.name!r}")
+    if cfg.guidance.enabled:  # stage 1's student reads its output as the teacher does, so it starts as the teacher
+        try:
+            check_combination(parameterization=tti.parameterization, weighting=cfg.diffusion.weighting)
+        except ValueError as err:
+            raise ConfigError(f"diffusion.weighting: stage 1's student has the teacher's parameterization "
+                              f"{tti.parameterization!r}: {err}") from None
+    if cfg.data.image_size != tti.image_size:
+        raise ConfigError(f"data.image_size must be the pipeline's image size {tti.image_size} (UNet sample_size "
+                          f"{tti.latent_size} x VAE factor {tti.vae_scale_factor}), got {cfg.data.image_size}")
     return tti

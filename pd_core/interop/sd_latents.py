@@ -60,26 +60,30 @@ def encoded_key(*, data_sha256: str, encoders: str, size: int, seed: int) -> str
 
 
 @torch.no_grad()
-def encode_captions(model: TextToImageModel, data: CaptionData, *, seed: int, batch: int = 64) -> dict[str, Tensor]:
-    """The tensors of the module docstring for ``data`` (float32)."""
-    vae = build_vae(model)
-    tokenizer, text_encoder = build_tokenizer(model), build_text_encoder(model)
+def encode_captions(model: TextToImageModel, data: CaptionData, *, seed: int, batch: int = 64,
+                    device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """The tensors of the module docstring for ``data`` (float32, on the CPU), the encoders run on ``device``;
+    the latent draws come from a CPU generator whatever the device (the same draws everywhere)."""
+    vae = build_vae(model).to(device)
+    tokenizer, text_encoder = build_tokenizer(model), build_text_encoder(model).to(device)
     generator = torch.Generator().manual_seed(seed)
     latents = []
     for start in range(0, data.images.shape[0], batch):
-        dist = vae.encode(data.images[start:start + batch]).latent_dist
-        latents.append(dist.sample(generator=generator) * model.scaling_factor)
+        dist = vae.encode(data.images[start:start + batch].to(device)).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype)
+        latents.append((dist.mean + dist.std * noise.to(dist.mean.device)).cpu() * model.scaling_factor)
     distinct = list(dict.fromkeys(data.captions))
     where = {text: i for i, text in enumerate(distinct)}
     embeds = torch.cat([encode_prompts(tokenizer, text_encoder, distinct[i:i + batch])
                         for i in range(0, len(distinct), batch)])
     return {"latents": torch.cat(latents).contiguous(),
             "caption_index": torch.tensor([where[t] for t in data.captions], dtype=torch.int64),
-            "caption_embeds": embeds.contiguous(), "null_embed": encode_prompts(tokenizer, text_encoder, [""])}
+            "caption_embeds": embeds.cpu().contiguous(),
+            "null_embed": encode_prompts(tokenizer, text_encoder, [""]).cpu()}
 
 
 def ensure_encoded(store: CheckpointStore, model: TextToImageModel, data: CaptionData, *, size: int,
-                   seed: int) -> EncodedCaptions:
+                   seed: int, device: torch.device | str = "cpu") -> EncodedCaptions:
     """The encoded data from the store, or encoded now and saved there (module docstring)."""
     encoders = encoders_sha256(model)
     key = encoded_key(data_sha256=data.sha256, encoders=encoders, size=size, seed=seed)
@@ -93,7 +97,7 @@ def ensure_encoded(store: CheckpointStore, model: TextToImageModel, data: Captio
             raise ValueError(f"{store.uri(key)} holds other encodings ({differs}); delete it and rerun")
         log.info("encoded captions reused from %s (%d images)", store.uri(key), want["count"])
     else:
-        tensors = encode_captions(model, data, seed=seed)
+        tensors = encode_captions(model, data, seed=seed, device=device)
         ref = store.save_checkpoint(key, tensors=tensors, manifest={**want, "source": data.source,
                                                                       "teacher": model.source})
         log.info("encoded %d images and %d captions once to %s", want["count"],

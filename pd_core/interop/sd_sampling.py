@@ -115,5 +115,6 @@ def prompt_grid(sampler: PromptSampler, *, prompts: list[str], per_prompt: int, 
     noise = torch.randn((len(rows), *sampler.latent_shape), generator=torch.Generator().manual_seed(seed),
                         dtype=next(sampler.net.parameters()).dtype)
     images = sample_images(sampler, prompts=rows, w=w, steps=steps, noise=noise)
-    caption = f"{steps} steps, w = {w:g}: " + "; ".join(f"row {i + 1} '{p}'" for i, p in enumerate(prompts))
+    named = "; ".join(f"row {i + 1} '{p}'" for i, p in enumerate(prompts))
+    caption = f"{steps} step{'' if steps == 1 else 's'}, w = {w:g}: {named}"
     return images, caption

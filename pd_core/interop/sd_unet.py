@@ -10,7 +10,8 @@ feeds it):
 k = 0 .. d/2 - 1, a zero appended for odd d. :func:`guided_student_unet` copies a teacher and adds
 W = ``time_embedding.cond_proj`` (no bias) at zero, so the student computes the teacher at every w.
 :class:`TextUNetCondition` is what a checkpoint's manifest records of such a network;
-:class:`CaptionTableNet` indexes a table of caption embeddings by class-label-like indices.
+:class:`CaptionTableNet` indexes a table of caption embeddings by class-label-like indices, and
+:class:`CaptionTableArch` is the architecture that builds it (what the class-label jobs train).
 diffusers is imported inside the functions that need it (an optional dependency).
 """
 
@@ -186,7 +187,12 @@ class TextUNetCondition:
         return int(self.config.get("out_channels", 4))
 
     def build(self, *, dropout: float) -> nn.Module:
-        return TextUNetNet(build_cond_unet({**self.config, "dropout": float(dropout)}), schedule=self.schedule)
+        """A fresh TextUNetNet; a guidance embedding's W starts at zero (the stage-1 student starts as its teacher)."""
+        unet = build_cond_unet({**self.config, "dropout": float(dropout)})
+        if self.guidance_embedding:
+            with torch.no_grad():
+                unet.time_embedding.cond_proj.weight.zero_()
+        return TextUNetNet(unet, schedule=self.schedule)
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         return _state_shapes(self.config_json)
@@ -204,21 +210,21 @@ class TextUNetCondition:
                                     scheduler_config=self.scheduler_config)
 
 
-class CaptionTableNet(nn.Module):
+class CaptionTableNet(TextUNetNet):
     """net(z, logsnr, y[, w]) = text_net(z, logsnr, table[y][, w]): caption indices as class labels.
 
     ``table`` (U + 1, L, D) holds the U distinct captions' embeddings and, as row U, the empty
     prompt's, so index U is the null class of classifier-free guidance and the class-label
     machinery (:class:`pd_core.guidance.GuidedDenoiser`, label dropout, the rounds) drives a
-    text-conditioned UNet unchanged. The table is data, not weights: a non-persistent buffer.
+    text-conditioned UNet unchanged. The table is data, not weights: a non-persistent buffer, so the
+    state dict is the TextUNetNet's (the UNet's tensors under ``unet.``) and checkpoints are the same.
     """
 
     def __init__(self, text_net: TextUNetNet, *, caption_embeds: Tensor, null_embed: Tensor):
-        super().__init__()
+        super().__init__(text_net.unet, schedule=text_net.schedule)
         if caption_embeds.ndim != 3 or null_embed.shape != (1, *caption_embeds.shape[1:]):
             raise ValueError(f"caption_embeds (U, L, D) and null_embed (1, L, D) must agree; got "
                              f"{tuple(caption_embeds.shape)} and {tuple(null_embed.shape)}")
-        self.text_net = text_net
         self.register_buffer("table", torch.cat([caption_embeds, null_embed]), persistent=False)
 
     @property
@@ -227,4 +233,58 @@ class CaptionTableNet(nn.Module):
         return self.table.shape[0] - 1
 
     def forward(self, z: Tensor, logsnr: Tensor, y: Tensor, w: Tensor | None = None) -> Tensor:
-        return self.text_net(z, logsnr, self.table[y].to(z.dtype), w)
+        return super().forward(z, logsnr, self.table[y].to(z.dtype), w)
+
+
+@dataclass(frozen=True, eq=False)
+class CaptionTableArch:
+    """A :class:`TextUNetCondition` over a caption table: the architecture the class-label jobs train and check.
+
+    ``num_classes`` is the number of distinct captions U and the null class U is the empty prompt
+    (:class:`CaptionTableNet`); the manifest fields, state shapes and weights are the inner
+    architecture's, so a checkpoint never holds the table.
+    """
+
+    inner: TextUNetCondition
+    caption_embeds: Tensor
+    null_embed: Tensor
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.inner.image_shape
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.caption_embeds.shape[0])
+
+    @property
+    def null_class(self) -> bool:
+        return True
+
+    @property
+    def guidance_embedding(self) -> bool:
+        return self.inner.guidance_embedding
+
+    @property
+    def out_channels(self) -> int:
+        return self.inner.out_channels
+
+    @property
+    def schedule(self) -> DiscreteSchedule:
+        return self.inner.schedule
+
+    def build(self, *, dropout: float) -> nn.Module:
+        return CaptionTableNet(self.inner.build(dropout=dropout), caption_embeds=self.caption_embeds,
+                               null_embed=self.null_embed)
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.inner.state_shapes()
+
+    def manifest_fields(self) -> dict:
+        return self.inner.manifest_fields()
+
+    def without_dropout(self) -> CaptionTableArch:
+        return CaptionTableArch(self.inner.without_dropout(), self.caption_embeds, self.null_embed)
+
+    def with_guidance_embedding(self, dim: int = DEFAULT_GUIDANCE_DIM) -> CaptionTableArch:
+        return CaptionTableArch(self.inner.with_guidance_embedding(dim), self.caption_embeds, self.null_embed)

@@ -54,7 +54,8 @@ def evaluate_sampler(sample_fn: SampleFn, *, num_samples: int, batch_size: int, 
                      image_shape: tuple[int, int, int], reference_features: np.ndarray | None = None,
                      progress: Progress | None = None, kid_subsets: int = 100, kid_subset_size: int = 1000,
                      pr_k: int = 3, log_every_s: float = 30.0, num_classes: int | None = None,
-                     label_classifier: LabelFn | None = None) -> dict[str, float]:
+                     label_classifier: LabelFn | None = None,
+                     noise_shape: tuple[int, int, int] | None = None) -> dict[str, float]:
     """Draw ``num_samples`` images with ``sample_fn(noise) -> images in [-1, 1]`` and score them.
 
     noise: (B, *image_shape) float32 CPU tensors from :func:`sample_noise`, the same for every
@@ -68,7 +69,8 @@ def evaluate_sampler(sample_fn: SampleFn, *, num_samples: int, batch_size: int, 
     With ``num_classes`` K (a class-conditional model), example i asks for class i mod K (the set is
     class-balanced whenever K divides N) and ``sample_fn(noise, labels)`` gets those labels (B,);
     with ``label_classifier`` too, ``sample_accuracy`` is the fraction of samples it classifies as
-    the class they asked for.
+    the class they asked for. ``noise_shape`` (default ``image_shape``): the noise's shape per example
+    when the sampler maps it to images of another shape (latents decoded to pixels).
     """
     if num_samples < 2 or batch_size < 1:
         raise ValueError(f"need num_samples >= 2 and batch_size >= 1; got {num_samples}, {batch_size}")
@@ -77,7 +79,7 @@ def evaluate_sampler(sample_fn: SampleFn, *, num_samples: int, batch_size: int, 
     correct = 0
     while done < num_samples:
         count = min(batch_size, num_samples - done)
-        noise = sample_noise(seed=seed, start=done, count=count, shape=tuple(image_shape))  # (B, C, H, W)
+        noise = sample_noise(seed=seed, start=done, count=count, shape=tuple(noise_shape or image_shape))
         labels = class_balanced_labels(start=done, count=count, num_classes=num_classes) if num_classes else None
         t = time.perf_counter()
         with torch.no_grad():

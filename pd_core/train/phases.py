@@ -17,7 +17,7 @@ from pd_core.denoiser import Denoiser
 from pd_core.distill import DistillationLoss
 from pd_core.guidance import GuidanceLoss, drop_labels, sample_guidance
 from pd_core.losses import TeacherLoss
-from pd_core.schedule import CosineSchedule, Schedule
+from pd_core.schedule import CosineSchedule, DiscreteSchedule, Schedule
 from pd_core.train.batches import device_batches, rank_batches
 from pd_core.train.loop import BatchFn, LoopSpec, LossFn, data_parallel, run_loop
 from pd_core.train.progress import ProgressCallback
@@ -27,6 +27,8 @@ from pd_core.train.state import CheckpointHook, TrainState
 from pd_core.unet import UNet, UNetSpec
 
 log = logging.getLogger("pd_core.train")
+# the guidance embedding's parameters: the project's U-Net's MLP, a text UNet's W of phi_d(w)
+GUIDANCE_EMBEDDINGS = ("guide_mlp", "unet.time_embedding.cond_proj")
 
 
 def _log_batch(phase: str, *, per_rank: int, runtime: Runtime) -> None:
@@ -94,9 +96,10 @@ def guidance_loss_fn(*, net: nn.Module, teacher_net: nn.Module, null_label: int,
     """
     teacher_kind = teacher_parameterization or diffusion_cfg.parameterization
     student_kind = student_parameterization or diffusion_cfg.parameterization
+    t_min = 1.0 / schedule.num_timesteps if isinstance(schedule, DiscreteSchedule) else 0.0  # its first timestep
     loss = GuidanceLoss(Denoiser(teacher_net, parameterization=teacher_kind), null_label=null_label,
                         w_min=guidance_cfg.w_min, w_max=guidance_cfg.w_max, weighting=diffusion_cfg.weighting,
-                        schedule=schedule)
+                        schedule=schedule, t_min=t_min)
 
     def loss_fn(x: Tensor, y: Tensor | None) -> Tensor:
         if y is None:
@@ -195,7 +198,7 @@ def new_guided_student_state(*, teacher_weights: dict[str, Tensor], arch: Archit
     model = prepare_module(model, runtime)
     _seed_rank_rng(seed, runtime)
     opt = make_optimizer(model, lr=guidance_cfg.lr, weight_decay=0.0, runtime=runtime,
-                         lr_scales={"guide_mlp": guidance_cfg.embedding_lr_scale})
+                         lr_scales={name: guidance_cfg.embedding_lr_scale for name in GUIDANCE_EMBEDDINGS})
     gen = torch.Generator(device=runtime.device).manual_seed(dist.rank_seed(seed, runtime.rank))
     return TrainState(model=model, optimizer=opt, ema=None, step=0, noise_generator=gen)
 

@@ -104,6 +104,10 @@ class SamplerModel(PythonModel):
         from pd_core.images import to_uint8
         from pd_core.samplers import ddim
 
+        if self.manifest.get("diffusers_unet2d_condition") is not None:
+            raise ValueError("this sampler is a text-to-image UNet2DConditionModel, which needs prompts and its VAE: "
+                             "sample it with `pd sample --model <this model's URI> --prompt TEXT`, or run the folder "
+                             "`pd export --format diffusers` writes with StableDiffusionPipeline")
         request = {**_first_row(model_input), **(params or {})}
         num = _as_int(request.get("num_images"), name="num_images", default=16)
         if num > MAX_IMAGES:

@@ -1,0 +1,83 @@
+"""A text-to-image pipeline's evaluation samplers: ``diffusers_ddim`` is stock StableDiffusionPipeline with the folder's
+own scheduler settings (leading spacing, steps_offset: not our trailing grid), ``teacher_ddim`` our trailing DDIM; the
+UNet calls each makes; prompts and the records' accuracy.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pd_core.interop.sd_pipeline import read_text_to_image_model, teacher_checkpoint
+from pd_core.store import CheckpointStore
+from pd_core.text_evaluation import eval_prompts, prompt_sampler, sample_images, unet_calls
+from tests.sd_models import load_sd_pipeline, one_thread, tiny_pipeline
+
+PROMPTS = ["a photo of a bag", "a photo of a coat"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def leading(tmp_path_factory):
+    """A tiny pipeline whose DDIMScheduler ships SD 1.x's leading spacing with steps_offset 1; its teacher stored."""
+    import diffusers
+
+    root = tmp_path_factory.mktemp("leading")
+    pipe = tiny_pipeline(root / "build")
+    pipe.scheduler = diffusers.DDIMScheduler.from_config({**pipe.scheduler.config, "timestep_spacing": "leading",
+                                                          "steps_offset": 1, "set_alpha_to_one": False})
+    pipe.save_pretrained(str(root / "pipe"), safe_serialization=True)
+    model = read_text_to_image_model(str(root / "pipe"))
+    tensors, fields = teacher_checkpoint(model)
+    store = CheckpointStore(str(root / "store"))
+    store.save_checkpoint("t", tensors=tensors, manifest={"kind": "teacher", "steps": 4, **fields})
+    return root / "pipe", store
+
+
+def _cfg(folder, tmp_path):
+    from pd_core.config import load_config
+
+    return load_config(preset="smoke", overrides=[f"pipeline.teacher_uri=diffusers:{folder}", "data.name=captions",
+                                                  f"data.url={tmp_path}", f"storage.root={tmp_path / 's'}",
+                                                  "eval.class_names=[bag, coat]"])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("steps", [4])
+def test_diffusers_ddim_is_stock_stable_diffusion_with_the_folders_leading_spacing(leading, tmp_path, steps):
+    folder, store = leading
+    sampler = prompt_sampler(_cfg(folder, tmp_path), store, "t")
+    scheduler = read_text_to_image_model(str(folder)).configs["scheduler"]
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(steps))
+    ours = sample_images(sampler, kind="diffusers_ddim", prompts=PROMPTS, noise=z, steps=steps, w=2.0,
+                         scheduler_config=scheduler)
+    stock = load_sd_pipeline(folder)(PROMPTS, latents=z.clone(), num_inference_steps=steps, guidance_scale=3.0,
+                                     output_type="pt").images  # (x / 2 + 1 / 2).clamp(0, 1)
+    torch.testing.assert_close(ours, stock * 2 - 1, rtol=0, atol=1e-5)
+    trailing = sample_images(sampler, kind="teacher_ddim", prompts=PROMPTS, noise=z, steps=steps, w=2.0)
+    assert float((trailing - ours).abs().max()) > 1e-4  # our trailing grid is another sampler, reported apart
+
+
+def test_unet_calls_count_two_a_step_for_the_guided_teacher_only():
+    assert unet_calls(sampler="teacher_ddim", steps=4, w=2.0) == 8
+    assert unet_calls(sampler="diffusers_ddim", steps=4, w=0.0) == 4  # guidance_scale 1: one call
+    assert unet_calls(sampler="distilled", steps=4, w=2.0, student_takes_w=True) == 4
+
+
+def test_evaluation_prompts_are_class_balanced_in_the_order_of_the_noise(leading, tmp_path):
+    cfg = _cfg(leading[0], tmp_path)
+    assert eval_prompts(cfg, start=3, count=3) == ["a photo of a coat", "a photo of a bag", "a photo of a coat"]
+
+
+def test_the_text_to_image_preset_prompts_name_the_benchmarks_classes_as_its_captions_do():
+    from pd_core.config import load_config
+    from pd_core.data.class_captions import FASHION_MNIST_NAMES, TEMPLATE
+
+    cfg = load_config(preset="text-to-image-cpu")
+    assert tuple(cfg.eval.class_names) == FASHION_MNIST_NAMES and cfg.eval.prompt_template == TEMPLATE
+    assert cfg.data.name == "captions" and cfg.guidance.enabled
+    assert [tuple(r) for r in cfg.distill.rounds()] == [(8, 4), (4, 2), (2, 1)]
