@@ -57,8 +57,10 @@ def test_the_report_judges_each_target_by_the_numbers(tmp_path):
     assert "| distilled below diffusers' DDIM at N=8 | 21 | 22 | yes |" in text
     assert "| distilled below diffusers' DDIM at N=2 | 65 | 60 | no |" in text
     assert "pipeline defaults at N=" not in text  # not measured in this frame: no such target
-    assert "N=16" not in text.split("## Targets")[1].split("DDIM within")[0]  # no distilled 16-step model
-    assert "within sampling noise at N=4: abs difference vs the difference across noise seeds | 1 | 0.5 | no |" \
-        in text
-    assert "within sampling noise at N=1: abs difference vs the difference across noise seeds | 0 | 1 | yes |" in text
+    assert "| distilled below our trailing DDIM (same noise) at N=4 | 29 | 31 | yes |" in text
+    assert "| distilled below our trailing DDIM (same noise) at N=8 | 21 | 22.1 | yes |" in text
+    targets = text.split("## Targets")[1].split("## The folder's own DDIM")[0]
+    assert "N=16" not in targets  # no distilled 16-step model
+    assert "within sampling noise" not in text  # two different samplers: compared, not judged equal
+    assert "| 4 | 30 | 31 | -1 | 0.5 |" in text and "| 1 | 150 | 150 | 0 | 1 |" in text
     assert "| 2 | 50 | **45** | 48 |" in text and "| 1 | 120 | 60 | **55** |" in text
