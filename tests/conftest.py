@@ -164,4 +164,8 @@ def smoke_guided(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> 
 from tests.multinode_rounds import mn_teacher, two_node_round  # noqa: E402, F401
 
 # Under pytest-xdist (`make test`): whole files, and the files that share a session fixture, as work units.
-from tests.parallel import pytest_collection_modifyitems, pytest_xdist_make_scheduler  # noqa: E402, F401
+from tests.parallel import (  # noqa: E402, F401
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_xdist_make_scheduler,
+)

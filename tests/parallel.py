@@ -8,7 +8,8 @@
 - Units start heaviest first (``HEAVIEST_FIRST``, from ``--durations``), the rest in collection order, so the
   last units to start are short and the workers finish together. A stale order costs wall time, never a result.
 - Each worker is its own process with its own session homes (PD_HOME, PREFECT_HOME, XDG_CONFIG_HOME under a fresh
-  temporary folder, tests/conftest.py), its own ``tmp_path`` root and its own servers on free ports.
+  temporary folder, tests/conftest.py), its own ``tmp_path`` root and its own servers on free ports, and torch
+  on ``cores // workers`` threads (two workers with a thread per core each would only wait on each other).
 
 Without xdist (plain ``pytest``) none of this applies: the order is pytest's.
 """
@@ -76,6 +77,15 @@ def start_order(nodeids: Sequence[str]) -> list[int]:
         listed = HEAVIEST_FIRST.index(file) if file in HEAVIEST_FIRST else len(HEAVIEST_FIRST)
         rank[unit_of(nodeid)] = min(rank.get(unit_of(nodeid), listed), listed)
     return sorted(range(len(nodeids)), key=lambda i: rank[unit_of(nodeids[i])])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In an xdist worker: torch on this worker's share of the cores (a test may still set its own count)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers > 1 and hasattr(config, "workerinput"):
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -53,3 +54,20 @@ def test_make_test_runs_on_two_workers_with_file_units(dist):
     makefile = (ROOT / "Makefile").read_text()
     target = makefile.split("\ntest: setup\n", 1)[1].split("\n", 1)[0]
     assert "-n $(TEST_WORKERS)" in target and f"--dist {dist}" in target, target
+
+
+def test_a_worker_runs_torch_on_its_share_of_the_cores_and_a_plain_run_is_left_alone(monkeypatch):
+    import torch
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 8)
+    worker, controller = SimpleNamespace(workerinput={"workerid": "gw0"}), SimpleNamespace()
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    parallel.pytest_configure(worker)
+    parallel.pytest_configure(controller)  # the controller runs no test
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "16")
+    parallel.pytest_configure(worker)  # more workers than cores: still one thread each
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT")
+    parallel.pytest_configure(worker)
+    assert calls == [4, 1]
