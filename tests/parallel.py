@@ -112,7 +112,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items[:] = [items[i] for i in order]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own scheduler factory
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # before xdist's own; without xdist, unused
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """``--dist loadfile`` with the shared units, in the order the workers collected (heaviest first)."""
     if config.getvalue("dist") != "loadfile":

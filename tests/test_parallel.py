@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from tests import parallel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,3 +71,15 @@ def test_a_worker_runs_torch_on_its_share_of_the_cores_and_a_plain_run_is_left_a
     monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT")
     parallel.pytest_configure(worker)
     assert calls == [4, 1]
+
+
+def test_with_dist_loadfile_the_scheduler_keeps_shared_units_together_in_the_workers_order():
+    pytest.importorskip("xdist")
+    values = {"dist": "loadfile", "tx": ["2*popen"]}
+    config = SimpleNamespace(getvalue=values.get, option=SimpleNamespace(loadscopereorder=True))
+    sched = parallel.pytest_xdist_make_scheduler(config, None)
+    assert sched._split_scope("tests/test_kubernetes_jobs.py::a") == sched._split_scope("tests/test_multinode.py::b")
+    assert sched._split_scope("tests/test_schedule.py::test_x[1]") == "tests/test_schedule.py"
+    assert config.option.loadscopereorder is False  # units start in the order the workers collected them
+    values["dist"] = "load"
+    assert parallel.pytest_xdist_make_scheduler(config, None) is None  # other modes are xdist's own
