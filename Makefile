@@ -6,6 +6,7 @@ PRESET ?= smoke
 BIN := $(VENV)/bin
 # CPU torch BEFORE the project, so pip never resolves a multi-GB CUDA build on a CPU machine.
 TORCH ?= torch==2.13.0
+TEST_WORKERS ?= 2
 
 .PHONY: setup run lint test test-fast bench clean
 
@@ -24,8 +25,9 @@ run: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# Two workers, whole files as work units (tests/parallel.py); TEST_WORKERS=0 runs them in this one process.
 test: setup
-	$(BIN)/pytest -q -p no:cacheprovider --timeout=900
+	$(BIN)/pytest -q -p no:cacheprovider --timeout=900 -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
 	$(BIN)/pytest -q -p no:cacheprovider -m "not integration and not fullstack and not slow"

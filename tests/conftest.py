@@ -162,3 +162,10 @@ def smoke_guided(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> 
 
 # The multi-node tests' session fixtures (one teacher and one two-node round for both test files).
 from tests.multinode_rounds import mn_teacher, two_node_round  # noqa: E402, F401
+
+# Under pytest-xdist (`make test`): whole files, and the files that share a session fixture, as work units.
+from tests.parallel import (  # noqa: E402, F401
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_xdist_make_scheduler,
+)

@@ -3,11 +3,14 @@ line per retry; disk-full and permission errors are permanent: neither the store
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,17 +19,46 @@ from pd_core.store import CheckpointStore, StorageIOError
 from tests.store.helpers import _set_test_credentials
 
 
+@dataclass
+class PausedEndpoint:
+    url: str
+    requests: list[str]  # the request line of every request it received (none was ever answered)
+
+
 @pytest.fixture
-def paused_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """An S3 endpoint that is paused, not refusing: the kernel accepts TCP connections, nothing ever answers."""
+def paused_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PausedEndpoint]:
+    """An S3 endpoint that is paused, not refusing: it accepts TCP connections and reads requests, never answers."""
     _set_test_credentials(monkeypatch, tmp_path)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    sock.listen(64)  # never accept()ed: requests are sent, no response ever comes
+    sock.listen(64)
+    endpoint = PausedEndpoint(url=f"http://127.0.0.1:{sock.getsockname()[1]}", requests=[])
+    held: list[socket.socket] = []  # open until the end: a closed connection would be an answer
+
+    def read_head(conn: socket.socket) -> None:
+        head = b""
+        with contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in head and len(head) < 65536:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            endpoint.requests.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # the listening socket closed: done
+            while True:
+                conn, _ = sock.accept()
+                held.append(conn)
+                threading.Thread(target=read_head, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield endpoint
     finally:
         sock.close()
+        for conn in held:
+            conn.close()
 
 
 def test_s3_requests_time_out_by_default_and_the_timeouts_can_be_set() -> None:
@@ -41,9 +73,10 @@ def test_s3_requests_time_out_by_default_and_the_timeouts_can_be_set() -> None:
     assert "config_kwargs" not in with_s3_defaults("memory://store", None)
 
 
-def test_a_paused_object_store_fails_in_bounded_time_with_a_line_per_retry(paused_endpoint: str,
-                                                                             caplog: pytest.LogCaptureFixture) -> None:
-    options = {"client_kwargs": {"endpoint_url": paused_endpoint},
+@pytest.mark.timeout(120)  # a hang bound: 3 attempts of 1 s timeouts, whatever the machine's load
+def test_a_paused_object_store_fails_after_three_attempts_with_a_line_per_retry(
+        paused_endpoint: PausedEndpoint, caplog: pytest.LogCaptureFixture) -> None:
+    options = {"client_kwargs": {"endpoint_url": paused_endpoint.url},
                "config_kwargs": {"connect_timeout": 1, "read_timeout": 1}}
     store = CheckpointStore("s3://pd-paused/store", storage_options=options, retry_base_delay=0.05)
     caplog.set_level(logging.WARNING, logger="pd_core.store")
@@ -59,7 +92,13 @@ def test_a_paused_object_store_fails_in_bounded_time_with_a_line_per_retry(pause
     # (de-duplicated: with Prefect's logging set up by earlier tests, a record can reach caplog twice)
     retries = list(dict.fromkeys(r.getMessage() for r in caplog.records if "transient storage error" in r.getMessage()))
     assert len(retries) == 2 and all("retry" in m and "s3://pd-paused/store" in m for m in retries), retries
-    assert seconds < 15, f"3 attempts with 1 s timeouts took {seconds:.1f}s: hidden retries multiply the timeout"
+    # Counted, not timed: 3 attempts reached the endpoint, one request each (botocore and s3fs retry nothing
+    # themselves: no hidden retries multiply the timeout).
+    puts = [r for r in paused_endpoint.requests if r.startswith("PUT /pd-paused/store/pipelines/x/report/")]
+    assert len(puts) == 3 and len(set(puts)) == 1, paused_endpoint.requests
+    # A hang bound, not a speed check: the 1 s timeouts were applied (3 attempts at the 30 s default would take
+    # 90 s). It took 7 s on this 2-core machine at load average 6.
+    assert seconds < 45, f"3 attempts with 1 s timeouts took {seconds:.1f}s: the timeouts were not applied"
 
 
 @pytest.mark.parametrize("error, transient", [
