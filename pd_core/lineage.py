@@ -8,8 +8,8 @@ only those (kept next to it as ``settings``):
     teacher   model, diffusion, data, teacher (without log_every, checkpoint_every; label_dropout only
               when it is not 0), pipeline.seed
     stage 1   guided distillation's w-conditioned student (``guided_lineage``): diffusion, data, guidance
-              (w_min, w_max, updates, batch_size, lr, grad_clip), distill.dropout, the student's resolved
-              parameterization, pipeline.seed and the teacher's step count; its parent is the teacher
+              (w_min, w_max, updates, batch_size, lr, grad_clip, embedding_lr_scale), distill.dropout, the
+              student's resolved parameterization, pipeline.seed and the teacher's step count; its parent is the teacher
     round r   diffusion, data, the round's distill settings (batch_size, lr, grad_clip, dropout, the
               round's update count and the student's resolved parameterization), pipeline.seed, r and
               the round's step counts; for a round of a w-conditioned teacher (stage 2) also the guidance
@@ -45,7 +45,7 @@ CADENCE_FIELDS = ("log_every", "checkpoint_every")
 # Distill fields that decide a round's student (the round's update count comes from updates_for).
 ROUND_DISTILL_FIELDS = ("batch_size", "lr", "grad_clip", "dropout")
 # Guidance fields that decide the stage-1 student (``enabled`` is implied by there being one).
-GUIDED_FIELDS = ("w_min", "w_max", "updates", "batch_size", "lr", "grad_clip")
+GUIDED_FIELDS = ("w_min", "w_max", "updates", "batch_size", "lr", "grad_clip", "embedding_lr_scale")
 SHORT = 12  # hex digits of a hash or sha256 in messages
 
 
@@ -102,7 +102,8 @@ def guided_lineage(cfg: Config, *, teacher_steps: int, parent_sha256: str,
                    student_parameterization: str | None = None, encoded_data: str | None = None) -> Lineage:
     """Guided distillation's stage-1 lineage: the w-conditioned student of the ``teacher_steps``-step teacher.
 
-    Its weights are decided by the guidance section (the w range it learns, its updates and optimizer),
+    Its weights are decided by the guidance section (the w range it learns, its updates and optimizer, the
+    guidance embedding's learning-rate scale),
     the student's dropout (distill.dropout) and resolved parameterization (default: the diffusion's),
     the diffusion, the data and the pipeline seed; its parent is the teacher's sha256.
     """
