@@ -81,3 +81,32 @@ def test_the_text_to_image_preset_prompts_name_the_benchmarks_classes_as_its_cap
     assert tuple(cfg.eval.class_names) == FASHION_MNIST_NAMES and cfg.eval.prompt_template == TEMPLATE
     assert cfg.data.name == "captions" and cfg.guidance.enabled
     assert [tuple(r) for r in cfg.distill.rounds()] == [(8, 4), (4, 2), (2, 1)]
+
+
+def test_a_vae_replaced_in_the_teacher_folder_is_read_anew_and_keys_new_records_and_grids(leading, tmp_path):
+    """Same UNet, another VAE at the same location: the folder is read again (no stale in-process copy), the grid is
+    redrawn through the new decoder and the records' cache key changes with the folder's hash."""
+    import shutil
+
+    from pd_core.evaluation import grid_key
+    from pd_core.text_evaluation import teacher_folder, text_record_key, write_text_grid
+    from tests.sd_models import tiny_vae
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(leading[0], folder)
+    tensors, fields = teacher_checkpoint(read_text_to_image_model(str(folder)))
+    store = CheckpointStore(str(tmp_path / "store"))
+    store.save_checkpoint("t", tensors=tensors, manifest={"kind": "teacher", "steps": 4, **fields})
+    cfg = _cfg(folder, tmp_path)
+    before = teacher_folder(cfg)
+    write_text_grid(cfg, store, key="t", steps=1, w=0.0)
+    grid_before = store.get_bytes(grid_key("t", sampler="ddim", steps=1, w=0.0))
+    tiny_vae(seed=7).save_pretrained(str(folder / "vae"), safe_serialization=True)
+    after = teacher_folder(cfg)
+    assert after.source_sha256 != before.source_sha256
+    assert not all(torch.equal(after.weights["vae"][k], before.weights["vae"][k]) for k in after.weights["vae"])
+    write_text_grid(cfg, store, key="t", steps=1, w=0.0)
+    assert store.get_bytes(grid_key("t", sampler="ddim", steps=1, w=0.0)) != grid_before
+    keys = {text_record_key(model_sha256="ab" * 32, folder_sha256=m.source_sha256, kind="teacher_ddim", steps=4, w=0.0,
+                            eval_hash_="e") for m in (before, after)}
+    assert len(keys) == 2

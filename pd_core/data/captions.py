@@ -110,6 +110,19 @@ def _decode(raw: bytes, *, url: str) -> np.ndarray:
         raise DatasetError(f"{url} is not a readable image ({exc}); remove it from {METADATA_NAME}") from None
 
 
+def load_caption_texts(url: str, *, split: str = "train") -> tuple[str, ...]:
+    """The captions of the folder at ``url`` in order, read from its metadata.jsonl alone (no image is read)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(_local(url))
+    except (ValueError, ImportError, OSError) as err:
+        raise DatasetError(f"{url}: cannot open this location ({err})") from None
+    folder, folder_url = _metadata_url(url, split, fs, path)
+    meta_url = join_url(folder_url, METADATA_NAME)
+    rows = parse_metadata(_read(fs, f"{folder}/{METADATA_NAME}", limit=MAX_METADATA_BYTES, url=meta_url),
+                          source=meta_url)
+    return tuple(text for _, text in rows)
+
+
 def load_captions(url: str, *, size: int, split: str = "train") -> CaptionData:
     """The image-caption pairs of the folder at ``url`` (module docstring), images fitted to ``size``."""
     try:

@@ -27,6 +27,7 @@ No torch and no diffusers here, so a run checks a folder before anything heavy l
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 
@@ -341,6 +342,22 @@ def component_hashes(tti: TextToImageFolder) -> dict[str, dict[str, str]]:
     """component -> file name -> sha256 of every file a load of the pipeline reads."""
     return {component: {name: file_sha256(tti, component, name) for name in names}
             for component, names in tti.files.items()}
+
+
+def folder_fingerprint(tti: TextToImageFolder) -> str:
+    """A cheap change detector of a checked folder: its configs and each file a load reads with its size and
+    modification stamps (fsspec ``info``: mtime, LastModified, ETag, created); a file rewritten in place changes it.
+    What caches of the folder's read model are keyed on (the lineage hash is :func:`source_sha256`)."""
+    parts = [json.dumps(tti.configs, sort_keys=True, default=str)]
+    for component, names in sorted(tti.files.items()):
+        for name in names:
+            try:
+                info = tti.folder.fs.info(tti.folder.path(component, name))
+            except OSError as err:
+                raise _fail(component, f"{tti.folder.url(component, name)} could not be read: {err}") from None
+            stamps = [info.get(k) for k in ("size", "mtime", "LastModified", "ETag", "created")]
+            parts.append(f"{component}/{name} {json.dumps(stamps, default=str)}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def component_sha256(files: dict[str, str]) -> str:
