@@ -155,6 +155,16 @@ def encoded_sha256(cfg: Config, store: CheckpointStore) -> str | None:
     return json.loads(store.get_bytes(pointer_key))["sha256"] if store.exists(pointer_key) else None
 
 
+def teacher_folder_sha256(cfg: Config, store: CheckpointStore) -> str | None:
+    """The hash of the folder a text-to-image pipeline's teacher was imported from (its manifest's
+    ``text_to_image.sha256``: what its jobs' lineage records besides the parent); None for other pipelines."""
+    if not is_text_pipeline(cfg):
+        return None
+    manifest = store.read_manifest(teacher_key(cfg.pipeline.name)) or {}
+    info = manifest.get("text_to_image")
+    return info.get("sha256") if isinstance(info, dict) else None
+
+
 def with_caption_table(arch, data: ImageData):
     """``arch`` over the caption table of ``data`` when it is a text UNet (:class:`CaptionTableArch`); else ``arch``."""
     if not isinstance(arch, TextUNetCondition):

@@ -114,7 +114,7 @@ def test_encoded_data_reaches_the_rounds_as_class_labelled_latents_with_their_ta
 
 
 def test_unguided_distillation_of_a_text_teacher_runs_the_rounds_from_the_teacher_without_stage_1(tmp_path):
-    from pd_core import jobs, text_to_image
+    from pd_core import jobs, lineage, text_to_image
     from pd_core.config import load_config
     from pd_core.data.class_captions import write_caption_folder
     from pd_core.models import load_model
@@ -135,6 +135,12 @@ def test_unguided_distillation_of_a_text_teacher_runs_the_rounds_from_the_teache
     assert manifest["parameterization"] == "v" and manifest["diffusers_unet2d_condition"]["time_cond_proj_dim"] is None
     assert manifest["text_to_image"] == store.read_manifest(teacher.key)["text_to_image"]
     assert "guidance" not in manifest["settings"] and "encoded_data" in manifest["settings"]
+    # a re-imported teacher of the same UNet keeps its sha256: the folder's hash (its scheduler) is in the lineage
+    assert manifest["settings"]["teacher_folder"] == manifest["text_to_image"]["sha256"]
+    encoded = manifest["settings"]["encoded_data"]
+    other_folder = lineage.round_lineage(cfg, round_index=1, teacher_steps=2, parent_sha256=teacher.sha256,
+                                         student_parameterization="v", encoded_data=encoded, teacher_folder="cd" * 32)
+    assert other_folder.settings_hash != manifest["settings_hash"]
     assert load_model(store, student.key).architecture.image_shape == (4, 4, 4)
     again = jobs.run_round(cfg, store, round_index=1, teacher=teacher)
     assert not again.trained and again.sha256 == student.sha256

@@ -77,7 +77,7 @@ def test_the_flow_imports_encodes_once_runs_stage_1_and_the_rounds_and_evaluates
     guided = _manifest(root, "guided")
     assert guided["diffusers_unet2d_condition"]["time_cond_proj_dim"] == 256  # diffusers' guidance embedding
     assert guided["parameterization"] == "eps" and guided["parent_sha256"] == teacher["sha256"]
-    assert guided["settings"]["encoded_data"] == pointer["sha256"]
+    assert guided["settings"]["encoded_data"] == pointer["sha256"] and guided["settings"]["teacher_folder"] == source
     student = _manifest(root, "rounds/01-0001")
     assert student["steps"] == 1 and student["parent_sha256"] == guided["sha256"]
     assert student["parameterization"] == kinds.EPS_TEACHER_STUDENT  # auto for an eps teacher
