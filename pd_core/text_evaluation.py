@@ -8,9 +8,16 @@ decode), quantised to uint8 before any feature network. Samplers, each at guidan
 
 - ``teacher_ddim``: our trailing DDIM over the teacher, classifier-free guided
   eps_w = (1 + w) eps(z, c) - w eps(z, c_0): 2 UNet calls a step at w > 0 (1 at w = 0);
-- ``diffusers_ddim``: stock ``StableDiffusionPipeline`` with ``DDIMScheduler.from_config`` of the folder's
-  own scheduler config (its spacing, ``steps_offset``, ``set_alpha_to_one``, as the folder ships them)
-  at ``guidance_scale = 1 + w``, on the same latents and prompt embeddings;
+- ``diffusers_ddim``: stock ``StableDiffusionPipeline`` with the scheduler a user swaps in,
+  ``DDIMScheduler.from_config`` of the folder's own scheduler config (its spacing, ``steps_offset``,
+  ``set_alpha_to_one``, as the folder ships them; :func:`baseline_ddim_config`) at ``guidance_scale =
+  1 + w``, on the same latents and prompt embeddings. One departure from ``from_config``: a config
+  that does not set ``clip_sample`` (Euler, DPM-Solver and PNDM configs have no such field) gets
+  ``clip_sample = False``, not DDIM's default True, since clipping x_hat to [-1, 1] is a pixel-space
+  rule and these are latents; a config that sets it (every saved DDIMScheduler config) is honoured as
+  is. The pixel path (:mod:`pd_core.interop.diffusers_ddim`) keeps ``DDIMPipeline``'s own rebuild,
+  default included, because there x is the image. Records say which (``clip_sample``,
+  ``clip_sample_from``: ``folder`` or ``latent default``);
 - ``distilled``: a student's N-step DDIM (one call a step; a student with the guidance embedding gets
   phi_d(w), one distilled without it is measured at w = 0).
 
@@ -139,13 +146,21 @@ def unet_calls(*, sampler: str, steps: int, w: float, student_takes_w: bool = Fa
     return steps * (2 if two else 1)
 
 
+def baseline_ddim_config(scheduler_config: dict) -> tuple[dict, str]:
+    """The ``diffusers_ddim`` baseline's DDIMScheduler config (module docstring) and where its ``clip_sample`` came
+    from: ``folder`` when the folder's config sets it, else ``latent default`` (False)."""
+    if "clip_sample" in scheduler_config:
+        return dict(scheduler_config), "folder"
+    return {**scheduler_config, "clip_sample": False}, "latent default"
+
+
 def _stock_latents(sampler: PromptSampler, scheduler_config: dict, *, context: Tensor, null: Tensor, noise: Tensor,
                    steps: int, w: float) -> Tensor:
-    """Stock StableDiffusionPipeline (DDIMScheduler.from_config of the folder's config) latents at scale 1 + w."""
+    """Stock StableDiffusionPipeline (DDIMScheduler of :func:`baseline_ddim_config`) latents at scale 1 + w."""
     diffusers = require_diffusers()
     pipe = diffusers.StableDiffusionPipeline(
         vae=sampler.vae, text_encoder=sampler.text_encoder, tokenizer=sampler.tokenizer, unet=sampler.net.unet,
-        scheduler=diffusers.DDIMScheduler.from_config(dict(scheduler_config)), safety_checker=None,
+        scheduler=diffusers.DDIMScheduler.from_config(baseline_ddim_config(scheduler_config)[0]), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe(prompt_embeds=context, negative_prompt_embeds=null.expand_as(context), latents=noise.clone(),
@@ -225,9 +240,13 @@ def evaluate_text_checkpoint(cfg: Config, store: CheckpointStore, ctx: FeatureCo
             metrics["prompt_accuracy"] = metrics.pop("sample_accuracy")
         log.info("%s %d steps w %g (%d UNet calls): %s", kind, steps, w, calls,
                  ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "n_samples"))
+        baseline = {}
+        if kind == "diffusers_ddim":
+            config, source = baseline_ddim_config(scheduler_config)
+            baseline = {"clip_sample": bool(config["clip_sample"]), "clip_sample_from": source}
         return {"sampler": kind, "steps": steps, "gamma": None, "w": w, "unet_calls": calls, **metrics,
                 "sampling_dtype": "fp32", "model_sha256": manifest["sha256"],
-                "teacher_folder_sha256": folder.source_sha256}
+                "teacher_folder_sha256": folder.source_sha256, **baseline}
 
     return {**_cached(store, cache, compute), "model_uri": store.uri(key)}
 

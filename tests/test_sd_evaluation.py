@@ -110,3 +110,37 @@ def test_a_vae_replaced_in_the_teacher_folder_is_read_anew_and_keys_new_records_
     keys = {text_record_key(model_sha256="ab" * 32, folder_sha256=m.source_sha256, kind="teacher_ddim", steps=4, w=0.0,
                             eval_hash_="e") for m in (before, after)}
     assert len(keys) == 2
+
+
+@torch.no_grad()
+def test_the_ddim_baseline_of_an_euler_folder_never_clips_latents_unless_the_config_says_so(tmp_path):
+    """An Euler config has no clip_sample: ``DDIMScheduler.from_config`` would clip x_hat to [-1, 1] (a pixel rule)
+    in latent space; the baseline is stock StableDiffusionPipeline with that DDIM and clip_sample False."""
+    import diffusers
+
+    pipe = tiny_pipeline(tmp_path / "build")
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(
+        {k: v for k, v in pipe.scheduler.config.items() if k not in ("clip_sample", "clip_sample_range")})
+    pipe.save_pretrained(str(tmp_path / "pipe"), safe_serialization=True)
+    model = read_text_to_image_model(str(tmp_path / "pipe"))
+    config = model.configs["scheduler"]
+    assert "clip_sample" not in config and diffusers.DDIMScheduler.from_config(config).config.clip_sample
+    tensors, fields = teacher_checkpoint(model)
+    store = CheckpointStore(str(tmp_path / "store"))
+    store.save_checkpoint("t", tensors=tensors, manifest={"kind": "teacher", "steps": 4, **fields})
+    sampler = prompt_sampler(_cfg(tmp_path / "pipe", tmp_path), store, "t")
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    ours = sample_images(sampler, kind="diffusers_ddim", prompts=PROMPTS, noise=z, steps=4, w=2.0,
+                         scheduler_config=config)
+    stock = load_sd_pipeline(tmp_path / "pipe")
+    outputs = {}
+    for clip in (False, True):
+        stock.scheduler = diffusers.DDIMScheduler.from_config(stock.scheduler.config, clip_sample=clip)
+        outputs[clip] = stock(PROMPTS, latents=z.clone(), num_inference_steps=4, guidance_scale=3.0,
+                              output_type="pt").images * 2 - 1
+    torch.testing.assert_close(ours, outputs[False], rtol=0, atol=1e-5)
+    assert float((outputs[True] - outputs[False]).abs().max()) > 1e-3  # clipping the latents would show
+    from pd_core.text_evaluation import baseline_ddim_config
+
+    assert baseline_ddim_config(config)[1] == "latent default"
+    assert baseline_ddim_config({**config, "clip_sample": True}) == ({**config, "clip_sample": True}, "folder")
