@@ -27,9 +27,10 @@ import torch
 from torch import Tensor
 
 from pd_core import dist, finite, lineage
-from pd_core.config import Config
+from pd_core.config import Config, ConfigError
 from pd_core.data import ImageData
-from pd_core.data.captions import load_captions
+from pd_core.data.captions import has_split, load_caption_texts, load_captions
+from pd_core.data.common import DatasetError
 from pd_core.interop.diffusers_folder import check_timesteps, diffusers_location
 from pd_core.interop.sd_folder import component_hashes, read_text_to_image, source_sha256
 from pd_core.interop.sd_latents import ensure_encoded
@@ -84,6 +85,31 @@ def text_source_sha256(cfg: Config) -> str:
     """The lineage hash of the folder at ``pipeline.teacher_uri`` (every file a load reads, hashed streaming)."""
     tti = read_text_to_image(cfg.pipeline.teacher_uri or "", storage_options=_options(cfg))
     return source_sha256(component_hashes(tti))
+
+
+def preflight_caption_data(cfg: Config) -> None:
+    """Before a run starts: ConfigError (one line naming the field) unless ``data.url`` has a readable metadata.jsonl
+    and each of ``eval.class_names`` (when evaluating) is some caption's text."""
+    url = cfg.data.url or ""
+    try:
+        captions = set(load_caption_texts(url, split="train"))
+    except DatasetError as err:
+        raise ConfigError(f"data.url: {err}") from None
+    names, template = cfg.eval.class_names or [], cfg.eval.prompt_template
+    missing = [n for n in names if template.format(n) not in captions] if cfg.eval.enabled else []
+    if missing:
+        raise ConfigError(f"eval.class_names: no caption of {url} is {template.format(missing[0])!r} ({len(missing)} "
+                          f"of {len(names)} classes named by no caption); name the classes the captions name, or set "
+                          f"eval.prompt_template to their wording")
+
+
+def caption_data_warning(cfg: Config) -> str | None:
+    """One warning line when the evaluation's FD reference is the training images (a flat caption folder with no
+    ``test/metadata.jsonl``); None otherwise."""
+    if not cfg.eval.enabled or cfg.data.name != "captions" or has_split(cfg.data.url or "", "test"):
+        return None
+    return (f"warning: {cfg.data.url} has no test split (test/metadata.jsonl): the training images are the FD "
+            f"reference of the evaluation")
 
 
 def import_text_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -> CheckpointInfo:

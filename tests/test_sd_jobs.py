@@ -99,7 +99,8 @@ def test_encoded_data_reaches_the_rounds_as_class_labelled_latents_with_their_ta
     write_caption_folder(images, ["a photo of a bag", "", "a photo of a coat"] * 2, str(tmp_path / "data"))
     cfg = load_config(preset="smoke", overrides=[f"pipeline.teacher_uri=diffusers:{saved_sd_pipeline()}",
                                                  f"storage.root={tmp_path / 'store'}", "data.name=captions",
-                                                 f"data.url={tmp_path / 'data'}", "data.limit=5"])
+                                                 f"data.url={tmp_path / 'data'}", "data.limit=5",
+                                                 "eval.enabled=false"])
     store = jobs.open_store(cfg)
     with pytest.raises(StoreError, match="encoded-data.json does not exist"):
         jobs.load_train_data(cfg, store)
@@ -125,7 +126,7 @@ def test_unguided_distillation_of_a_text_teacher_runs_the_rounds_from_the_teache
                                                  f"storage.root={tmp_path / 'store'}", "data.name=captions",
                                                  f"data.url={tmp_path / 'data'}", "distill.start_steps=2",
                                                  "distill.updates_per_round=2", "distill.batch_size=2",
-                                                 "diffusion.weighting=snr_plus_one"])
+                                                 "diffusion.weighting=snr_plus_one", "eval.enabled=false"])
     store = jobs.open_store(cfg)
     teacher = jobs.ensure_teacher(cfg, store)
     text_to_image.encode_data(cfg, store)

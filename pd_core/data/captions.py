@@ -110,6 +110,15 @@ def _decode(raw: bytes, *, url: str) -> np.ndarray:
         raise DatasetError(f"{url} is not a readable image ({exc}); remove it from {METADATA_NAME}") from None
 
 
+def has_split(url: str, split: str) -> bool:
+    """Whether the folder at ``url`` has its own ``<split>/metadata.jsonl`` (else its flat folder serves each split)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(_local(url))
+        return bool(fs.isfile(f"{path.rstrip('/')}/{split}/{METADATA_NAME}"))
+    except (ValueError, ImportError, OSError):
+        return False
+
+
 def load_caption_texts(url: str, *, split: str = "train") -> tuple[str, ...]:
     """The captions of the folder at ``url`` in order, read from its metadata.jsonl alone (no image is read)."""
     try:

@@ -376,7 +376,8 @@ def preflight_text_to_image(cfg: Config) -> TextToImageFolder:
 
     ConfigError (one line naming the component and field) when the folder cannot be imported,
     ``distill.start_steps`` is finer than its scheduler's timesteps, or the data is not image-caption
-    pairs (``data.name`` captions) at the pipeline's image size.
+    pairs (``data.name`` captions) at the pipeline's image size (the data itself:
+    :func:`pd_core.text_to_image.preflight_caption_data`).
     """
     uri = cfg.pipeline.teacher_uri or ""
     try:
