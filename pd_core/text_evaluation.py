@@ -254,7 +254,8 @@ def evaluate_text_checkpoint(cfg: Config, store: CheckpointStore, ctx: FeatureCo
 def write_text_grid(cfg: Config, store: CheckpointStore, *, key: str, steps: int, w: float,
                     device: torch.device | str = "cpu") -> str:
     """One row of ``eval.grid_size`` samples per prompt (the first few evaluation prompts), captioned with the
-    prompts, next to the checkpoint; the display grid's URI. Written once per weights, teacher folder and w."""
+    prompts, next to the checkpoint; the display grid's URI. Written once per weights, teacher folder and w; the
+    UNet and the VAE run ``eval.batch_size`` samples at a time."""
     manifest = store.read_manifest(key) or {}
     raw_key, out_key = grid_key(key, sampler="ddim", steps=steps, w=w), display_grid_key(key, sampler="ddim",
                                                                                            steps=steps, w=w)
@@ -269,9 +270,10 @@ def write_text_grid(cfg: Config, store: CheckpointStore, *, key: str, steps: int
         sampler = prompt_sampler(cfg, store, key, device=device)
         noise = torch.randn((rows * cols, *sampler.latent_shape), generator=torch.Generator().manual_seed(
             cfg.eval.seed)).to(device)
-        x = sample_images(sampler, kind="distilled", prompts=[p for p in prompts for _ in range(cols)], noise=noise,
-                          steps=steps, w=w)
-        u = images.to_uint8(x.float().cpu())
+        asked, step = [p for p in prompts for _ in range(cols)], max(1, cfg.eval.batch_size)
+        x = torch.cat([sample_images(sampler, kind="distilled", prompts=asked[i:i + step], noise=noise[i:i + step],
+                                     steps=steps, w=w).float().cpu() for i in range(0, len(asked), step)])
+        u = images.to_uint8(x)
         caption = f"{cfg.pipeline.name}, {steps} step{'' if steps == 1 else 's'}, w = {w:g}: " + "; ".join(
             f"row {i + 1} '{p}'" for i, p in enumerate(prompts))
         store.put_bytes(raw_key, images.png_bytes(images.make_grid(u, nrow=cols)))
