@@ -123,6 +123,8 @@ def import_text_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -> Che
     start = cfg.distill.start_steps
     check_timesteps(steps=start, num_train_timesteps=model.schedule.num_timesteps, source=uri)
     tensors, fields = teacher_checkpoint(model)
+    # how to reach the folder again (`pd sample`, `pd export`): the store's fsspec options, never credentials
+    fields["text_to_image"] = {**fields["text_to_image"], "storage_options": _options(cfg)}
     bad = finite.nonfinite_weights(tensors)
     if bad:
         raise finite.NonFiniteOutputError(f"teacher at {uri}: {bad} of its UNet weights are NaN or infinite; nothing "
@@ -207,13 +209,15 @@ def source_fields(manifest: dict) -> dict:
 
 
 def folder_of(manifest: dict, *, storage_options: dict | None = None, source: str = "the model"):
-    """The text-to-image folder a text UNet checkpoint's manifest names (``text_to_image``), read and checked to be
-    the one it was made from (its hash); ValueError naming the folder otherwise."""
+    """The text-to-image folder a text UNet checkpoint's manifest names (``text_to_image``), read with
+    ``storage_options`` (default: the fsspec options it was imported with, recorded there) and checked to be the
+    one it was made from (its hash); ValueError naming the folder otherwise."""
     info = manifest.get("text_to_image")
     if not isinstance(info, dict) or not info.get("source"):
         raise ValueError(f"{source} records no text-to-image folder (manifest field text_to_image): it cannot be "
                          f"decoded or prompted; use a checkpoint `pd run` made from a diffusers:<pipeline folder>")
-    model = read_text_to_image_model(info["source"], storage_options=storage_options)
+    options = storage_options if storage_options is not None else info.get("storage_options")
+    model = read_text_to_image_model(info["source"], storage_options=dict(options or {}))
     if model.source_sha256 != info.get("sha256"):
         raise ValueError(f"{info['source']} changed since {source} was made from it (sha256 {model.source_sha256[:12]} "
                          f"!= {str(info.get('sha256'))[:12]}): its VAE or text encoder is not the one the model knows")
