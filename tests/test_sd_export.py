@@ -121,3 +121,16 @@ def test_a_student_of_an_sd1_style_folder_exports_with_the_overrides_that_make_i
     stock.scheduler = leading  # the folder's own settings would be another sampler
     other = stock(PROMPTS, latents=z.clone(), num_inference_steps=2, guidance_scale=4.0, output_type="latent").images
     assert float((other - ref).abs().max()) > 1e-3
+
+
+def test_the_model_card_shows_a_guidance_weight_inside_the_students_trained_range(tmp_path):
+    from pd_core.export.to_sd_pipeline import CARD_FILE, example_w
+
+    assert example_w({"w_min": 0.0, "w_max": 1.0}) == 1.0 and example_w({"w_min": 3.0, "w_max": 5.0}) == 3.0
+    assert example_w({"w_min": 0.0, "w_max": 4.0}) == 2.0 and example_w({}) == 2.0
+    teacher = read_text_to_image_model(f"diffusers:{saved_sd_pipeline()}")
+    student = random_student(build_cond_unet(teacher.configs["unet"], teacher.weights["unet"]), seed=4)
+    out = export_text_to_image(student_unet=student, parameterization="v", teacher=teacher, steps=2,
+                               out=str(tmp_path / "student"), w=example_w({"w_min": 0.0, "w_max": 1.0}))
+    card = (out / CARD_FILE).read_text()
+    assert card.count("guidance_scale=2)") == 2 and "guidance_scale=3" not in card  # the example and the call
