@@ -145,3 +145,20 @@ def test_unguided_distillation_of_a_text_teacher_runs_the_rounds_from_the_teache
     assert load_model(store, student.key).architecture.image_shape == (4, 4, 4)
     again = jobs.run_round(cfg, store, round_index=1, teacher=teacher)
     assert not again.trained and again.sha256 == student.sha256
+
+
+def test_the_text_students_guidance_embedding_is_the_only_parameter_at_the_embedding_lr_scale():
+    from pd_core.config import load_config
+    from pd_core.train import resolve_runtime
+    from pd_core.train.phases import new_guided_student_state
+
+    model, tensors, arch, context, null = teacher()
+    cfg = load_config(preset="smoke-guided", overrides=["guidance.embedding_lr_scale=7"])
+    state = new_guided_student_state(teacher_weights=tensors, arch=arch.with_guidance_embedding(16),
+                                     distill_cfg=cfg.distill, guidance_cfg=cfg.guidance,
+                                     runtime=resolve_runtime(cfg.runtime), seed=0)
+    names = {id(p): n for n, p in state.model.named_parameters()}
+    scaled = [names[id(p)] for g in state.optimizer.param_groups if g["lr_scale"] == 7.0 for p in g["params"]]
+    assert scaled == ["unet.time_embedding.cond_proj.weight"]
+    assert sum(len(g["params"]) for g in state.optimizer.param_groups) == len(names)  # the rest at scale 1
+    assert {g["lr_scale"] for g in state.optimizer.param_groups} == {1.0, 7.0}
