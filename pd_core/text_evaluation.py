@@ -122,9 +122,10 @@ def text_feature_context(cfg: Config, store: CheckpointStore, *, device: torch.d
     ev = cfg.eval
     classifier = None
     if ev.class_names:
-        key = f"classifiers/captions-{_data_id(cfg)}-s{ev.seed}-e{ev.classifier_epochs}"
+        key = f"classifiers/captions-{_data_id(cfg)}-s{ev.seed}-e{ev.classifier_epochs}-k{len(ev.class_names)}"
         classifier = load_or_train_classifier(store, key, load_data=_labelled(cfg), dataset="captions", seed=ev.seed,
-                                              epochs=ev.classifier_epochs, device=device)
+                                              epochs=ev.classifier_epochs, device=device,
+                                              num_classes=len(ev.class_names))
     if ev.features == "inception":
         extractor = load_inception(ev.inception_weights, sha256=ev.inception_sha256, device=device)
         extractor_id = ev.inception_sha256 or "inception-unverified"

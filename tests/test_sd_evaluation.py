@@ -144,3 +144,33 @@ def test_the_ddim_baseline_of_an_euler_folder_never_clips_latents_unless_the_con
 
     assert baseline_ddim_config(config)[1] == "latent default"
     assert baseline_ddim_config({**config, "clip_sample": True}) == ({**config, "clip_sample": True}, "folder")
+
+
+def test_prompt_accuracy_is_the_fraction_of_samples_the_classifier_puts_in_the_prompts_class(leading, tmp_path):
+    """Against an independent count on the same noise and prompts; the classifier's head has one output per class
+    name, a class no image shows included."""
+    from pd_core.config import load_config
+    from pd_core.data.class_captions import write_caption_folder
+    from pd_core.images import to_uint8
+    from pd_core.metrics.evaluate import sample_noise
+    from pd_core.text_evaluation import evaluate_text_checkpoint, text_feature_context
+
+    folder, store = leading
+    images = torch.randint(0, 256, (6, 3, 8, 8), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    write_caption_folder(images, ["a photo of a bag", "a photo of a coat", ""] * 2, str(tmp_path / "data"))
+    cfg = load_config(preset="smoke", overrides=[
+        f"pipeline.teacher_uri=diffusers:{folder}", "data.name=captions", f"data.url={tmp_path / 'data'}",
+        "data.image_size=8", f"storage.root={tmp_path / 's'}", "eval.class_names=[bag, coat, shoe]",
+        "eval.num_samples=6", "eval.batch_size=6", "eval.kid_subset_size=3", "eval.kid_subsets=2",
+        "eval.classifier_epochs=1"])
+    ctx = text_feature_context(cfg, store)
+    assert ctx.classifier.model.arch["num_classes"] == 3
+    record = evaluate_text_checkpoint(cfg, store, ctx, key="t", kind="teacher_ddim", steps=2, w=0.0)
+    noise = sample_noise(seed=cfg.eval.seed, start=0, count=6, shape=(4, 4, 4))
+    expected = torch.arange(6) % 3
+    prompts = [f"a photo of a {['bag', 'coat', 'shoe'][int(c)]}" for c in expected]
+    with torch.no_grad():
+        x = sample_images(prompt_sampler(cfg, store, "t"), kind="teacher_ddim", prompts=prompts, noise=noise, steps=2,
+                          w=0.0)
+        want = float((ctx.classifier.predict(to_uint8(x.float())) == expected).double().mean())
+    assert record["prompt_accuracy"] == pytest.approx(want, abs=1e-12)
