@@ -142,12 +142,13 @@ def import_text_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -> Che
 
 
 def encode_data(cfg: Config, store: CheckpointStore) -> EncodedInfo:
-    """Encode ``data.url`` (train split) with the teacher's VAE and text encoder once (reused when stored) and point
-    the pipeline at it. The only job that builds the VAE and the text encoder."""
+    """Encode ``data.url`` (train split; its first ``data.limit`` examples when set, named in the key) with the
+    teacher's VAE and text encoder once (reused when stored) and point the pipeline at it. The only job that builds
+    the VAE and the text encoder."""
     model = read_text_to_image_model(cfg.pipeline.teacher_uri or "", storage_options=_options(cfg))
-    data = load_captions(cfg.data.url or "", size=cfg.data.image_size, split="train")
+    data = load_captions(cfg.data.url or "", size=cfg.data.image_size, split="train", limit=cfg.data.limit)
     encoded = ensure_encoded(store, model, data, size=cfg.data.image_size, seed=cfg.pipeline.seed,
-                             device=resolve_runtime(cfg.runtime).device)
+                             device=resolve_runtime(cfg.runtime).device, limit=cfg.data.limit)
     manifest = store.read_manifest(encoded.key) or {}
     info = EncodedInfo(key=encoded.key, sha256=str(manifest.get("sha256")), count=int(encoded.latents.shape[0]),
                        captions=int(encoded.caption_embeds.shape[0]), reused=encoded.reused)

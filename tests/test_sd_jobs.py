@@ -106,7 +106,8 @@ def test_encoded_data_reaches_the_rounds_as_class_labelled_latents_with_their_ta
         jobs.load_train_data(cfg, store)
     info = text_to_image.encode_data(cfg, store)
     data = jobs.load_train_data(cfg, store)
-    assert isinstance(data, text_to_image.CaptionLatents) and info.count == 6 and info.captions == 3
+    assert isinstance(data, text_to_image.CaptionLatents) and info.count == 5 and info.captions == 3  # data.limit
+    assert info.key.endswith("-n5")  # the limit is in the encoded data's key: another limit is another encoding
     assert data.images.shape == (5, 4, 4, 4) and data.labels.tolist() == [0, 1, 2, 0, 1] and data.num_classes == 3
     assert text_to_image.encoded_sha256(cfg, store) == info.sha256 == data.encoded_sha256
     torch.testing.assert_close(data.caption_embeds[1:2], data.null_embed)  # the empty caption is the null prompt

@@ -132,8 +132,9 @@ def load_caption_texts(url: str, *, split: str = "train") -> tuple[str, ...]:
     return tuple(text for _, text in rows)
 
 
-def load_captions(url: str, *, size: int, split: str = "train") -> CaptionData:
-    """The image-caption pairs of the folder at ``url`` (module docstring), images fitted to ``size``."""
+def load_captions(url: str, *, size: int, split: str = "train", limit: int | None = None) -> CaptionData:
+    """The image-caption pairs of the folder at ``url`` (module docstring), images fitted to ``size``; only the
+    first ``limit`` rows of its metadata.jsonl (their images alone are read and hashed) when given."""
     try:
         fs, path = fsspec.core.url_to_fs(_local(url))
     except (ValueError, ImportError, OSError) as err:
@@ -141,7 +142,7 @@ def load_captions(url: str, *, size: int, split: str = "train") -> CaptionData:
     folder, folder_url = _metadata_url(url, split, fs, path)
     meta_url = join_url(folder_url, METADATA_NAME)
     raw_meta = _read(fs, f"{folder}/{METADATA_NAME}", limit=MAX_METADATA_BYTES, url=meta_url)
-    rows = parse_metadata(raw_meta, source=meta_url)
+    rows = parse_metadata(raw_meta, source=meta_url)[:limit]
     digest = hashlib.sha256(raw_meta)
     images = []
     for name, _ in rows:
