@@ -261,6 +261,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             cfg.pipeline.teacher_uri, storage_options=dict(cfg.storage.storage_options))
         if text:
             preflight_text_to_image(cfg)
+            from pd_core.text_to_image import caption_data_warning, preflight_caption_data
+
+            preflight_caption_data(cfg)
+            if warning := caption_data_warning(cfg):
+                print(warning, file=sys.stderr)
         else:
             preflight(cfg)
     from tasks.tracking.uris import new_store_note

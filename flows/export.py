@@ -40,7 +40,7 @@ def export_model(*, model: str, fmt: str, out: str, steps: int | None = None,
 def _export_text_to_image(loaded, *, model: str, fmt: str, out: str, steps: int) -> str:
     """A text-to-image student as a StableDiffusionPipeline folder (with the VAE, text encoder and tokenizer of the
     folder it was made from); the summary names the stock-diffusers call and quotes the model card."""
-    from pd_core.export.to_sd_pipeline import CARD_FILE, export_student_checkpoint, usage_line
+    from pd_core.export.to_sd_pipeline import CARD_FILE, example_w, export_student_checkpoint, usage_line
 
     if fmt != "diffusers":
         raise ExportError(f"--format {fmt}: a text-to-image model exports as a diffusers StableDiffusionPipeline "
@@ -54,5 +54,5 @@ def _export_text_to_image(loaded, *, model: str, fmt: str, out: str, steps: int)
     card = (path / CARD_FILE).read_text(encoding="utf-8")
     return (f"wrote a StableDiffusionPipeline folder ({steps}-step {loaded.denoiser.parameterization} student"
             f"{', guidance embedding' if guided else ''}) to {path}; stock diffusers samples it as pd sample does:\n"
-            f"  {usage_line(out=path, steps=steps, w=2.0 if guided else 0.0)}\n"
+            f"  {usage_line(out=path, steps=steps, w=example_w(loaded.manifest) if guided else 0.0)}\n"
             f"its model card, {path}/{CARD_FILE}:\n\n{card}")

@@ -182,7 +182,7 @@ def sample_to_grid(*, model: str, steps: int | None, num: int, out: str, sampler
     warn_other_steps(loaded.manifest, steps)
     if isinstance(loaded.architecture, TextUNetCondition):
         return sample_prompt_grid(loaded, model=model, steps=steps, prompts=prompts, num=num, out=out, seed=seed,
-                                  guidance=guidance or 0.0, scale=scale, device=dev)
+                                  guidance=guidance or 0.0, scale=scale, device=dev, batch_size=batch_size)
     if prompts:
         raise BadArgument("--prompt needs a text-to-image model (a student of a diffusers:<pipeline folder> teacher)")
     c, h, w = loaded.image_shape
@@ -221,32 +221,51 @@ def prompt_sampler_of(loaded: LoadedModel, *, source: str) -> PromptSampler:
 
 
 def prompt_images(loaded: LoadedModel, *, source: str, prompts: list[str], num: int, steps: int, seed: int,
-                  guidance: float, device: torch.device) -> tuple[torch.Tensor, str]:
+                  guidance: float, device: torch.device, batch_size: int | None = None,
+                  sampler: PromptSampler | None = None) -> tuple[torch.Tensor, str]:
     """(images (P num, 3, H, W) in [-1, 1], caption): ``num`` samples per prompt, one row per prompt, from latent
-    noise seeded by ``seed`` (:func:`pd_core.interop.sd_sampling.prompt_grid`)."""
-    sampler = prompt_sampler_of(loaded, source=source)
+    noise seeded by ``seed``, ``batch_size`` at a time (:func:`pd_core.interop.sd_sampling.prompt_grid`)."""
+    sampler = sampler or prompt_sampler_of(loaded, source=source)
     for module in (sampler.vae, sampler.text_encoder):
         module.to(device)
-    return prompt_grid(sampler, prompts=prompts, per_prompt=num, w=guidance, steps=steps, seed=seed)
+    return prompt_grid(sampler, prompts=prompts, per_prompt=num, w=guidance, steps=steps, seed=seed,
+                       batch_size=batch_size)
+
+
+def prompt_image_shape(sampler: PromptSampler) -> tuple[int, int, int]:
+    """The decoded images' shape: the VAE's output channels and the latent size times its 2^(blocks - 1) factor."""
+    config = sampler.vae.config
+    factor = 2 ** (len(config.block_out_channels) - 1)
+    c, h, w = sampler.latent_shape
+    return int(config.out_channels), h * factor, w * factor
 
 
 def sample_prompt_grid(loaded: LoadedModel, *, model: str, steps: int, prompts: list[str] | None, num: int, out: str,
-                       seed: int, guidance: float, scale: int | None, device: torch.device) -> str:
+                       seed: int, guidance: float, scale: int | None, device: torch.device,
+                       batch_size: int | None = None) -> str:
     """``pd sample --prompt`` of a text-to-image model: a grid with one row of ``num`` images per prompt, captioned
     with the prompts, the step count and w; a guided student takes w itself (one UNet call a step), a teacher or
-    an unguided student at w > 0 is classifier-free guided (two)."""
+    an unguided student at w > 0 is classifier-free guided (two). The images' memory and the grid's size are
+    checked before any sample is drawn; the UNet and the VAE run ``batch_size`` samples at a time."""
     if not prompts:
         raise BadArgument("--prompt is required for a text-to-image model (repeat it for several rows)")
-    if num * len(prompts) > 4096:
+    total = num * len(prompts)
+    if total > 4096:
         raise BadArgument(f"--num {num} per prompt x {len(prompts)} prompts: at most 4096 images in one grid")
-    x, caption = prompt_images(loaded, source=model, prompts=prompts, num=num, steps=steps, seed=seed,
-                               guidance=guidance, device=device)
-    try:
-        grid = images.display_grid(x, caption=caption, scale=scale, nrow=num)
+    sampler = prompt_sampler_of(loaded, source=model)
+    c, h, w = prompt_image_shape(sampler)
+    need = total * c * h * w * 4
+    if need > MAX_SAMPLE_BYTES:
+        raise BadArgument(f"--num {num}: {total} images of {c}x{h}x{w} take {need / 2**30:.1f} GiB, more than the "
+                          f"{MAX_SAMPLE_BYTES / 2**30:.0f} GiB `pd sample` holds; lower --num or the prompts")
+    try:  # the grid's size follows from the arguments: refused before any image is sampled
+        images.check_display_grid_size(num=total, height=h, width=w, nrow=num, scale=scale)
     except ValueError as err:
         raise BadArgument(f"--num {num}{f' --scale {scale}' if scale else ''}: {err}") from None
-    write_atomically(out, images.png_bytes(grid))
-    return (f"wrote {num * len(prompts)} samples ({len(prompts)} prompt(s), {steps} step{'' if steps == 1 else 's'}, "
+    x, caption = prompt_images(loaded, source=model, prompts=prompts, num=num, steps=steps, seed=seed,
+                               guidance=guidance, device=device, batch_size=batch_size, sampler=sampler)
+    write_atomically(out, images.png_bytes(images.display_grid(x, caption=caption, scale=scale, nrow=num)))
+    return (f"wrote {total} samples ({len(prompts)} prompt(s), {steps} step{'' if steps == 1 else 's'}, "
             f"guidance w = {guidance:g}) to {out}")
 
 

@@ -15,9 +15,10 @@ Label dropout (teacher training): each label is replaced by the null class with 
 one network learns x_hat(z_t, c) and x_hat(z_t, null).
 
 Stage 1: a student x_hat_eta(z_t, c, w) that also takes w (pd_core.unet's guidance embedding) learns
-the guided teacher over continuous time and weights:
-    min_eta E_{(x, c) ~ data, t ~ U[0, 1), w ~ U[w_min, w_max], eps ~ N(0, I)}
+the guided teacher over time and weights:
+    min_eta E_{(x, c) ~ data, t ~ U[t_min, 1), w ~ U[w_min, w_max], eps ~ N(0, I)}
         weight(lambda_t) || x_hat_eta(z_t, c, w) - x_hat_w(z_t, c) ||^2,   z_t = alpha_t x + sigma_t eps,
+(t_min = 0 on a continuous schedule, 1/T on a discrete teacher's: from its first training timestep on)
 with the pipeline's loss weighting over the x-error and the teacher's two calls without gradients.
 One student call then replaces two teacher calls. Stage 2 is progressive distillation of this
 student (pd_core.distill) with c and w as inputs of teacher and student.

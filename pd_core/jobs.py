@@ -355,7 +355,8 @@ def run_guide_distill(cfg: Config, store: CheckpointStore, *, teacher: Checkpoin
         student_kind = teacher_kind  # zero-initialised, it starts as the teacher only when it reads it the same way
     want = lineage.guided_lineage(cfg, teacher_steps=steps, parent_sha256=teacher.sha256,
                                   student_parameterization=student_kind,
-                                  encoded_data=text_to_image.encoded_sha256(cfg, store))
+                                  encoded_data=text_to_image.encoded_sha256(cfg, store),
+                                  teacher_folder=text_to_image.teacher_folder_sha256(cfg, store))
     found = _reusable(store, cfg, key, want=want, label=phase, steps=steps, round_index=0,
                       restart_index=GUIDE_RESTART)
     if found is not None:
@@ -420,7 +421,8 @@ def run_round(cfg: Config, store: CheckpointStore, *, round_index: int, teacher:
     guidance_range = _guidance_range(cfg, store, teacher)
     want = lineage.round_lineage(cfg, round_index=round_index, teacher_steps=teacher_steps,
                                  parent_sha256=teacher.sha256, student_parameterization=student_kind,
-                                 guidance_range=guidance_range, encoded_data=text_to_image.encoded_sha256(cfg, store))
+                                 guidance_range=guidance_range, encoded_data=text_to_image.encoded_sha256(cfg, store),
+                                 teacher_folder=text_to_image.teacher_folder_sha256(cfg, store))
     found = _reusable(store, cfg, key, want=want, label=phase, steps=student_steps, round_index=round_index)
     if found is not None:
         return found

@@ -8,8 +8,8 @@ only those (kept next to it as ``settings``):
     teacher   model, diffusion, data, teacher (without log_every, checkpoint_every; label_dropout only
               when it is not 0), pipeline.seed
     stage 1   guided distillation's w-conditioned student (``guided_lineage``): diffusion, data, guidance
-              (w_min, w_max, updates, batch_size, lr, grad_clip), distill.dropout, the student's resolved
-              parameterization, pipeline.seed and the teacher's step count; its parent is the teacher
+              (w_min, w_max, updates, batch_size, lr, grad_clip, embedding_lr_scale), distill.dropout, the
+              student's resolved parameterization, pipeline.seed and the teacher's step count; its parent is the teacher
     round r   diffusion, data, the round's distill settings (batch_size, lr, grad_clip, dropout, the
               round's update count and the student's resolved parameterization), pipeline.seed, r and
               the round's step counts; for a round of a w-conditioned teacher (stage 2) also the guidance
@@ -17,7 +17,10 @@ only those (kept next to it as ``settings``):
               guided distillation is on, else the teacher
     text      stage 1 and the rounds of a text-to-image pipeline also record ``encoded_data``, the sha256
               of the encoded latents and caption embeddings they train on (a changed data set or
-              encoder is another lineage); its imported teacher's parent is the folder's hash
+              encoder is another lineage), and ``teacher_folder``, the folder's hash (its scheduler
+              decides the schedule they train on; a checkpoint's sha256 covers its weights only, so a
+              re-imported teacher of the same UNet keeps its sha256); its imported teacher's parent is
+              the folder's hash
 
 Every kind also records the data-parallel layout (``runtime.nproc`` and ``runtime.nodes``) when it is
 not one process: the global batch is ``batch_size x nproc`` and each rank draws its own noise, so
@@ -45,7 +48,7 @@ CADENCE_FIELDS = ("log_every", "checkpoint_every")
 # Distill fields that decide a round's student (the round's update count comes from updates_for).
 ROUND_DISTILL_FIELDS = ("batch_size", "lr", "grad_clip", "dropout")
 # Guidance fields that decide the stage-1 student (``enabled`` is implied by there being one).
-GUIDED_FIELDS = ("w_min", "w_max", "updates", "batch_size", "lr", "grad_clip")
+GUIDED_FIELDS = ("w_min", "w_max", "updates", "batch_size", "lr", "grad_clip", "embedding_lr_scale")
 SHORT = 12  # hex digits of a hash or sha256 in messages
 
 
@@ -99,10 +102,12 @@ def teacher_lineage(cfg: Config, *, source_sha256: str | None = None) -> Lineage
 
 
 def guided_lineage(cfg: Config, *, teacher_steps: int, parent_sha256: str,
-                   student_parameterization: str | None = None, encoded_data: str | None = None) -> Lineage:
+                   student_parameterization: str | None = None, encoded_data: str | None = None,
+                   teacher_folder: str | None = None) -> Lineage:
     """Guided distillation's stage-1 lineage: the w-conditioned student of the ``teacher_steps``-step teacher.
 
-    Its weights are decided by the guidance section (the w range it learns, its updates and optimizer),
+    Its weights are decided by the guidance section (the w range it learns, its updates and optimizer, the
+    guidance embedding's learning-rate scale),
     the student's dropout (distill.dropout) and resolved parameterization (default: the diffusion's),
     the diffusion, the data and the pipeline seed; its parent is the teacher's sha256.
     """
@@ -112,14 +117,13 @@ def guided_lineage(cfg: Config, *, teacher_steps: int, parent_sha256: str,
                 "data": dump["data"], "guidance": guidance, "distill": {"dropout": dump["distill"]["dropout"]},
                 "student_parameterization": student_parameterization or cfg.diffusion.parameterization,
                 "pipeline_seed": cfg.pipeline.seed}
-    if encoded_data is not None:
-        settings["encoded_data"] = encoded_data
-    return _lineage(settings, parent_sha256, cfg)
+    return _lineage(_with_text(settings, encoded_data, teacher_folder), parent_sha256, cfg)
 
 
 def round_lineage(cfg: Config, *, round_index: int, teacher_steps: int, parent_sha256: str,
                   student_parameterization: str | None = None,
-                  guidance_range: tuple[float, float] | None = None, encoded_data: str | None = None) -> Lineage:
+                  guidance_range: tuple[float, float] | None = None, encoded_data: str | None = None,
+                  teacher_folder: str | None = None) -> Lineage:
     """Round ``round_index``'s lineage: distilling the ``teacher_steps``-step parent into a student of half that.
 
     ``student_parameterization`` is what ``distill.student_parameterization`` resolved to for this teacher
@@ -137,9 +141,13 @@ def round_lineage(cfg: Config, *, round_index: int, teacher_steps: int, parent_s
                 "distill": distill, "pipeline_seed": cfg.pipeline.seed}
     if guidance_range is not None:
         settings["guidance"] = {"w_min": guidance_range[0], "w_max": guidance_range[1]}
-    if encoded_data is not None:
-        settings["encoded_data"] = encoded_data
-    return _lineage(settings, parent_sha256, cfg)
+    return _lineage(_with_text(settings, encoded_data, teacher_folder), parent_sha256, cfg)
+
+
+def _with_text(settings: dict[str, Any], encoded_data: str | None, teacher_folder: str | None) -> dict[str, Any]:
+    """A text-to-image job's settings plus its encoded data's and teacher folder's hashes (absent: not recorded)."""
+    extra = {k: v for k, v in (("encoded_data", encoded_data), ("teacher_folder", teacher_folder)) if v is not None}
+    return {**settings, **extra}
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -19,11 +19,15 @@ UNet as ``timestep_cond`` for guidance scale g (it embeds g - 1 = w;
 :func:`pd_core.interop.sd_unet.guidance_scale_embedding`).
 W_w (``time_embedding.cond_proj``, no bias) starts at zero, so the student starts as the teacher's
 conditional model at every w. It learns
-    min_eta E_{(x, c), t ~ U[1/T, 1], w ~ U[w_min, w_max], eps}
+    min_eta E_{(x, c), t ~ U[1/T, 1), w ~ U[w_min, w_max], eps}
         weight(lambda_t) ||x_hat_eta(z_t, c, w) - x_hat_w(z_t, c)||^2
 (t from the first training timestep 1/T of the discrete teacher on) with the teacher's two calls
-without gradients (:func:`stage1_target`, :class:`TextGuidanceLoss`); one student call then
-replaces two, and a pipeline of it runs as stock ``StableDiffusionPipeline`` (one UNet call a step).
+without gradients (:func:`stage1_target`); one student call then replaces two, and a pipeline of it
+runs as stock ``StableDiffusionPipeline`` (one UNet call a step). ``pd run`` trains this objective as
+:class:`pd_core.guidance.GuidanceLoss` over :class:`~pd_core.interop.sd_unet.CaptionTableArch`
+(caption indices into the table of embeddings, the empty prompt its null class);
+:class:`TextGuidanceLoss` is the same objective over prompt embeddings passed directly, for a caller
+that holds embeddings rather than a caption table; the pipeline does not use it.
 """
 
 from __future__ import annotations
@@ -89,10 +93,11 @@ def student_denoiser(student: Denoiser, *, context: Tensor, w: Tensor | float) -
 
 
 class TextGuidanceLoss:
-    """Stage 1 (module docstring): per-example weight(lambda_t) ||x_hat_student(z_t, c, w) - x_hat_w(z_t, c)||^2.
+    """Stage 1 (module docstring): per-example weight(lambda_t) ||x_hat_student(z_t, c, w) - x_hat_w(z_t, c)||^2 over
+    prompt embeddings given directly (not used by ``pd run``, whose stage 1 is GuidanceLoss over the caption table).
 
     ``teacher`` is a Denoiser over the frozen text-conditioned teacher net; the student a Denoiser
-    over the same UNet plus the guidance embedding. t ~ U[1/T, 1] on the teacher's discrete schedule
+    over the same UNet plus the guidance embedding. t ~ U[1/T, 1) on the teacher's discrete schedule
     (t < 1/T lies between the clean end and the first training timestep), eps ~ N(0, I),
     w ~ U[w_min, w_max], drawn in that order. No clipping.
     """

@@ -27,9 +27,10 @@ import torch
 from torch import Tensor
 
 from pd_core import dist, finite, lineage
-from pd_core.config import Config
+from pd_core.config import Config, ConfigError
 from pd_core.data import ImageData
-from pd_core.data.captions import load_captions
+from pd_core.data.captions import has_split, load_caption_texts, load_captions
+from pd_core.data.common import DatasetError
 from pd_core.interop.diffusers_folder import check_timesteps, diffusers_location
 from pd_core.interop.sd_folder import component_hashes, read_text_to_image, source_sha256
 from pd_core.interop.sd_latents import ensure_encoded
@@ -86,6 +87,31 @@ def text_source_sha256(cfg: Config) -> str:
     return source_sha256(component_hashes(tti))
 
 
+def preflight_caption_data(cfg: Config) -> None:
+    """Before a run starts: ConfigError (one line naming the field) unless ``data.url`` has a readable metadata.jsonl
+    and each of ``eval.class_names`` (when evaluating) is some caption's text."""
+    url = cfg.data.url or ""
+    try:
+        captions = set(load_caption_texts(url, split="train"))
+    except DatasetError as err:
+        raise ConfigError(f"data.url: {err}") from None
+    names, template = cfg.eval.class_names or [], cfg.eval.prompt_template
+    missing = [n for n in names if template.format(n) not in captions] if cfg.eval.enabled else []
+    if missing:
+        raise ConfigError(f"eval.class_names: no caption of {url} is {template.format(missing[0])!r} ({len(missing)} "
+                          f"of {len(names)} classes named by no caption); name the classes the captions name, or set "
+                          f"eval.prompt_template to their wording")
+
+
+def caption_data_warning(cfg: Config) -> str | None:
+    """One warning line when the evaluation's FD reference is the training images (a flat caption folder with no
+    ``test/metadata.jsonl``); None otherwise."""
+    if not cfg.eval.enabled or cfg.data.name != "captions" or has_split(cfg.data.url or "", "test"):
+        return None
+    return (f"warning: {cfg.data.url} has no test split (test/metadata.jsonl): the training images are the FD "
+            f"reference of the evaluation")
+
+
 def import_text_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -> CheckpointInfo:
     """Import the folder's UNet2DConditionModel and scheduler as this pipeline's teacher (parent: the folder's hash).
 
@@ -97,6 +123,8 @@ def import_text_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -> Che
     start = cfg.distill.start_steps
     check_timesteps(steps=start, num_train_timesteps=model.schedule.num_timesteps, source=uri)
     tensors, fields = teacher_checkpoint(model)
+    # how to reach the folder again (`pd sample`, `pd export`): the store's fsspec options, never credentials
+    fields["text_to_image"] = {**fields["text_to_image"], "storage_options": _options(cfg)}
     bad = finite.nonfinite_weights(tensors)
     if bad:
         raise finite.NonFiniteOutputError(f"teacher at {uri}: {bad} of its UNet weights are NaN or infinite; nothing "
@@ -114,12 +142,13 @@ def import_text_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -> Che
 
 
 def encode_data(cfg: Config, store: CheckpointStore) -> EncodedInfo:
-    """Encode ``data.url`` (train split) with the teacher's VAE and text encoder once (reused when stored) and point
-    the pipeline at it. The only job that builds the VAE and the text encoder."""
+    """Encode ``data.url`` (train split; its first ``data.limit`` examples when set, named in the key) with the
+    teacher's VAE and text encoder once (reused when stored) and point the pipeline at it. The only job that builds
+    the VAE and the text encoder."""
     model = read_text_to_image_model(cfg.pipeline.teacher_uri or "", storage_options=_options(cfg))
-    data = load_captions(cfg.data.url or "", size=cfg.data.image_size, split="train")
+    data = load_captions(cfg.data.url or "", size=cfg.data.image_size, split="train", limit=cfg.data.limit)
     encoded = ensure_encoded(store, model, data, size=cfg.data.image_size, seed=cfg.pipeline.seed,
-                             device=resolve_runtime(cfg.runtime).device)
+                             device=resolve_runtime(cfg.runtime).device, limit=cfg.data.limit)
     manifest = store.read_manifest(encoded.key) or {}
     info = EncodedInfo(key=encoded.key, sha256=str(manifest.get("sha256")), count=int(encoded.latents.shape[0]),
                        captions=int(encoded.caption_embeds.shape[0]), reused=encoded.reused)
@@ -155,6 +184,16 @@ def encoded_sha256(cfg: Config, store: CheckpointStore) -> str | None:
     return json.loads(store.get_bytes(pointer_key))["sha256"] if store.exists(pointer_key) else None
 
 
+def teacher_folder_sha256(cfg: Config, store: CheckpointStore) -> str | None:
+    """The hash of the folder a text-to-image pipeline's teacher was imported from (its manifest's
+    ``text_to_image.sha256``: what its jobs' lineage records besides the parent); None for other pipelines."""
+    if not is_text_pipeline(cfg):
+        return None
+    manifest = store.read_manifest(teacher_key(cfg.pipeline.name)) or {}
+    info = manifest.get("text_to_image")
+    return info.get("sha256") if isinstance(info, dict) else None
+
+
 def with_caption_table(arch, data: ImageData):
     """``arch`` over the caption table of ``data`` when it is a text UNet (:class:`CaptionTableArch`); else ``arch``."""
     if not isinstance(arch, TextUNetCondition):
@@ -171,13 +210,15 @@ def source_fields(manifest: dict) -> dict:
 
 
 def folder_of(manifest: dict, *, storage_options: dict | None = None, source: str = "the model"):
-    """The text-to-image folder a text UNet checkpoint's manifest names (``text_to_image``), read and checked to be
-    the one it was made from (its hash); ValueError naming the folder otherwise."""
+    """The text-to-image folder a text UNet checkpoint's manifest names (``text_to_image``), read with
+    ``storage_options`` (default: the fsspec options it was imported with, recorded there) and checked to be the
+    one it was made from (its hash); ValueError naming the folder otherwise."""
     info = manifest.get("text_to_image")
     if not isinstance(info, dict) or not info.get("source"):
         raise ValueError(f"{source} records no text-to-image folder (manifest field text_to_image): it cannot be "
                          f"decoded or prompted; use a checkpoint `pd run` made from a diffusers:<pipeline folder>")
-    model = read_text_to_image_model(info["source"], storage_options=storage_options)
+    options = storage_options if storage_options is not None else info.get("storage_options")
+    model = read_text_to_image_model(info["source"], storage_options=dict(options or {}))
     if model.source_sha256 != info.get("sha256"):
         raise ValueError(f"{info['source']} changed since {source} was made from it (sha256 {model.source_sha256[:12]} "
                          f"!= {str(info.get('sha256'))[:12]}): its VAE or text encoder is not the one the model knows")

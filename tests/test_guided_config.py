@@ -97,6 +97,10 @@ def test_guidance_settings_change_the_hashes_once_they_are_used():
     other_w = load_config(preset="smoke-guided", overrides=["guidance.w_max=3"])
     assert stage_one(other_w) != stage_one(guided)
     assert lineage.teacher_lineage(other_w).settings_hash == teacher.settings_hash  # the teacher is kept
+    other_embedding_lr = load_config(preset="smoke-guided", overrides=["guidance.embedding_lr_scale=5"])
+    assert stage_one(other_embedding_lr) != stage_one(guided)
+    assert lineage.guided_lineage(other_embedding_lr, teacher_steps=8, parent_sha256="ab").settings["guidance"][
+        "embedding_lr_scale"] == 5.0
     other_dropout = load_config(preset="smoke-guided", overrides=["teacher.label_dropout=0.3"])
     assert lineage.teacher_lineage(other_dropout).settings_hash != teacher.settings_hash
     stage_two = [lineage.round_lineage(cfg, round_index=1, teacher_steps=8, parent_sha256="ab",

@@ -95,3 +95,24 @@ def test_pd_sample_writes_a_prompt_grid_and_refuses_a_label(tmp_path):
                   cwd=tmp_path)
     assert_one_line_error(proc, code=2, mentions="takes --prompt")
     assert not Path(tmp_path / "x.png").exists()
+
+
+def test_pd_sample_prompt_checks_memory_and_grid_size_before_sampling_and_samples_in_batches(tmp_path, monkeypatch):
+    import flows.sampling as sampling
+    from flows.cli_args import BadArgument
+
+    uri = stored_student(str(tmp_path / "store"))
+    batches, real = [], sampling.prompt_grid
+    monkeypatch.setattr(sampling, "prompt_grid", lambda *a, **k: batches.append(k["batch_size"]) or real(*a, **k))
+    out = tmp_path / "g.png"
+    args = {"model": uri, "steps": None, "out": str(out), "sampler": "ddim", "gamma": 0.3, "seed": 0, "device": "cpu",
+            "throughput": False, "prompts": PROMPTS, "num": 2}
+    monkeypatch.setattr(sampling, "MAX_SAMPLE_BYTES", 4 * 3 * 8 * 8 * 4 - 1)  # one byte short of 4 images of 3x8x8
+    with pytest.raises(BadArgument, match=r"^--num 2: 4 images of 3x8x8 take"):
+        sampling.sample_to_grid(batch_size=1, **args)
+    monkeypatch.setattr(sampling, "MAX_SAMPLE_BYTES", 4 * 3 * 8 * 8 * 4)
+    with pytest.raises(BadArgument, match=r"^--num 2 --scale 2000: a display grid of"):
+        sampling.sample_to_grid(batch_size=1, scale=2000, **args)
+    assert batches == [] and not out.exists()  # refused before any sample
+    assert "wrote 4 samples" in sampling.sample_to_grid(batch_size=3, **args)
+    assert batches == [3] and out.exists()

@@ -83,3 +83,54 @@ def test_an_export_refuses_a_step_count_diffusers_would_round_and_an_existing_fo
     with pytest.raises(ExportError, match="already exists"):
         export_text_to_image(student_unet=student, parameterization="v", teacher=teacher, steps=4,
                              out=str(tmp_path / "b"))
+
+
+@torch.no_grad()
+def test_a_student_of_an_sd1_style_folder_exports_with_the_overrides_that_make_it_our_sampler(tmp_path):
+    """SD 1.x ships PNDMScheduler with leading spacing, steps_offset 1, set_alpha_to_one False and no clip_sample:
+    every one of those must be overridden (trailing, alpha = 1 at the end, no clipping) or stock diffusers would run
+    another sampler than the student was distilled for."""
+    import diffusers
+
+    from tests.sd_models import tiny_pipeline
+
+    pipe = tiny_pipeline(tmp_path / "build")
+    config = {k: v for k, v in pipe.scheduler.config.items() if k not in ("clip_sample", "clip_sample_range")}
+    pipe.scheduler = diffusers.PNDMScheduler.from_config({**config, "timestep_spacing": "leading", "steps_offset": 1,
+                                                          "set_alpha_to_one": False, "skip_prk_steps": True})
+    pipe.save_pretrained(str(tmp_path / "sd1"), safe_serialization=True)
+    teacher = read_text_to_image_model(f"diffusers:{tmp_path / 'sd1'}")
+    assert "clip_sample" not in teacher.configs["scheduler"] and not teacher.configs["scheduler"]["set_alpha_to_one"]
+    student = random_student(build_cond_unet(teacher.configs["unet"], teacher.weights["unet"]), seed=3).double()
+    out = export_text_to_image(student_unet=student, parameterization="v", teacher=teacher, steps=2,
+                               out=str(tmp_path / "student"))
+    stock = load_sd_pipeline(out).to(torch.float64)
+    c = stock.scheduler.config
+    assert type(stock.scheduler).__name__ == "DDIMScheduler"
+    assert (c.timestep_spacing, c.set_alpha_to_one, c.clip_sample, c.prediction_type) == \
+           ("trailing", True, False, "v_prediction")
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref = stock(PROMPTS, latents=z.clone(), num_inference_steps=2, guidance_scale=4.0, output_type="latent").images
+    context = encode_prompts(build_tokenizer(teacher), build_text_encoder(teacher).double(), PROMPTS)
+    denoiser = student_denoiser(Denoiser(TextUNetNet(student, schedule=teacher.schedule), parameterization="v"),
+                                context=context, w=3.0)
+    ours = samplers.ddim(denoiser, z, num_steps=2, clip=False, schedule=teacher.schedule)
+    np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-6, atol=1e-4)
+    leading = diffusers.DDIMScheduler.from_config({**c, "timestep_spacing": "leading", "steps_offset": 1,
+                                                   "set_alpha_to_one": False})
+    stock.scheduler = leading  # the folder's own settings would be another sampler
+    other = stock(PROMPTS, latents=z.clone(), num_inference_steps=2, guidance_scale=4.0, output_type="latent").images
+    assert float((other - ref).abs().max()) > 1e-3
+
+
+def test_the_model_card_shows_a_guidance_weight_inside_the_students_trained_range(tmp_path):
+    from pd_core.export.to_sd_pipeline import CARD_FILE, example_w
+
+    assert example_w({"w_min": 0.0, "w_max": 1.0}) == 1.0 and example_w({"w_min": 3.0, "w_max": 5.0}) == 3.0
+    assert example_w({"w_min": 0.0, "w_max": 4.0}) == 2.0 and example_w({}) == 2.0
+    teacher = read_text_to_image_model(f"diffusers:{saved_sd_pipeline()}")
+    student = random_student(build_cond_unet(teacher.configs["unet"], teacher.weights["unet"]), seed=4)
+    out = export_text_to_image(student_unet=student, parameterization="v", teacher=teacher, steps=2,
+                               out=str(tmp_path / "student"), w=example_w({"w_min": 0.0, "w_max": 1.0}))
+    card = (out / CARD_FILE).read_text()
+    assert card.count("guidance_scale=2)") == 2 and "guidance_scale=3" not in card  # the example and the call

@@ -222,3 +222,30 @@ def test_a_weights_file_over_the_bound_is_refused_before_it_is_read(monkeypatch)
     with pytest.raises(DiffusersImportError, match=rf"^unet: .*diffusion_pytorch_model.safetensors is {size} bytes, "
                                                    rf"more than the {size - 1} allowed"):
         read_text_to_image(str(saved_sd_pipeline()))
+
+
+def test_an_imported_teacher_records_the_folder_as_an_absolute_path_with_the_options_to_read_it_again(
+        tmp_path, monkeypatch):
+    """A relative local path is recorded absolute (pd sample and pd export read it from anywhere), with the store's
+    fsspec options, which folder_of hands to the read (observed by wrapping the real reader)."""
+    from pd_core import text_to_image
+    from pd_core.store import CheckpointStore
+
+    shutil.copytree(saved_sd_pipeline(), tmp_path / "pipe")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(preset="smoke", overrides=["pipeline.teacher_uri=diffusers:pipe", "data.name=captions",
+                                                 "data.url=data", "data.image_size=8", "eval.enabled=false",
+                                                 f"storage.root={tmp_path / 'store'}",
+                                                 "storage.storage_options={auto_mkdir: false}"])
+    store = CheckpointStore(cfg.storage.root)
+    info = text_to_image.import_text_teacher(cfg, store, uri="diffusers:pipe")
+    recorded = store.read_manifest(info.key)["text_to_image"]
+    assert recorded["source"] == str(tmp_path / "pipe") and os.path.isabs(recorded["source"])
+    assert recorded["storage_options"] == {"auto_mkdir": False}
+    seen, real = [], text_to_image.read_text_to_image_model
+    monkeypatch.setattr(text_to_image, "read_text_to_image_model",
+                        lambda uri, storage_options=None: seen.append(storage_options) or real(uri, storage_options=
+                                                                                                 storage_options))
+    monkeypatch.chdir(tmp_path / "store")  # elsewhere: the absolute path still reads
+    assert text_to_image.folder_of(store.read_manifest(info.key)).source == str(tmp_path / "pipe")
+    assert seen == [{"auto_mkdir": False}]

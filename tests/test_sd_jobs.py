@@ -99,13 +99,15 @@ def test_encoded_data_reaches_the_rounds_as_class_labelled_latents_with_their_ta
     write_caption_folder(images, ["a photo of a bag", "", "a photo of a coat"] * 2, str(tmp_path / "data"))
     cfg = load_config(preset="smoke", overrides=[f"pipeline.teacher_uri=diffusers:{saved_sd_pipeline()}",
                                                  f"storage.root={tmp_path / 'store'}", "data.name=captions",
-                                                 f"data.url={tmp_path / 'data'}", "data.limit=5"])
+                                                 f"data.url={tmp_path / 'data'}", "data.limit=5",
+                                                 "eval.enabled=false"])
     store = jobs.open_store(cfg)
     with pytest.raises(StoreError, match="encoded-data.json does not exist"):
         jobs.load_train_data(cfg, store)
     info = text_to_image.encode_data(cfg, store)
     data = jobs.load_train_data(cfg, store)
-    assert isinstance(data, text_to_image.CaptionLatents) and info.count == 6 and info.captions == 3
+    assert isinstance(data, text_to_image.CaptionLatents) and info.count == 5 and info.captions == 3  # data.limit
+    assert info.key.endswith("-n5")  # the limit is in the encoded data's key: another limit is another encoding
     assert data.images.shape == (5, 4, 4, 4) and data.labels.tolist() == [0, 1, 2, 0, 1] and data.num_classes == 3
     assert text_to_image.encoded_sha256(cfg, store) == info.sha256 == data.encoded_sha256
     torch.testing.assert_close(data.caption_embeds[1:2], data.null_embed)  # the empty caption is the null prompt
@@ -114,7 +116,7 @@ def test_encoded_data_reaches_the_rounds_as_class_labelled_latents_with_their_ta
 
 
 def test_unguided_distillation_of_a_text_teacher_runs_the_rounds_from_the_teacher_without_stage_1(tmp_path):
-    from pd_core import jobs, text_to_image
+    from pd_core import jobs, lineage, text_to_image
     from pd_core.config import load_config
     from pd_core.data.class_captions import write_caption_folder
     from pd_core.models import load_model
@@ -125,7 +127,7 @@ def test_unguided_distillation_of_a_text_teacher_runs_the_rounds_from_the_teache
                                                  f"storage.root={tmp_path / 'store'}", "data.name=captions",
                                                  f"data.url={tmp_path / 'data'}", "distill.start_steps=2",
                                                  "distill.updates_per_round=2", "distill.batch_size=2",
-                                                 "diffusion.weighting=snr_plus_one"])
+                                                 "diffusion.weighting=snr_plus_one", "eval.enabled=false"])
     store = jobs.open_store(cfg)
     teacher = jobs.ensure_teacher(cfg, store)
     text_to_image.encode_data(cfg, store)
@@ -135,6 +137,29 @@ def test_unguided_distillation_of_a_text_teacher_runs_the_rounds_from_the_teache
     assert manifest["parameterization"] == "v" and manifest["diffusers_unet2d_condition"]["time_cond_proj_dim"] is None
     assert manifest["text_to_image"] == store.read_manifest(teacher.key)["text_to_image"]
     assert "guidance" not in manifest["settings"] and "encoded_data" in manifest["settings"]
+    # a re-imported teacher of the same UNet keeps its sha256: the folder's hash (its scheduler) is in the lineage
+    assert manifest["settings"]["teacher_folder"] == manifest["text_to_image"]["sha256"]
+    encoded = manifest["settings"]["encoded_data"]
+    other_folder = lineage.round_lineage(cfg, round_index=1, teacher_steps=2, parent_sha256=teacher.sha256,
+                                         student_parameterization="v", encoded_data=encoded, teacher_folder="cd" * 32)
+    assert other_folder.settings_hash != manifest["settings_hash"]
     assert load_model(store, student.key).architecture.image_shape == (4, 4, 4)
     again = jobs.run_round(cfg, store, round_index=1, teacher=teacher)
     assert not again.trained and again.sha256 == student.sha256
+
+
+def test_the_text_students_guidance_embedding_is_the_only_parameter_at_the_embedding_lr_scale():
+    from pd_core.config import load_config
+    from pd_core.train import resolve_runtime
+    from pd_core.train.phases import new_guided_student_state
+
+    model, tensors, arch, context, null = teacher()
+    cfg = load_config(preset="smoke-guided", overrides=["guidance.embedding_lr_scale=7"])
+    state = new_guided_student_state(teacher_weights=tensors, arch=arch.with_guidance_embedding(16),
+                                     distill_cfg=cfg.distill, guidance_cfg=cfg.guidance,
+                                     runtime=resolve_runtime(cfg.runtime), seed=0)
+    names = {id(p): n for n, p in state.model.named_parameters()}
+    scaled = [names[id(p)] for g in state.optimizer.param_groups if g["lr_scale"] == 7.0 for p in g["params"]]
+    assert scaled == ["unet.time_embedding.cond_proj.weight"]
+    assert sum(len(g["params"]) for g in state.optimizer.param_groups) == len(names)  # the rest at scale 1
+    assert {g["lr_scale"] for g in state.optimizer.param_groups} == {1.0, 7.0}

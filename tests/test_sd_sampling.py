@@ -98,3 +98,22 @@ def test_a_prompt_grid_has_one_row_per_prompt_and_says_which(tmp_path):
     torch.testing.assert_close(images[3:], row2, rtol=0, atol=1e-6)  # row 2 is the second prompt's samples
     path = write_display_grid(images, str(tmp_path / "grid.png"), caption=caption, nrow=3)
     assert Image.open(path).size[0] >= 512
+
+
+@torch.no_grad()
+def test_a_prompt_grid_in_batches_runs_the_unet_and_vae_on_at_most_the_batch_and_changes_no_sample():
+    from pd_core.interop.sd_sampling import prompt_grid
+
+    sampler = PromptSampler.of(read_text_to_image_model(str(saved_sd_pipeline())))
+    whole, _ = prompt_grid(sampler, prompts=PROMPTS, per_prompt=3, w=1.5, steps=2, seed=7)
+    seen = {"unet": [], "vae": []}
+    hooks = [sampler.net.unet.register_forward_hook(lambda m, args, kw, out: seen["unet"].append(args[0].shape[0]),
+                                                    with_kwargs=True),
+             sampler.vae.decoder.register_forward_hook(lambda m, args, out: seen["vae"].append(args[0].shape[0]))]
+    try:
+        batched, _ = prompt_grid(sampler, prompts=PROMPTS, per_prompt=3, w=1.5, steps=2, seed=7, batch_size=2)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert max(seen["unet"]) == 4 and seen["vae"] == [2, 2, 2]  # 2 samples, doubled for the guided teacher
+    torch.testing.assert_close(batched, whole, rtol=0, atol=1e-5)

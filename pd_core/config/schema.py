@@ -102,6 +102,14 @@ class Config(_Section):
             if not (self.pipeline.teacher_uri or "").startswith("diffusers:"):
                 raise _FieldProblem("data.name", "'captions' needs a text-to-image teacher to encode it: set "
                                                  "pipeline.teacher_uri to diffusers:<Stable Diffusion-style folder>")
+            if self.data.random_flip:
+                raise _FieldProblem("data.random_flip", "must be false with data.name=captions: the rounds train on "
+                                                        "encoded latents, and flipping a latent is not flipping its "
+                                                        "image; got true")
+            if self.eval.enabled and self.eval.features == "classifier" and not self.eval.class_names:
+                raise _FieldProblem("eval.features", "'classifier' needs eval.class_names (the classes the captions "
+                                                     "name) to train the classifier on image-caption data; set them, "
+                                                     "or eval.features=inception")
             return
         conditional, dropout = self.model.class_conditional, self.teacher.label_dropout
         if dropout > 0 and not conditional:

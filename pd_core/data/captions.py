@@ -110,8 +110,31 @@ def _decode(raw: bytes, *, url: str) -> np.ndarray:
         raise DatasetError(f"{url} is not a readable image ({exc}); remove it from {METADATA_NAME}") from None
 
 
-def load_captions(url: str, *, size: int, split: str = "train") -> CaptionData:
-    """The image-caption pairs of the folder at ``url`` (module docstring), images fitted to ``size``."""
+def has_split(url: str, split: str) -> bool:
+    """Whether the folder at ``url`` has its own ``<split>/metadata.jsonl`` (else its flat folder serves each split)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(_local(url))
+        return bool(fs.isfile(f"{path.rstrip('/')}/{split}/{METADATA_NAME}"))
+    except (ValueError, ImportError, OSError):
+        return False
+
+
+def load_caption_texts(url: str, *, split: str = "train") -> tuple[str, ...]:
+    """The captions of the folder at ``url`` in order, read from its metadata.jsonl alone (no image is read)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(_local(url))
+    except (ValueError, ImportError, OSError) as err:
+        raise DatasetError(f"{url}: cannot open this location ({err})") from None
+    folder, folder_url = _metadata_url(url, split, fs, path)
+    meta_url = join_url(folder_url, METADATA_NAME)
+    rows = parse_metadata(_read(fs, f"{folder}/{METADATA_NAME}", limit=MAX_METADATA_BYTES, url=meta_url),
+                          source=meta_url)
+    return tuple(text for _, text in rows)
+
+
+def load_captions(url: str, *, size: int, split: str = "train", limit: int | None = None) -> CaptionData:
+    """The image-caption pairs of the folder at ``url`` (module docstring), images fitted to ``size``; only the
+    first ``limit`` rows of its metadata.jsonl (their images alone are read and hashed) when given."""
     try:
         fs, path = fsspec.core.url_to_fs(_local(url))
     except (ValueError, ImportError, OSError) as err:
@@ -119,7 +142,7 @@ def load_captions(url: str, *, size: int, split: str = "train") -> CaptionData:
     folder, folder_url = _metadata_url(url, split, fs, path)
     meta_url = join_url(folder_url, METADATA_NAME)
     raw_meta = _read(fs, f"{folder}/{METADATA_NAME}", limit=MAX_METADATA_BYTES, url=meta_url)
-    rows = parse_metadata(raw_meta, source=meta_url)
+    rows = parse_metadata(raw_meta, source=meta_url)[:limit]
     digest = hashlib.sha256(raw_meta)
     images = []
     for name, _ in rows:

@@ -49,6 +49,14 @@ def student_scheduler_config(teacher: TextToImageModel, *, parameterization: str
             "steps_offset": 1, "rescale_betas_zero_snr": False}
 
 
+def example_w(manifest: dict) -> float:
+    """The guidance weight an export's usage line and model card show: 2 clamped into the student's trained range
+    [w_min, w_max] (its manifest; 2 when it records none)."""
+    w_min, w_max = manifest.get("w_min"), manifest.get("w_max")
+    w = 2.0 if w_max is None else min(2.0, float(w_max))
+    return w if w_min is None else max(w, float(w_min))
+
+
 def check_export_steps(teacher: TextToImageModel, *, steps: int) -> None:
     """ExportError unless N divides the T training timesteps (trailing DDIMScheduler rounds otherwise)."""
     check_steps(teacher.schedule, steps=steps, most=MAX_STEPS)
@@ -60,8 +68,9 @@ def check_export_steps(teacher: TextToImageModel, *, steps: int) -> None:
 
 
 def export_text_to_image(*, student_unet: nn.Module, parameterization: str, teacher: TextToImageModel, steps: int,
-                         out: str, source: dict | None = None) -> Path:
-    """Write the student as a StableDiffusionPipeline folder at ``out`` (module docstring); returns it."""
+                         out: str, source: dict | None = None, w: float = 2.0) -> Path:
+    """Write the student as a StableDiffusionPipeline folder at ``out`` (module docstring); returns it. ``w``: the
+    guidance weight the model card's example uses (inside the student's trained range, :func:`example_w`)."""
     check_export_steps(teacher, steps=steps)
     target = new_output_path(out, what="a diffusers pipeline folder")
     diffusers = require_diffusers()
@@ -72,7 +81,8 @@ def export_text_to_image(*, student_unet: nn.Module, parameterization: str, teac
                 "time_cond_proj_dim": student_unet.config.time_cond_proj_dim,
                 "guidance": "guidance_scale = 1 + w, one UNet call per step" if student_unet.config.time_cond_proj_dim
                 else "classifier-free guidance by the pipeline (two UNet calls per step when guidance_scale > 1)",
-                "teacher": {"source": teacher.source, "sha256": teacher.source_sha256}, "source": source or {}}
+                "teacher": {"source": teacher.source, "sha256": teacher.source_sha256}, "source": source or {},
+                "example_w": w}
     pipe = diffusers.StableDiffusionPipeline(
         unet=copy.deepcopy(student_unet).float().eval(), vae=build_vae(teacher),
         text_encoder=build_text_encoder(teacher), tokenizer=build_tokenizer(teacher), scheduler=scheduler,
@@ -98,14 +108,15 @@ def export_student_checkpoint(loaded, *, teacher: TextToImageModel, out: str, st
                           "text-to-image teachers export as a StableDiffusionPipeline folder")
     manifest = loaded.manifest
     return export_text_to_image(student_unet=net.unet, parameterization=loaded.denoiser.parameterization,
-                                teacher=teacher, steps=steps or loaded.steps, out=out,
+                                teacher=teacher, steps=steps or loaded.steps, out=out, w=example_w(manifest),
                                 source={k: manifest.get(k) for k in ("kind", "round", "steps", "sha256", "pipeline")})
 
 
 def model_card(*, target: Path, steps: int, document: dict) -> str:
     """The folder's README.md: what it is, the step count N it was distilled for and the exact stock call."""
     guided = document["time_cond_proj_dim"] is not None
-    call = usage_line(out=target, steps=steps, w=2.0 if guided else 0.0)
+    w = float(document.get("example_w", 2.0)) if guided else 0.0
+    call = usage_line(out=target, steps=steps, w=w)
     how = " with guided distillation (Meng et al. 2023)" if guided else ""
     return (f"# A {steps}-step distilled text-to-image pipeline\n\n"
             f"Progressive distillation (Salimans & Ho 2022){how}"
@@ -118,7 +129,7 @@ def model_card(*, target: Path, steps: int, document: dict) -> str:
             f"pipe = StableDiffusionPipeline.from_pretrained({str(target)!r}, safety_checker=None, "
             f"requires_safety_checker=False)\n"
             f"image = pipe(\"a photo of a sneaker\", num_inference_steps={steps}"
-            f", guidance_scale={'3.0' if guided else '1.0'}).images[0]\n```\n\n`{call}`\n")
+            f", guidance_scale={1.0 + w:g}).images[0]\n```\n\n`{call}`\n")
 
 
 def usage_line(*, out: Path, steps: int, w: float | None) -> str:

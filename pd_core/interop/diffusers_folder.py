@@ -60,9 +60,10 @@ class _Folder:
     """Bounded reads from one folder through fsspec; errors are DiffusersImportError lines naming the file."""
 
     def __init__(self, location: str, *, storage_options: dict | None):
-        self.location = location
+        # a local path is kept absolute: the location is recorded in manifests and read again from elsewhere
+        self.location = os.path.abspath(os.path.expanduser(location)) if "://" not in location else location
         try:
-            local = os.path.expanduser(location) if "://" not in location else location
+            local = self.location
             self.fs, self.root = fsspec.core.url_to_fs(local, **(storage_options or {}))
         except (ValueError, ImportError, OSError) as err:
             raise DiffusersImportError(f"{location}: cannot open this location ({err}); give a folder path or an "

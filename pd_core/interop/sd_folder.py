@@ -27,6 +27,7 @@ No torch and no diffusers here, so a run checks a folder before anything heavy l
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 
@@ -343,6 +344,22 @@ def component_hashes(tti: TextToImageFolder) -> dict[str, dict[str, str]]:
             for component, names in tti.files.items()}
 
 
+def folder_fingerprint(tti: TextToImageFolder) -> str:
+    """A cheap change detector of a checked folder: its configs and each file a load reads with its size and
+    modification stamps (fsspec ``info``: mtime, LastModified, ETag, created); a file rewritten in place changes it.
+    What caches of the folder's read model are keyed on (the lineage hash is :func:`source_sha256`)."""
+    parts = [json.dumps(tti.configs, sort_keys=True, default=str)]
+    for component, names in sorted(tti.files.items()):
+        for name in names:
+            try:
+                info = tti.folder.fs.info(tti.folder.path(component, name))
+            except OSError as err:
+                raise _fail(component, f"{tti.folder.url(component, name)} could not be read: {err}") from None
+            stamps = [info.get(k) for k in ("size", "mtime", "LastModified", "ETag", "created")]
+            parts.append(f"{component}/{name} {json.dumps(stamps, default=str)}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 def component_sha256(files: dict[str, str]) -> str:
     """sha256 of one component: of its sorted ``name sha256`` lines."""
     return hashlib.sha256("".join(f"{n} {s}\n" for n, s in sorted(files.items())).encode()).hexdigest()
@@ -359,7 +376,8 @@ def preflight_text_to_image(cfg: Config) -> TextToImageFolder:
 
     ConfigError (one line naming the component and field) when the folder cannot be imported,
     ``distill.start_steps`` is finer than its scheduler's timesteps, or the data is not image-caption
-    pairs (``data.name`` captions) at the pipeline's image size.
+    pairs (``data.name`` captions) at the pipeline's image size (the data itself:
+    :func:`pd_core.text_to_image.preflight_caption_data`).
     """
     uri = cfg.pipeline.teacher_uri or ""
     try:

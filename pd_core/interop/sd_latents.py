@@ -54,9 +54,10 @@ def encoders_sha256(model: TextToImageModel) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def encoded_key(*, data_sha256: str, encoders: str, size: int, seed: int) -> str:
-    """Store key of one data set encoded by one VAE and text encoder at one image size and seed."""
-    return f"latents/data-{data_sha256[:16]}-enc-{encoders[:16]}-{size}px-s{seed}"
+def encoded_key(*, data_sha256: str, encoders: str, size: int, seed: int, limit: int | None = None) -> str:
+    """Store key of one data set (its first ``limit`` examples when given) encoded by one VAE and text encoder at one
+    image size and seed."""
+    return f"latents/data-{data_sha256[:16]}-enc-{encoders[:16]}-{size}px-s{seed}" + (f"-n{limit}" if limit else "")
 
 
 @torch.no_grad()
@@ -83,10 +84,11 @@ def encode_captions(model: TextToImageModel, data: CaptionData, *, seed: int, ba
 
 
 def ensure_encoded(store: CheckpointStore, model: TextToImageModel, data: CaptionData, *, size: int,
-                   seed: int, device: torch.device | str = "cpu") -> EncodedCaptions:
-    """The encoded data from the store, or encoded now and saved there (module docstring)."""
+                   seed: int, device: torch.device | str = "cpu", limit: int | None = None) -> EncodedCaptions:
+    """The encoded data from the store, or encoded now and saved there (module docstring); ``limit``: the data is
+    the folder's first ``limit`` examples (named in the key)."""
     encoders = encoders_sha256(model)
-    key = encoded_key(data_sha256=data.sha256, encoders=encoders, size=size, seed=seed)
+    key = encoded_key(data_sha256=data.sha256, encoders=encoders, size=size, seed=seed, limit=limit)
     want = {"kind": KIND, "data_sha256": data.sha256, "encoders_sha256": encoders, "image_size": size,
             "seed": seed, "count": int(data.images.shape[0])}
     reused = store.is_complete(key)

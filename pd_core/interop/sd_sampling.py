@@ -106,15 +106,22 @@ def sample_images(sampler: PromptSampler, *, prompts: list[str], w: float, steps
 
 
 def prompt_grid(sampler: PromptSampler, *, prompts: list[str], per_prompt: int, w: float, steps: int,
-                seed: int) -> tuple[Tensor, str]:
-    """Images for a grid with one row per prompt (``per_prompt`` samples each, noise from ``seed``) and its
-    caption naming the step count, w and each row's prompt; pass ``nrow=per_prompt`` to the grid writer."""
+                seed: int, batch_size: int | None = None) -> tuple[Tensor, str]:
+    """Images (on the CPU) for a grid with one row per prompt (``per_prompt`` samples each) and its caption naming
+    the step count, w and each row's prompt; pass ``nrow=per_prompt`` to the grid writer.
+
+    The noise is drawn on the CPU from ``seed`` (the same latents on every device) and moved to the UNet's device;
+    the UNet and the VAE run on ``batch_size`` samples at a time (default: all), which changes no sample."""
     if not prompts or per_prompt < 1:
         raise ValueError(f"need at least one prompt and per_prompt >= 1; got {len(prompts)} and {per_prompt}")
     rows = [p for p in prompts for _ in range(per_prompt)]
+    param = next(sampler.net.parameters())
     noise = torch.randn((len(rows), *sampler.latent_shape), generator=torch.Generator().manual_seed(seed),
-                        dtype=next(sampler.net.parameters()).dtype)
-    images = sample_images(sampler, prompts=rows, w=w, steps=steps, noise=noise)
+                        dtype=param.dtype)
+    step = max(1, batch_size or len(rows))
+    images = torch.cat([sample_images(sampler, prompts=rows[i:i + step], w=w, steps=steps,
+                                      noise=noise[i:i + step].to(param.device)).float().cpu()
+                        for i in range(0, len(rows), step)])
     named = "; ".join(f"row {i + 1} '{p}'" for i, p in enumerate(prompts))
     caption = f"{steps} step{'' if steps == 1 else 's'}, w = {w:g}: {named}"
     return images, caption

@@ -192,17 +192,20 @@ def _classifier_keys(key: str) -> tuple[str, str]:
 def load_or_train_classifier(store: ByteStore, key: str, *, load_data: Callable[[], LabelledSplits], dataset: str,
                              seed: int = 0, epochs: int = 4, batch_size: int = 128, lr: float = 3e-3,
                              feature_dim: int = 128, device: str | torch.device = "cpu",
-                             progress: Progress | None = None) -> ClassifierFeatures:
+                             progress: Progress | None = None, num_classes: int | None = None) -> ClassifierFeatures:
     """The classifier cached under ``key`` in ``store``, trained (and cached) on a miss.
 
     ``load_data()`` returns (train_images, train_labels, test_images, test_labels) and is called
     only when training. The manifest (JSON, written after the weights) records dataset, seed,
     epochs, test accuracy, wall time and the weights' sha256, which is verified on load. A cached
-    classifier trained with other settings is an error, not a silent reuse.
+    classifier trained with other settings is an error, not a silent reuse. ``num_classes``: the head's
+    classes (default: one more than the largest label seen; give it when a class may have no example).
     """
     weights_key, manifest_key = _classifier_keys(key)
     wanted = {"dataset": dataset, "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "feature_dim": feature_dim}
+    if num_classes is not None:  # absent when not given: classifiers cached before keep their manifests' match
+        wanted["num_classes"] = num_classes
     if store.exists(manifest_key):
         manifest = json.loads(store.get_bytes(manifest_key))
         differing = {k: (manifest.get(k), v) for k, v in wanted.items() if manifest.get(k) != v}
@@ -219,7 +222,7 @@ def load_or_train_classifier(store: ByteStore, key: str, *, load_data: Callable[
     t0 = time.perf_counter()
     model, accuracy = train_feature_classifier(train_x, train_y, test_x, test_y, seed=seed, epochs=epochs,
                                                batch_size=batch_size, lr=lr, feature_dim=feature_dim, device=device,
-                                               progress=progress)
+                                               progress=progress, num_classes=num_classes)
     data = classifier_to_bytes(model)
     manifest = {"kind": "feature_classifier", **wanted, "arch": model.arch, "test_accuracy": accuracy,
                 "train_examples": int(train_x.shape[0]), "test_examples": int(test_x.shape[0]),

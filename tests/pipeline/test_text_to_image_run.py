@@ -77,7 +77,7 @@ def test_the_flow_imports_encodes_once_runs_stage_1_and_the_rounds_and_evaluates
     guided = _manifest(root, "guided")
     assert guided["diffusers_unet2d_condition"]["time_cond_proj_dim"] == 256  # diffusers' guidance embedding
     assert guided["parameterization"] == "eps" and guided["parent_sha256"] == teacher["sha256"]
-    assert guided["settings"]["encoded_data"] == pointer["sha256"]
+    assert guided["settings"]["encoded_data"] == pointer["sha256"] and guided["settings"]["teacher_folder"] == source
     student = _manifest(root, "rounds/01-0001")
     assert student["steps"] == 1 and student["parent_sha256"] == guided["sha256"]
     assert student["parameterization"] == kinds.EPS_TEACHER_STUDENT  # auto for an eps teacher
@@ -115,16 +115,19 @@ def test_a_rerun_trains_and_encodes_nothing(run):
     assert "3 distinct captions (reused)" in out and "encoded now" not in out
 
 
-def test_a_pickle_only_component_or_data_that_is_not_captions_fails_before_anything_starts(tmp_path, prefect_api):
+def test_a_pickle_only_component_or_data_not_captions_or_without_metadata_fails_before_anything_starts(tmp_path,
+                                                                                                        prefect_api):
     folder = shutil.copytree(saved_sd_pipeline(), tmp_path / "pipe")
     env = {"PD_HOME": str(tmp_path / "home"), "PREFECT_API_URL": prefect_api}
     base = ["run", "--preset", "smoke", "--name", "bad", "--teacher-uri", f"diffusers:{folder}", "--storage",
             str(tmp_path / "store")]
     proc = run_pd(*base, "--set", "distill.start_steps=4", cwd=tmp_path, env=env)  # data.name digits
     assert_one_line_error(proc, code=2, mentions="data.name must be 'captions'")
+    proc = run_pd(*base, *TINY, *EVAL, "--set", f"data.url={tmp_path / 'no-data'}", cwd=tmp_path, env=env)
+    assert_one_line_error(proc, code=2, mentions="data.url: ")
     weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
     weights.rename(weights.with_name("diffusion_pytorch_model.bin"))
-    proc = run_pd(*base, *TINY, "--set", f"data.url={tmp_path}", cwd=tmp_path, env=env)
+    proc = run_pd(*base, *TINY, *EVAL, "--set", f"data.url={tmp_path}", cwd=tmp_path, env=env)
     assert_one_line_error(proc, code=2, mentions="vae: ")
     assert "is a pickle" in proc.stderr
     assert not (tmp_path / "store").exists()
