@@ -118,6 +118,9 @@ def _records(store: CheckpointStore, cfg, *, pipeline: str) -> list[dict]:
         tail = f"-{evaluation.eval_hash(cfg)}.json"
         out += [json.loads(store.get_bytes(k)) for k in store.list(evaluation.records_prefix(manifest["sha256"]))
                 if k.endswith(tail) and "/ddim-" in k and "noise-seed" not in k]
+    if not out:
+        raise SystemExit(f"error: no evaluation records of {pipeline} under this evaluation config (its hash "
+                         f"changes with the eval settings and the code's eval fields); run without --report-only")
     return out
 
 
