@@ -119,22 +119,8 @@ def has_split(url: str, split: str) -> bool:
         return False
 
 
-def load_caption_texts(url: str, *, split: str = "train") -> tuple[str, ...]:
-    """The captions of the folder at ``url`` in order, read from its metadata.jsonl alone (no image is read)."""
-    try:
-        fs, path = fsspec.core.url_to_fs(_local(url))
-    except (ValueError, ImportError, OSError) as err:
-        raise DatasetError(f"{url}: cannot open this location ({err})") from None
-    folder, folder_url = _metadata_url(url, split, fs, path)
-    meta_url = join_url(folder_url, METADATA_NAME)
-    rows = parse_metadata(_read(fs, f"{folder}/{METADATA_NAME}", limit=MAX_METADATA_BYTES, url=meta_url),
-                          source=meta_url)
-    return tuple(text for _, text in rows)
-
-
-def load_captions(url: str, *, size: int, split: str = "train", limit: int | None = None) -> CaptionData:
-    """The image-caption pairs of the folder at ``url`` (module docstring), images fitted to ``size``; only the
-    first ``limit`` rows of its metadata.jsonl (their images alone are read and hashed) when given."""
+def _open_metadata(url: str, split: str):
+    """(fs, folder path, folder URL, metadata URL, metadata bytes) of the split's folder at ``url``."""
     try:
         fs, path = fsspec.core.url_to_fs(_local(url))
     except (ValueError, ImportError, OSError) as err:
@@ -142,6 +128,19 @@ def load_captions(url: str, *, size: int, split: str = "train", limit: int | Non
     folder, folder_url = _metadata_url(url, split, fs, path)
     meta_url = join_url(folder_url, METADATA_NAME)
     raw_meta = _read(fs, f"{folder}/{METADATA_NAME}", limit=MAX_METADATA_BYTES, url=meta_url)
+    return fs, folder, folder_url, meta_url, raw_meta
+
+
+def load_caption_texts(url: str, *, split: str = "train") -> tuple[str, ...]:
+    """The captions of the folder at ``url`` in order, read from its metadata.jsonl alone (no image is read)."""
+    _, _, _, meta_url, raw_meta = _open_metadata(url, split)
+    return tuple(text for _, text in parse_metadata(raw_meta, source=meta_url))
+
+
+def load_captions(url: str, *, size: int, split: str = "train", limit: int | None = None) -> CaptionData:
+    """The image-caption pairs of the folder at ``url`` (module docstring), images fitted to ``size``; only the
+    first ``limit`` rows of its metadata.jsonl (their images alone are read and hashed) when given."""
+    fs, folder, folder_url, meta_url, raw_meta = _open_metadata(url, split)
     rows = parse_metadata(raw_meta, source=meta_url)[:limit]
     digest = hashlib.sha256(raw_meta)
     images = []
