@@ -48,6 +48,16 @@ def guided_combination(*, conditional: Tensor, unconditional: Tensor, w: Tensor)
     return (1.0 + w) * conditional - w * unconditional
 
 
+def guided_forward(both: Denoiser, *, z: Tensor, logsnr: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """(x_hat_w, eps_hat_w) of one batched call: ``both`` sees [z; z] with the conditional inputs first and the
+    unconditional ones second, and each output is (1 + w) conditional - w unconditional."""
+    b = z.shape[0]
+    x_both, eps_both = both(torch.cat([z, z]), torch.cat([logsnr, logsnr]))  # (2B, C, H, W) each
+    w = w.to(z.device)
+    return (guided_combination(conditional=x_both[:b], unconditional=x_both[b:], w=w),
+            guided_combination(conditional=eps_both[:b], unconditional=eps_both[b:], w=w))
+
+
 def drop_labels(y: Tensor, *, p: float, null_label: int, generator: torch.Generator | None = None) -> Tensor:
     """Label dropout: each label replaced by ``null_label`` with probability ``p`` (one uniform draw per label)."""
     if not 0.0 <= p < 1.0:
@@ -92,11 +102,7 @@ class GuidedDenoiser:
         b = z.shape[0]
         if b != self.y.shape[0]:
             raise ValueError(f"z has {b} examples but {self.y.shape[0]} labels are bound")
-        x_both, eps_both = self._both(torch.cat([z, z]), torch.cat([logsnr, logsnr]))  # (2B, C, H, W) each
-        w = self.w.to(z.device)
-        x_hat = guided_combination(conditional=x_both[:b], unconditional=x_both[b:], w=w)
-        eps_hat = guided_combination(conditional=eps_both[:b], unconditional=eps_both[b:], w=w)
-        return x_hat, eps_hat
+        return guided_forward(self._both, z=z, logsnr=logsnr, w=self.w)
 
 
 def guided(denoiser: Denoiser, *, arch: Architecture | UNetSpec, y: Tensor, w: float) -> DenoiserFn:

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from pd_core._checks import broadcast_to, check_image_batch
 from pd_core.denoiser import Denoiser
-from pd_core.guidance import guided_combination, sample_guidance
+from pd_core.guidance import guided_forward, sample_guidance
 from pd_core.schedule import DiscreteSchedule, alpha_sigma
 from pd_core.weighting import check_combination, per_example_loss
 
@@ -73,11 +73,7 @@ class TextGuidedDenoiser:
         b = z.shape[0]
         if b != self.batch:
             raise ValueError(f"z has {b} examples but {self.batch} prompt embeddings are bound")
-        x_both, eps_both = self._both(torch.cat([z, z]), torch.cat([logsnr, logsnr]))  # (2B, C, H, W) each
-        w = self.w.to(z.device)
-        x_hat = guided_combination(conditional=x_both[:b], unconditional=x_both[b:], w=w)
-        eps_hat = guided_combination(conditional=eps_both[:b], unconditional=eps_both[b:], w=w)
-        return x_hat, eps_hat
+        return guided_forward(self._both, z=z, logsnr=logsnr, w=self.w)
 
 
 @torch.no_grad()

@@ -32,6 +32,16 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PICKLE_NAME = "diffusion_pytorch_model.bin"
 MAX_JSON_BYTES = 1 << 20  # a config file is a few KB
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x"}  # diffusers -> our parameterization
+
+
+def scheduler_parameterization(scheduler_config: dict) -> str:
+    """eps / v / x from a scheduler config's prediction_type (diffusers' default epsilon)."""
+    return PREDICTION_TYPES[scheduler_config.get("prediction_type", "epsilon")]
+
+
+def scheduler_timesteps(scheduler_config: dict) -> int:
+    """T from a scheduler config's num_train_timesteps (diffusers' default 1000)."""
+    return int(scheduler_config.get("num_train_timesteps", 1000))
 SUPPORTED_TIME_EMBEDDINGS = ("positional",)  # fractional timesteps need a continuous embedding
 
 
@@ -167,12 +177,12 @@ class FolderConfigs:
     @property
     def parameterization(self) -> str:
         """eps / v / x from the scheduler's prediction_type."""
-        return PREDICTION_TYPES[self.scheduler_config.get("prediction_type", "epsilon")]
+        return scheduler_parameterization(self.scheduler_config)
 
     @property
     def num_train_timesteps(self) -> int:
         """T as the scheduler config says (diffusers' default 1000)."""
-        return int(self.scheduler_config.get("num_train_timesteps", 1000))
+        return scheduler_timesteps(self.scheduler_config)
 
     @property
     def scheduler_notes(self) -> tuple[str, ...]:

@@ -43,6 +43,8 @@ from pd_core.interop.diffusers_folder import (
     check_timesteps,
     diffusers_location,
     is_diffusers_uri,
+    scheduler_parameterization,
+    scheduler_timesteps,
 )
 from pd_core.kinds import check_combination
 
@@ -97,11 +99,11 @@ class TextToImageFolder:
     @property
     def parameterization(self) -> str:
         """eps / v / x from the scheduler's prediction_type."""
-        return PREDICTION_TYPES[self.scheduler_config.get("prediction_type", "epsilon")]
+        return scheduler_parameterization(self.scheduler_config)
 
     @property
     def num_train_timesteps(self) -> int:
-        return int(self.scheduler_config.get("num_train_timesteps", 1000))
+        return scheduler_timesteps(self.scheduler_config)
 
     @property
     def latent_size(self) -> int:
