@@ -29,7 +29,7 @@ from torch import Tensor
 from pd_core import dist, finite, lineage
 from pd_core.config import Config, ConfigError
 from pd_core.data import ImageData
-from pd_core.data.captions import has_split, load_caption_texts, load_captions
+from pd_core.data.captions import has_split, load_caption_texts, scan_captions
 from pd_core.data.common import DatasetError
 from pd_core.interop.diffusers_folder import check_timesteps, diffusers_location
 from pd_core.interop.sd_folder import component_hashes, read_text_to_image, source_sha256
@@ -144,9 +144,10 @@ def import_text_teacher(cfg: Config, store: CheckpointStore, *, uri: str) -> Che
 def encode_data(cfg: Config, store: CheckpointStore) -> EncodedInfo:
     """Encode ``data.url`` (train split; its first ``data.limit`` examples when set, named in the key) with the
     teacher's VAE and text encoder once (reused when stored) and point the pipeline at it. The only job that builds
-    the VAE and the text encoder."""
+    the VAE and the text encoder. The folder is hashed first (bytes only) and decoded batch by batch only when it is
+    encoded: memory holds one batch of images, not the data set."""
     model = read_text_to_image_model(cfg.pipeline.teacher_uri or "", storage_options=_options(cfg))
-    data = load_captions(cfg.data.url or "", size=cfg.data.image_size, split="train", limit=cfg.data.limit)
+    data = scan_captions(cfg.data.url or "", size=cfg.data.image_size, split="train", limit=cfg.data.limit)
     encoded = ensure_encoded(store, model, data, size=cfg.data.image_size, seed=cfg.pipeline.seed,
                              device=resolve_runtime(cfg.runtime).device, limit=cfg.data.limit)
     manifest = store.read_manifest(encoded.key) or {}

@@ -1,5 +1,6 @@
 """Image-caption data (imagefolder + metadata.jsonl) read with bounds, encoded once with the teacher's VAE and text
-encoder as diffusers' training recipe does, kept in the store under a key naming the data and the encoders.
+encoder as diffusers' training recipe does, kept in the store under a key naming the data and the encoders; the
+encode job streams the folder (hashed first, decoded one batch at a time) to the same tensors as the whole read.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pd_core.data.captions import load_captions
+from pd_core.data.captions import load_captions, scan_captions
 from pd_core.data.common import DatasetError
+from pd_core.interop import sd_latents
 from pd_core.interop.sd_latents import encode_captions, encoders_sha256, ensure_encoded
 from pd_core.interop.sd_pipeline import read_text_to_image_model
 from pd_core.store import CheckpointStore
@@ -64,16 +66,19 @@ BAD = {
     "not-an-image": (lambda f: (f / "img" / "2.png").write_bytes(b"nope"), "img/2.png is not a readable image"),
     "long-caption": (lambda f: (f / "metadata.jsonl").write_text(
         json.dumps({"file_name": "img/0.png", "text": "a" * 3000}) + "\n"), "text must be a string of at most"),
+    "too-big": (lambda f: Image.fromarray(np.zeros((12, 12), dtype=np.uint8)).save(f / "img" / "4.png"),
+                "img/4.png: images are 12x12 and cannot be made 8x8"),
 }
 
 
+@pytest.mark.parametrize("read", [load_captions, scan_captions])
 @pytest.mark.parametrize("case", list(BAD))
-def test_a_bad_caption_folder_is_refused_with_one_line(tmp_path, case):
+def test_a_bad_caption_folder_is_refused_with_one_line(tmp_path, case, read):
     breaks, message = BAD[case]
     folder = write_caption_folder(tmp_path / "data")
     breaks(folder)
     with pytest.raises(DatasetError) as err:
-        load_captions(str(folder), size=8)
+        read(str(folder), size=8)  # the scan checks each image's header: refused before anything is encoded
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
@@ -131,3 +136,53 @@ def test_a_caption_folder_behind_an_fsspec_url_reads_like_a_local_one(tmp_path):
         assert torch.equal(remote.images, local.images)
     finally:
         fs.rm("/pd-tests-captions", recursive=True)
+
+
+def test_a_scanned_folder_hashes_like_the_whole_read_and_decodes_lazily_at_most_a_batch_at_a_time(tmp_path):
+    folder = write_caption_folder(tmp_path / "data")
+    whole, scan = load_captions(str(folder), size=8, limit=4), scan_captions(str(folder), size=8, limit=4)
+    assert (scan.sha256, scan.captions, scan.count, scan.source) == (whole.sha256, whole.captions, 4, whole.source)
+    batches = list(scan.batches(3))
+    assert [b.shape[0] for b in batches] == [3, 1] and torch.equal(torch.cat(batches), whole.images)
+    stream = scan.batches(2)
+    assert torch.equal(next(stream), whole.images[:2])  # read so far: two images; the third is read when asked for
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(folder / "img" / "2.png")
+    with pytest.raises(DatasetError, match="img/2.png changed while the folder was being encoded"):
+        next(stream)  # bytes that differ from the hash in the key are never encoded under it
+
+
+@torch.no_grad()
+def test_the_encode_job_streams_batches_of_64_to_the_whole_tensor_encoding_bit_for_bit(tmp_path, monkeypatch,
+                                                                                         caplog):
+    from pd_core.data.class_captions import write_caption_folder as write_pngs
+
+    images = torch.randint(0, 256, (70, 3, 8, 8), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    folder = write_pngs(images, CAPTIONS * 14, str(tmp_path / "data"))
+    model = read_text_to_image_model(str(saved_sd_pipeline()))
+    seen, build_vae = [], sd_latents.build_vae
+
+    def spied_vae(m):  # the real VAE, its encoder's input batch sizes recorded
+        vae = build_vae(m)
+        vae.encoder.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))
+        return vae
+
+    monkeypatch.setattr(sd_latents, "build_vae", spied_vae)
+    whole = load_captions(folder, size=8)
+    caplog.set_level("INFO", logger="pd_core.interop.sd_latents")
+    streamed = ensure_encoded(CheckpointStore(str(tmp_path / "a")), model, scan_captions(folder, size=8), size=8,
+                              seed=5)
+    assert seen == [64, 6]  # never more than a batch of images decoded or encoded at once
+    assert [r.getMessage().split(",")[0] for r in caplog.records if "img/s" in r.getMessage()] == [
+        "encode: 70/70 images (100.0%)"] and "ETA 0s" in caplog.text
+    reference = ensure_encoded(CheckpointStore(str(tmp_path / "b")), model, whole, size=8, seed=5)
+    assert streamed.key == reference.key and not streamed.reused
+    manifests = [CheckpointStore(str(tmp_path / s)).read_manifest(streamed.key) for s in "ab"]
+    assert manifests[0]["sha256"] == manifests[1]["sha256"]  # the stored bytes are the same
+    for name in ("latents", "caption_index", "caption_embeds", "null_embed"):
+        assert torch.equal(getattr(streamed, name), getattr(reference, name)), name
+    pipe, g = load_sd_pipeline(saved_sd_pipeline()), torch.Generator().manual_seed(5)  # independent: diffusers' VAE
+    want = torch.cat([pipe.vae.encode(whole.images[i:i + 64]).latent_dist.sample(generator=g) for i in (0, 64)])
+    assert torch.equal(streamed.latents, want * pipe.vae.config.scaling_factor)  # same ops, same batches: exact
+    seen.clear()
+    assert ensure_encoded(CheckpointStore(str(tmp_path / "a")), model, scan_captions(folder, size=8), size=8,
+                          seed=5).reused and seen == []  # a reuse decodes and encodes nothing

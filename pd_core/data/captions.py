@@ -7,8 +7,14 @@ Images are decoded with Pillow as RGB (a text-to-image VAE takes 3 channels) and
 ``size`` with :mod:`pd_core.data.shaping` (u / 127.5 - 1). Everything is bounded: the metadata
 file's size and line count, each caption's length, each image file's size.
 
-:attr:`CaptionData.sha256` hashes the metadata bytes and every image's bytes in order: what decides
-the encoded latents besides the encoders, the image size and the seed.
+The data hash is h = sha256(metadata bytes || sha256(image_1 bytes) || ... || sha256(image_N bytes))
+(the rows in metadata order, the first ``limit`` when given): what decides the encoded latents
+besides the encoders, the image size and the seed. :func:`load_captions` decodes the folder whole
+(N, 3, size, size), for bounded reads (an evaluation's test split). :func:`scan_captions` reads and
+hashes the bytes alone (each image's header checked: readable, and fits ``size``) and
+:meth:`CaptionFiles.batches` then decodes B images at a time, each file's bytes checked against the
+scan's sha256: the same h and, batch by batch, bit-identical images to ``load_captions``, with memory
+bounded by B decoded images instead of N.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import hashlib
 import io
 import json
 import posixpath
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
@@ -26,7 +33,7 @@ from torch import Tensor
 
 from pd_core.data.common import DatasetError
 from pd_core.data.files import _local, join_url
-from pd_core.data.shaping import fit_to_size, to_unit_range
+from pd_core.data.shaping import check_fits, fit_to_size, to_unit_range
 
 METADATA_NAME = "metadata.jsonl"
 MAX_METADATA_BYTES = 64 << 20
@@ -43,6 +50,47 @@ class CaptionData:
     captions: tuple[str, ...]
     sha256: str
     source: str
+
+    @property
+    def count(self) -> int:
+        return int(self.images.shape[0])
+
+    def batches(self, batch: int) -> Iterator[Tensor]:
+        """The images (B, 3, size, size) in order, ``batch`` at a time (the last batch the rest)."""
+        for start in range(0, self.count, batch):
+            yield self.images[start:start + batch]
+
+
+@dataclass(frozen=True)
+class CaptionFiles:
+    """A folder's captions and the sha256 of everything read (as :class:`CaptionData`'s), its images not decoded:
+    :meth:`batches` reads and decodes them ``batch`` at a time."""
+
+    captions: tuple[str, ...]
+    sha256: str
+    source: str
+    size: int
+    names: tuple[str, ...] = field(repr=False)
+    digests: tuple[bytes, ...] = field(repr=False)  # each image's sha256 as the scan read it
+    fs: fsspec.AbstractFileSystem = field(repr=False, compare=False)
+    folder: str = field(repr=False)
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
+
+    def batches(self, batch: int) -> Iterator[Tensor]:
+        """The images (B, 3, size, size) in [-1, 1], in order, ``batch`` at a time (the last batch the rest); at most
+        ``batch`` decoded images held. DatasetError naming the file when its bytes changed since the scan."""
+        for start in range(0, self.count, batch):
+            images = []
+            for name, digest in zip(self.names[start:start + batch], self.digests[start:start + batch], strict=True):
+                url = join_url(self.source, name)
+                raw = _read(self.fs, f"{self.folder}/{name}", limit=MAX_IMAGE_BYTES, url=url)
+                if hashlib.sha256(raw).digest() != digest:
+                    raise DatasetError(f"{url} changed while the folder was being encoded; rerun when it is stable")
+                images.append(_image(raw, size=self.size, url=url))
+            yield torch.cat(images)
 
 
 def _metadata_url(root: str, split: str, fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, str]:
@@ -110,6 +158,23 @@ def _decode(raw: bytes, *, url: str) -> np.ndarray:
         raise DatasetError(f"{url} is not a readable image ({exc}); remove it from {METADATA_NAME}") from None
 
 
+def _image(raw: bytes, *, size: int, url: str) -> Tensor:
+    """(1, 3, size, size) in [-1, 1] of one image file's bytes."""
+    return fit_to_size(to_unit_range(_decode(raw, url=url)[None]), size=size, source=url)
+
+
+def _check_header(raw: bytes, *, size: int, url: str) -> None:
+    """DatasetError unless the bytes open as an image (header only, pixels not decoded) that fits ``size``."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            width, height = img.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DatasetError(f"{url} is not a readable image ({exc}); remove it from {METADATA_NAME}") from None
+    check_fits(height, width, size=size, source=url)
+
+
 def has_split(url: str, split: str) -> bool:
     """Whether the folder at ``url`` has its own ``<split>/metadata.jsonl`` (else its flat folder serves each split)."""
     try:
@@ -139,7 +204,8 @@ def load_caption_texts(url: str, *, split: str = "train") -> tuple[str, ...]:
 
 def load_captions(url: str, *, size: int, split: str = "train", limit: int | None = None) -> CaptionData:
     """The image-caption pairs of the folder at ``url`` (module docstring), images fitted to ``size``; only the
-    first ``limit`` rows of its metadata.jsonl (their images alone are read and hashed) when given."""
+    first ``limit`` rows of its metadata.jsonl (their images alone are read and hashed) when given. All N images
+    are decoded into one tensor: for bounded reads; :func:`scan_captions` streams."""
     fs, folder, folder_url, meta_url, raw_meta = _open_metadata(url, split)
     rows = parse_metadata(raw_meta, source=meta_url)[:limit]
     digest = hashlib.sha256(raw_meta)
@@ -148,6 +214,22 @@ def load_captions(url: str, *, size: int, split: str = "train", limit: int | Non
         image_url = join_url(folder_url, name)
         raw = _read(fs, f"{folder}/{name}", limit=MAX_IMAGE_BYTES, url=image_url)
         digest.update(hashlib.sha256(raw).digest())
-        images.append(fit_to_size(to_unit_range(_decode(raw, url=image_url)[None]), size=size, source=image_url))
+        images.append(_image(raw, size=size, url=image_url))
     return CaptionData(images=torch.cat(images), captions=tuple(text for _, text in rows), sha256=digest.hexdigest(),
                        source=folder_url)
+
+
+def scan_captions(url: str, *, size: int, split: str = "train", limit: int | None = None) -> CaptionFiles:
+    """The folder at ``url`` as :func:`load_captions` reads it (same rows, same sha256), its image bytes read and
+    hashed one at a time and not decoded (each header checked); :meth:`CaptionFiles.batches` decodes them."""
+    fs, folder, folder_url, meta_url, raw_meta = _open_metadata(url, split)
+    rows = parse_metadata(raw_meta, source=meta_url)[:limit]
+    digest, digests = hashlib.sha256(raw_meta), []
+    for name, _ in rows:
+        image_url = join_url(folder_url, name)
+        raw = _read(fs, f"{folder}/{name}", limit=MAX_IMAGE_BYTES, url=image_url)
+        digests.append(hashlib.sha256(raw).digest())
+        digest.update(digests[-1])
+        _check_header(raw, size=size, url=image_url)
+    return CaptionFiles(captions=tuple(text for _, text in rows), sha256=digest.hexdigest(), source=folder_url,
+                        size=size, names=tuple(name for name, _ in rows), digests=tuple(digests), fs=fs, folder=folder)

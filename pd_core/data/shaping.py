@@ -19,6 +19,15 @@ def to_unit_range(images: np.ndarray) -> Tensor:
     return torch.tensor(np.ascontiguousarray(images)).float().div_(127.5).sub_(1.0)  # copies: source may be read-only
 
 
+def check_fits(height: int, width: int, *, size: int, source: str) -> None:
+    """DatasetError unless :func:`fit_to_size` makes a height x width image size x size (pad or integer pool)."""
+    if (height <= size and width <= size) or (height == width and height % size == 0):
+        return
+    raise DatasetError(f"{source}: images are {height}x{width} and cannot be made {size}x{size} (only padding smaller "
+                       f"images and integer downsampling of square ones are done); set data.image_size to "
+                       f"{max(height, width)} or resize the images")
+
+
 def fit_to_size(images: Tensor, *, size: int, source: str) -> Tensor:
     """Pad (centred, value -1 = black) or integer-factor average-pool (N, C, H, W) images to size x size.
 
@@ -31,9 +40,6 @@ def fit_to_size(images: Tensor, *, size: int, source: str) -> Tensor:
         top, left = (size - h) // 2, (size - w) // 2
         # pad order for F.pad: (left, right, top, bottom)
         return F.pad(images, (left, size - w - left, top, size - h - top), value=-1.0)  # (N, C, size, size)
-    if h == w and h % size == 0:
-        return F.avg_pool2d(images, kernel_size=h // size)  # (N, C, size, size)
-    raise DatasetError(f"{source}: images are {h}x{w} and cannot be made {size}x{size} (only padding smaller "
-                       f"images and integer downsampling of square ones are done); set data.image_size to "
-                       f"{max(h, w)} or resize the images")
+    check_fits(h, w, size=size, source=source)
+    return F.avg_pool2d(images, kernel_size=h // size)  # (N, C, size, size): h == w, a multiple of size
 

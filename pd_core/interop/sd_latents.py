@@ -2,7 +2,13 @@
 
 Latents follow diffusers' text-to-image training recipe: x = scaling_factor * s, s a sample of the
 VAE encoder's latent distribution N(mean(image), std(image)^2) drawn with a generator seeded by
-``seed`` (one draw per image, in data order, batch by batch). Captions are embedded as
+``seed`` (one draw per image, in data order, in batches of ``ENCODE_BATCH`` images: CPU normal draws
+depend on how a stream is cut into calls, so the batch is part of what decides the latents and is
+fixed). The images come from the data source ``ENCODE_BATCH`` at a time
+(:meth:`pd_core.data.captions.CaptionFiles.batches` decodes them as it goes), so memory holds one
+batch of images and the latents (N, C, h, w), never the decoded data set; a whole
+:class:`~pd_core.data.captions.CaptionData` cut into the same batches gives the same tensors bit for
+bit. Captions are embedded as
 ``StableDiffusionPipeline.encode_prompt`` does (:func:`~pd_core.interop.sd_pipeline.encode_prompts`);
 each distinct caption once: ``caption_embeds`` (U, L, D) and ``caption_index`` (N,) say which
 caption each image has, and ``null_embed`` (1, L, D) is the empty prompt's.
@@ -17,19 +23,38 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from pd_core.data.captions import CaptionData
 from pd_core.interop.sd_folder import component_sha256
 from pd_core.interop.sd_pipeline import TextToImageModel, build_text_encoder, build_tokenizer, build_vae, encode_prompts
 from pd_core.store import CheckpointStore
+from pd_core.train.progress import format_seconds
 
 log = logging.getLogger(__name__)
 ENCODERS = ("vae", "text_encoder", "tokenizer")
 KIND = "encoded-captions"
+ENCODE_BATCH = 64
+LOG_EVERY_BATCHES = 10
+
+
+class CaptionSource(Protocol):
+    """Image-caption data as the encoder reads it: :class:`~pd_core.data.captions.CaptionData` (decoded whole) or
+    :class:`~pd_core.data.captions.CaptionFiles` (decoded batch by batch)."""
+
+    captions: tuple[str, ...]
+    sha256: str
+    source: str
+
+    @property
+    def count(self) -> int: ...
+
+    def batches(self, batch: int) -> Iterator[Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -61,18 +86,24 @@ def encoded_key(*, data_sha256: str, encoders: str, size: int, seed: int, limit:
 
 
 @torch.no_grad()
-def encode_captions(model: TextToImageModel, data: CaptionData, *, seed: int, batch: int = 64,
-                    device: torch.device | str = "cpu") -> dict[str, Tensor]:
-    """The tensors of the module docstring for ``data`` (float32, on the CPU), the encoders run on ``device``;
-    the latent draws come from a CPU generator whatever the device (the same draws everywhere)."""
+def encode_captions(model: TextToImageModel, data: CaptionSource, *, seed: int, batch: int = ENCODE_BATCH,
+                    device: torch.device | str = "cpu", log_every: int = LOG_EVERY_BATCHES) -> dict[str, Tensor]:
+    """The tensors of the module docstring for ``data`` (float32, on the CPU), the encoders run on ``device`` over
+    ``batch`` images at a time; the latent draws come from a CPU generator whatever the device (the same draws
+    everywhere). One log line per ``log_every`` batches (images done, rate, ETA)."""
     vae = build_vae(model).to(device)
     tokenizer, text_encoder = build_tokenizer(model), build_text_encoder(model).to(device)
     generator = torch.Generator().manual_seed(seed)
-    latents = []
-    for start in range(0, data.images.shape[0], batch):
-        dist = vae.encode(data.images[start:start + batch].to(device)).latent_dist
+    latents, done, t0 = [], 0, time.perf_counter()
+    for number, images in enumerate(data.batches(batch), start=1):
+        dist = vae.encode(images.to(device)).latent_dist
         noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype)
         latents.append((dist.mean + dist.std * noise.to(dist.mean.device)).cpu() * model.scaling_factor)
+        done += int(images.shape[0])
+        if number % log_every == 0 or done == data.count:
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            log.info("encode: %d/%d images (%.1f%%), %.2f img/s, ETA %s", done, data.count, 100.0 * done / data.count,
+                     rate, format_seconds((data.count - done) / rate))
     distinct = list(dict.fromkeys(data.captions))
     where = {text: i for i, text in enumerate(distinct)}
     embeds = torch.cat([encode_prompts(tokenizer, text_encoder, distinct[i:i + batch])
@@ -83,14 +114,15 @@ def encode_captions(model: TextToImageModel, data: CaptionData, *, seed: int, ba
             "null_embed": encode_prompts(tokenizer, text_encoder, [""]).cpu()}
 
 
-def ensure_encoded(store: CheckpointStore, model: TextToImageModel, data: CaptionData, *, size: int,
+def ensure_encoded(store: CheckpointStore, model: TextToImageModel, data: CaptionSource, *, size: int,
                    seed: int, device: torch.device | str = "cpu", limit: int | None = None) -> EncodedCaptions:
     """The encoded data from the store, or encoded now and saved there (module docstring); ``limit``: the data is
-    the folder's first ``limit`` examples (named in the key)."""
+    the folder's first ``limit`` examples (named in the key). ``data.sha256`` decides the key before any image is
+    decoded: a reuse decodes nothing."""
     encoders = encoders_sha256(model)
     key = encoded_key(data_sha256=data.sha256, encoders=encoders, size=size, seed=seed, limit=limit)
     want = {"kind": KIND, "data_sha256": data.sha256, "encoders_sha256": encoders, "image_size": size,
-            "seed": seed, "count": int(data.images.shape[0])}
+            "seed": seed, "count": data.count}
     reused = store.is_complete(key)
     if reused:
         tensors, manifest = store.load_checkpoint(key)
