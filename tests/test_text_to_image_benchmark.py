@@ -20,11 +20,11 @@ FD = {("teacher_ddim", 0.0): (10.0, 12.0, 20.0, 40.0), ("distilled", 0.0): (9.0,
       ("teacher_ddim", 2.0): (8.0, 10.0, 16.0, 35.0), ("distilled", 2.0): (7.0, 9.0, 18.0, None)}
 
 
-def _rec(sampler: str, steps: int, w: float, fd: float, *, folder: str = FOLDER, n: int = 100) -> dict:
+def _rec(sampler: str, steps: int, w: float, fd: float) -> dict:
     calls = steps * (2 if sampler != "distilled" and w > 0 else 1)
     return {"sampler": sampler, "steps": steps, "gamma": None, "w": w, "unet_calls": calls, "fd_captions": fd,
-            "kid_captions": fd / 100, "prompt_accuracy": 0.8 if sampler == "teacher_ddim" else 0.7, "n_samples": n,
-            "seconds_per_image": 0.01 * steps, "clip_sample": False, "teacher_folder_sha256": folder,
+            "kid_captions": fd / 100, "prompt_accuracy": 0.8 if sampler == "teacher_ddim" else 0.7, "n_samples": 100,
+            "seconds_per_image": 0.01 * steps, "clip_sample": False, "teacher_folder_sha256": FOLDER,
             "model_sha256": "ab" * 32, "model_uri": "file:///x"}
 
 
@@ -36,15 +36,12 @@ def _records() -> list[dict]:
                 rows.append(_rec(sampler, steps, w, fd))
                 if sampler == "teacher_ddim":
                     rows.append(_rec("diffusers_ddim", steps, w, fd + 0.01))
-    rows.append(_rec("distilled", 4, 0.0, 1.0, folder="e" * 64))  # another teacher folder: left out
-    rows.append(_rec("distilled", 4, 0.0, 2.0, n=99))  # another sample count: left out
     rows.append({"sampler": "floor", "steps": None, "fd_captions": 0.5, "n_samples": 100})
     return rows
 
 
 def _frame() -> pd.DataFrame:
-    return rp.results_frame(preset="text-to-image-cpu", records=_records(), weights=WEIGHTS, folder_sha256=FOLDER,
-                            n_samples=100)
+    return rp.results_frame(preset="text-to-image-cpu", records=_records(), weights=WEIGHTS)
 
 
 def test_the_results_frame_is_the_quality_format_plus_w_with_the_same_calls_rows_read_from_unet_calls():
@@ -53,7 +50,8 @@ def test_the_results_frame_is_the_quality_format_plus_w_with_the_same_calls_rows
     assert set(df.sampler) == {"teacher_ddim", "diffusers_ddim", "distilled", rp.SAME_CALLS}
     assert {"fd_captions", "prompt_accuracy", "unet_calls", "kid_captions"} <= set(df.metric)
     assert "clip_sample" not in set(df.metric) and set(df.w) == set(WEIGHTS)
-    assert rp.value(df, sampler="distilled", steps=4, w=0.0, metric="fd_captions") == 12.5  # not 1.0 nor 2.0
+    assert rp.value(df, sampler="distilled", steps=4, w=0.0, metric="fd_captions") == 12.5
+    assert rp.results_frame(preset="p", records=_records(), weights=(2.0,)).w.unique().tolist() == [2.0]
     assert rp.value(df, sampler="teacher_ddim", steps=8, w=2.0, metric="unet_calls") == 16
     # w = 2: the N-step student against the teacher at N/2 steps (its 2 calls a step), none for N = 1
     same = {(w, n): (rp.value(df, sampler=rp.SAME_CALLS, steps=n, w=w, metric="teacher_steps"),
@@ -165,6 +163,10 @@ def test_the_tiny_benchmark_runs_end_to_end_and_a_rerun_trains_nothing(tmp_path,
     from PIL import Image
 
     assert Image.open(out / "samples.png").size[0] > 300
+    records = sorted((work / "store" / "evals").glob("*/t2i-distilled-0004-w2-*.json"))
+    assert len(records) == 1  # a record of other evaluation settings (another eval hash) must not be read:
+    stale = records[0].with_name(records[0].name.replace("-w2-", "-w2-000000000000-x"))
+    stale.write_text(json.dumps({**json.loads(records[0].read_text()), "fd_captions": 0.0}))
     rp.main(["--tiny", "--work", str(work)])
     second = capsys.readouterr().out
     assert second.count("complete and verified: skipped") == 5  # teacher, stage 1, three rounds

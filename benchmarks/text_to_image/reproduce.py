@@ -55,13 +55,12 @@ from benchmarks.guided.reproduce import (
     headline_markdown,
     pipeline_command,
     plot_grids,
-    records_of,
     student_keys,
     value,
 )
 from benchmarks.quality.reproduce import pipeline_durations, pipeline_wall_lines, run_pipelines, with_notes
 from pd_core.config import load_config
-from pd_core.evaluation import floor_key, grid_key
+from pd_core.evaluation import eval_hash, floor_key, grid_key, teacher_step_counts
 from pd_core.metrics import quality_long
 from pd_core.store import CheckpointStore
 
@@ -115,12 +114,14 @@ def _bad(message: str) -> None:
     raise SystemExit(2)
 
 
-def ensure_tiny_inputs(work: Path) -> tuple[str, str]:
-    """The tiny teacher folder and captioned data under ``work``, made once (a rerun finds them and makes nothing)."""
+def ensure_tiny_inputs(work: Path, *, make: bool = True) -> tuple[str, str]:
+    """The tiny teacher folder and captioned data under ``work``, made once when ``make`` (a rerun finds them)."""
     from benchmarks.text_to_image.train_teacher import Trainer, tiny_config
     from benchmarks.text_to_image.write_captions import write
 
     teacher, data = work / "tiny-teacher", work / "tiny-data"
+    if not make:
+        return str(teacher), str(data)
     if not (teacher / "model_index.json").is_file():
         Trainer(tiny_config(), out=teacher, data_url=None, save_every=100, log_every=100).run()
     for split, count in TINY_IMAGES.items():
@@ -143,13 +144,34 @@ def same_calls_records(records: Sequence[Mapping]) -> list[dict]:
     return out
 
 
-def results_frame(*, preset: str, records: Sequence[Mapping], weights: Sequence[float],
-                  folder_sha256: str | None = None, n_samples: int | None = None) -> pd.DataFrame:
-    """Long results of the text-to-image records at the evaluated weights, plus the same-calls rows; records of
-    another teacher folder or another sample count (older evaluations cached under the same weights) left out."""
-    rows = [r for r in records if r.get("sampler") in SAMPLERS and r.get("w") in weights
-            and (folder_sha256 is None or r.get("teacher_folder_sha256") == folder_sha256)
-            and (n_samples is None or r.get("n_samples") == n_samples)]
+def text_records(store: CheckpointStore, cfg, *, pipeline: str) -> list[dict]:
+    """The run's records: at exactly the cache key of each sampler, step count and w the pipeline measures, under
+    its evaluation settings and teacher folder (older records of the same weights, cached under other settings, are
+    not read); a measurement not in the store is left out (its target then reads "not measured")."""
+    from pd_core.text_evaluation import text_record_key
+
+    keys, hash_ = checkpoint_keys(cfg, pipeline=pipeline), eval_hash(cfg)
+    manifests = {k: store.read_manifest(k) for k in keys.values()}
+    for key, manifest in manifests.items():
+        if manifest is None:
+            raise SystemExit(f"error: {store.uri(key)} is not a complete checkpoint; run without --report-only first")
+    folder = manifests[keys["teacher"]]["text_to_image"]["sha256"]
+    wanted = [(keys["teacher"], kind, n) for kind in ("teacher_ddim", "diffusers_ddim")
+              for n in teacher_step_counts(cfg)]
+    wanted += [(key, "distilled", n) for n, key in student_keys(cfg, pipeline=pipeline).items()]
+    out = []
+    for key, kind, n in wanted:
+        for w in cfg.eval.guidance_weights:
+            at = text_record_key(model_sha256=manifests[key]["sha256"], folder_sha256=folder, kind=kind, steps=n,
+                                 w=w, eval_hash_=hash_)
+            if store.exists(at):
+                out.append(json.loads(store.get_bytes(at)))
+    return out
+
+
+def results_frame(*, preset: str, records: Sequence[Mapping], weights: Sequence[float]) -> pd.DataFrame:
+    """Long results of the text-to-image records at the evaluated weights, plus the same-calls rows."""
+    rows = [r for r in records if r.get("sampler") in SAMPLERS and r.get("w") in weights]
     if not rows:
         raise ValueError("no text-to-image evaluation records: did the pipeline run with eval.enabled=true?")
     long = quality_long([*rows, *same_calls_records(rows)])
@@ -267,10 +289,9 @@ def build_report(*, preset: str, work: Path, out: Path, overrides: Sequence[str]
     cfg = load_config(preset=preset, overrides=[*overrides, f"pipeline.teacher_uri={json.dumps(teacher_uri)}"])
     name, weights, start = cfg.pipeline.name, list(cfg.eval.guidance_weights), cfg.distill.start_steps
     keys, students = checkpoint_keys(cfg, pipeline=name), student_keys(cfg, pipeline=name)
-    records = records_of(store, cfg, pipeline=name)  # SystemExit naming a checkpoint that is not complete
-    folder = (store.read_manifest(keys["teacher"]).get("text_to_image") or {}).get("sha256")
-    df = results_frame(preset=preset, records=records, weights=weights, folder_sha256=folder,
-                       n_samples=cfg.eval.num_samples)
+    records = text_records(store, cfg, pipeline=name)  # SystemExit naming a checkpoint that is not complete
+    folder = store.read_manifest(keys["teacher"])["text_to_image"]["sha256"]
+    df = results_frame(preset=preset, records=records, weights=weights)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "results.csv", index=False)
     metric = fd_metric(df)
@@ -433,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work or Path("runs/text_to_image/tiny" if args.tiny else WORK)
     out = args.out or (work / "report" if args.tiny else OUT)
     if args.tiny:
-        teacher, data = ensure_tiny_inputs(work.resolve())
+        teacher, data = ensure_tiny_inputs(work.resolve(), make=not args.report_only)
     else:
         teacher, data = args.teacher or TEACHER, args.data or DATA
         check_inputs(teacher=teacher, data=data)
