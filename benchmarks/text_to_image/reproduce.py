@@ -49,6 +49,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.guided.reproduce import (
+    COLUMNS,
     WITHIN,
     checkpoint_keys,
     fd_metric,
@@ -69,7 +70,6 @@ OUT = Path(__file__).resolve().parent
 REPO = OUT.parents[1]
 PRESET = "text-to-image-cpu"
 TEACHER, DATA, WORK = "runs/text_to_image/teacher", "runs/text_to_image/data", "runs/text_to_image/work"
-COLUMNS = ["preset", "sampler", "steps", "w", "metric", "value", "n_samples", "seconds_per_image"]
 SAME_CALLS = "teacher_same_calls"
 SAMPLERS = ("teacher_ddim", "diffusers_ddim", SAME_CALLS, "distilled")
 LABELS = {"teacher_ddim": "guided teacher DDIM (ours)", "diffusers_ddim": "teacher, stock StableDiffusionPipeline",
