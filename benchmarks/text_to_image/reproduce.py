@@ -47,6 +47,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from benchmarks.guided.reproduce import (
     COLUMNS,
@@ -87,8 +88,6 @@ TINY_SETS = (f"pipeline.name={TINY_NAME}", "guidance.updates=2", "guidance.batch
 def pipeline_overrides(*, data: str, tiny: bool = False, extra: Sequence[str] = ()) -> list[str]:
     """The ``--set`` options of the run (and of the report's config, which must be the run's): the captioned data
     (JSON-quoted only where YAML would read it as something else than that string), the tiny settings, ``extra``."""
-    import yaml
-
     quoted = data if yaml.safe_load(data) == data else json.dumps(data)
     return [f"data.url={quoted}", *(TINY_SETS if tiny else ()), *extra]
 
@@ -116,12 +115,12 @@ def _bad(message: str) -> None:
 
 def ensure_tiny_inputs(work: Path, *, make: bool = True) -> tuple[str, str]:
     """The tiny teacher folder and captioned data under ``work``, made once when ``make`` (a rerun finds them)."""
-    from benchmarks.text_to_image.train_teacher import Trainer, tiny_config
-    from benchmarks.text_to_image.write_captions import write
-
     teacher, data = work / "tiny-teacher", work / "tiny-data"
     if not make:
         return str(teacher), str(data)
+    from benchmarks.text_to_image.train_teacher import Trainer, tiny_config
+    from benchmarks.text_to_image.write_captions import write
+
     if not (teacher / "model_index.json").is_file():
         Trainer(tiny_config(), out=teacher, data_url=None, save_every=100, log_every=100).run()
     for split, count in TINY_IMAGES.items():
