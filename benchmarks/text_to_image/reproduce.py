@@ -75,7 +75,7 @@ SAME_CALLS = "teacher_same_calls"
 SAMPLERS = ("teacher_ddim", "diffusers_ddim", SAME_CALLS, "distilled")
 LABELS = {"teacher_ddim": "guided teacher DDIM (ours)", "diffusers_ddim": "teacher, stock StableDiffusionPipeline",
           SAME_CALLS: "teacher at the student's UNet calls", "distilled": "student"}
-README_START, README_END = "<!-- text-to-image:begin -->", "<!-- text-to-image:end -->"
+README_START, README_END = "<!-- text-to-image:start -->", "<!-- text-to-image:end -->"
 TINY_NAME = "text-to-image-tiny"
 TINY_IMAGES = {"train": 64, "test": 40}
 TINY_SETS = (f"pipeline.name={TINY_NAME}", "guidance.updates=2", "guidance.batch_size=8", "guidance.log_every=1",
