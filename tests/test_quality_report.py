@@ -1,5 +1,5 @@
-"""benchmarks/quality/reproduce.py: the results file's exact format, the target verdicts, the figures,
-and that the committed results, RESULTS.md and the README's headline agree with each other."""
+"""benchmarks/quality/ (reproduce.py and the modules it runs on): the results file's exact format, the target
+verdicts, the figures, and that the committed results, RESULTS.md and the README's headline agree with each other."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from benchmarks.quality import frames, plots
-from benchmarks.quality import reproduce as rp
+from benchmarks.quality import frames, plots, report_text, runs
 
 ROOT = Path(__file__).resolve().parents[1]
 QUALITY = ROOT / "benchmarks" / "quality"
@@ -94,7 +93,7 @@ def test_target_verdicts_follow_the_numbers():
 def test_headline_table_bolds_wins_and_names_the_metric_honestly():
     main, fast = _records()
     df = frames.results_frame(preset="p", main=main, fast=fast)
-    text = rp.headline_markdown(df, metric="fd_fashion_mnist", floor=1.5, n_samples=400, gammas={4: 1.0})
+    text = report_text.headline_markdown(df, metric="fd_fashion_mnist", floor=1.5, n_samples=400, gammas={4: 1.0})
     assert "| 4 | 40 | 48 (gamma 1) | **12** | 15 |" in text
     assert "not Inception FID" in text and "floor at the same N: 1.5" in text
 
@@ -115,23 +114,24 @@ def test_plot_and_grids_write_pngs(tmp_path):
 
 def test_readme_block_is_replaced_between_the_markers(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\nbefore\n{rp.README_START}\nold\n{rp.README_END}\nafter\n")
-    rp.update_readme(readme, "new table")
-    assert readme.read_text() == f"# x\n\nbefore\n{rp.README_START}\nnew table\n{rp.README_END}\nafter\n"
+    start, end = report_text.README_START, report_text.README_END
+    readme.write_text(f"# x\n\nbefore\n{start}\nold\n{end}\nafter\n")
+    report_text.update_readme(readme, "new table")
+    assert readme.read_text() == f"# x\n\nbefore\n{start}\nnew table\n{end}\nafter\n"
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="lacks the markers"):
-        rp.update_readme(readme, "x")
+        report_text.update_readme(readme, "x")
 
 
 def test_rebuilt_results_md_keeps_the_hand_written_notes():
     old = "# old generated\n\n| 1 | 9 |\n\n## Notes\n\nWhy the 1-step student lags.\n"
-    assert rp.with_notes("# new\n\n| 1 | 3 |", old=old) == \
+    assert report_text.with_notes("# new\n\n| 1 | 3 |", old=old) == \
         "# new\n\n| 1 | 3 |\n\n## Notes\n\nWhy the 1-step student lags.\n"
-    assert rp.with_notes("# new\n", old="") == "# new\n"
+    assert report_text.with_notes("# new\n", old="") == "# new\n"
 
 
 def test_pipeline_commands_share_store_tracking_and_teacher(tmp_path):
-    cmds = rp.pipeline_commands(preset="fmnist-cpu", work=tmp_path)
+    cmds = runs.pipeline_commands(preset="fmnist-cpu", work=tmp_path)
     main, fast = cmds["distilled"], cmds["distilled_fast"]
     assert main[:4] == ["pd", "run", "--preset", "fmnist-cpu"]
     assert fast[fast.index("--teacher-uri") + 1] == f"file://{tmp_path}/store/pipelines/fmnist-cpu/teacher"
@@ -139,13 +139,13 @@ def test_pipeline_commands_share_store_tracking_and_teacher(tmp_path):
     for flag in ("--storage", "--tracking-uri"):
         assert main[main.index(flag) + 1] == fast[fast.index(flag) + 1]
     assert "--teacher-uri" not in main
-    imported = rp.pipeline_commands(preset="fmnist-cpu", work=tmp_path, teacher_uri="file:///t/teacher")
+    imported = runs.pipeline_commands(preset="fmnist-cpu", work=tmp_path, teacher_uri="file:///t/teacher")
     main = imported["distilled"]
     assert main[main.index("--teacher-uri") + 1] == "file:///t/teacher"  # the main run imports; fast takes main's
     assert imported["distilled_fast"] == fast
-    assert rp.report_command(preset="fmnist-cpu", work=rp.REPO / "runs" / "quality", teacher_uri=None) == \
+    assert runs.report_command(preset="fmnist-cpu", work=runs.REPO / "runs" / "quality", teacher_uri=None) == \
         "python -m benchmarks.quality.reproduce --preset fmnist-cpu"
-    assert rp.report_command(preset="p", work=tmp_path, teacher_uri="file:///t") == \
+    assert runs.report_command(preset="p", work=tmp_path, teacher_uri="file:///t") == \
         f"python -m benchmarks.quality.reproduce --preset p --work {tmp_path} --teacher-uri file:///t"
 
 
@@ -158,9 +158,9 @@ def test_committed_results_match_results_md_and_readme():
     assert len(floor) and floor.steps.isna().all() and (floor.n_samples == df.n_samples.max()).all()
     metric = frames.fd_metric(df)
     n = int(df.n_samples.max())
-    table = rp.headline_markdown(df, metric=metric, floor=None, n_samples=n, gammas={}).split("\n\n")[0]
+    table = report_text.headline_markdown(df, metric=metric, floor=None, n_samples=n, gammas={}).split("\n\n")[0]
     readme, results_md = (ROOT / "README.md").read_text(), (QUALITY / "RESULTS.md").read_text()
-    block = readme.split(rp.README_START, 1)[1].split(rp.README_END, 1)[0]
+    block = readme.split(report_text.README_START, 1)[1].split(report_text.README_END, 1)[0]
     for line in table.splitlines()[2:]:  # every data row, number by number (gamma annotations aside)
         cells = [c.split(" (gamma")[0] for c in line.strip("|").split("|")]
         for doc in (block, results_md):

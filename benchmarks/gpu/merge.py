@@ -26,7 +26,7 @@ import pandas as pd
 
 from benchmarks.gpu import report
 from benchmarks.gpu.quality import COLUMNS as QUALITY_COLUMNS
-from benchmarks.quality.reproduce import with_notes
+from benchmarks.quality.report_text import with_notes
 from benchmarks.speed.common import write_rows
 
 REPO = Path(__file__).resolve().parents[2]

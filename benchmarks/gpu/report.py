@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import pandas as pd
 
 from benchmarks.gpu.quality import FLOOR
-from benchmarks.quality.reproduce import headline_markdown
+from benchmarks.quality.report_text import headline_markdown
 
 TEACHER_FLOOR_LIMIT = 3.0
 FOUR_STEP_LIMIT = 1.2
@@ -115,7 +115,7 @@ def large_n_markdown(quality: pd.DataFrame, *, metric: str, large_n: int) -> str
 
 
 def main_table(quality: pd.DataFrame, *, summary: Mapping) -> str:
-    """The steps x sampler table at the pipeline's N (reproduce.headline_markdown), or a line when there is none."""
+    """The steps x sampler table at the pipeline's N (report_text.headline_markdown), or a line when there is none."""
     q = summary.get("quality") or {}
     metric, n = q.get("metric"), q.get("n_samples")
     main = quality[quality["n_samples"] == n] if n is not None else quality[:0]

@@ -30,14 +30,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.quality.reproduce import (
-    pipeline_durations,
-    pipeline_wall_lines,
-    records_at,
-    report_command,
-    run_pipelines,
-    with_notes,
-)
+from benchmarks.quality.records import records_at
+from benchmarks.quality.report_text import pipeline_wall_lines, with_notes
+from benchmarks.quality.runs import pipeline_durations, report_command, run_pipelines
 from pd_core import jobs
 from pd_core.config import load_config
 from pd_core.evaluation import classifier_key, floor_key, grid_key, write_grid

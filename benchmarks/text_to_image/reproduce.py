@@ -60,7 +60,8 @@ from benchmarks.guided.reproduce import (
     student_keys,
     value,
 )
-from benchmarks.quality.reproduce import pipeline_durations, pipeline_wall_lines, run_pipelines, with_notes
+from benchmarks.quality.report_text import pipeline_wall_lines, with_notes
+from benchmarks.quality.runs import pipeline_durations, run_pipelines
 from pd_core.config import load_config
 from pd_core.evaluation import eval_hash, floor_key, grid_key, teacher_step_counts
 from pd_core.metrics import quality_long
