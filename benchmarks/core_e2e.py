@@ -15,132 +15,21 @@ the data-vs-data value at the same sample size is the floor).
 from __future__ import annotations
 
 import argparse
-import copy
-import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.core_e2e_data import energy_distance, sample_data  # noqa: E402
+from benchmarks.core_e2e_model import E2EConfig, distill_round, train_teacher  # noqa: E402
 from pd_core import samplers  # noqa: E402
 from pd_core.denoiser import Denoiser  # noqa: E402
-from pd_core.distill import DistillationLoss  # noqa: E402
-from pd_core.losses import TeacherLoss  # noqa: E402
-from pd_core.schedule import network_time_input  # noqa: E402
-from pd_core.unet import timestep_embedding  # noqa: E402
-
-
-@dataclass(frozen=True)
-class E2EConfig:
-    seed: int = 0
-    parameterization: str = "x"  # the paper's CIFAR-10 choice
-    weighting: str = "snr_trunc"  # truncated SNR (the paper's default)
-    hidden: int = 128  # MLP width
-    teacher_updates: int = 4000
-    teacher_lr: float = 2e-3
-    teacher_steps: int = 64  # the teacher's DDIM step count that round 1 distills (2N)
-    final_steps: int = 1
-    updates_per_round: int = 1500
-    distill_lr: float = 1e-3  # linearly annealed to 0 over each round
-    batch_size: int = 512
-    eval_samples: int = 2000  # generated points per evaluation, and fresh data points to compare with
-    heun_baseline: bool = True  # also evaluate the teacher's Heun ODE sampler (2N - 1 evals) at each N
-    threads: int = 1  # 1 thread: tiny MLPs are overhead-bound; more threads only contend
-
-
-# ---- data and metric ------------------------------------------------------------------------------
-
-def sample_data(n: int, *, generator: torch.Generator) -> Tensor:
-    """Mixture of 8 Gaussians (std 0.05) on a circle of radius 0.75: (n, 2, 1, 1) in [-1, 1]."""
-    k = torch.randint(0, 8, (n,), generator=generator)
-    angle = k.double() * (2 * math.pi / 8)
-    centers = 0.75 * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)  # (n, 2)
-    x = centers + 0.05 * torch.randn(n, 2, generator=generator, dtype=torch.float64)
-    return x.clamp(-1, 1).float().reshape(n, 2, 1, 1)  # (n, 2, 1, 1)
-
-
-def energy_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """2 E|X - Y| - E|X - X'| - E|Y - Y'| (float64; within-sample terms exclude the diagonal)."""
-    a = np.asarray(a, dtype=np.float64).reshape(len(a), -1)
-    b = np.asarray(b, dtype=np.float64).reshape(len(b), -1)
-
-    def mean_dist(p, q, *, same):
-        d = np.sqrt(np.maximum(((p[:, None, :] - q[None, :, :]) ** 2).sum(-1), 0.0))
-        if same:
-            n = len(p)
-            return d.sum() / (n * (n - 1))
-        return d.mean()
-
-    return float(2 * mean_dist(a, b, same=False) - mean_dist(a, a, same=True) - mean_dist(b, b, same=True))
-
-
-# ---- model ---------------------------------------------------------------------------------------
-
-class MLPNet(nn.Module):
-    """net(z (B, 2, 1, 1), logsnr (B,)) -> (B, 2, 1, 1); time input phi(lambda) as in the U-Net."""
-
-    def __init__(self, hidden: int = 128, emb: int = 32):
-        super().__init__()
-        self.emb = emb
-        self.time = nn.Sequential(nn.Linear(emb, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.inp = nn.Linear(2, hidden)
-        self.body = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
-                                  nn.SiLU(), nn.Linear(hidden, 2))
-
-    def forward(self, z: Tensor, logsnr: Tensor) -> Tensor:
-        b = z.shape[0]
-        temb = timestep_embedding(network_time_input(logsnr), self.emb).to(z.dtype)  # (B, emb)
-        h = self.inp(z.reshape(b, 2)) + self.time(temb)  # (B, hidden)
-        return self.body(h).reshape(b, 2, 1, 1)  # (B, 2, 1, 1)
-
-
-def _adamw(net: nn.Module, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
-
-
-def train_teacher(cfg: E2EConfig, *, generator: torch.Generator) -> Denoiser:
-    net = MLPNet(cfg.hidden)
-    model = Denoiser(net, parameterization=cfg.parameterization)
-    loss_fn = TeacherLoss(weighting=cfg.weighting)
-    opt = _adamw(net, cfg.teacher_lr)
-    ema = copy.deepcopy(net).requires_grad_(False)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 200) * (1 - k / cfg.teacher_updates))
-    for _ in range(cfg.teacher_updates):
-        x = sample_data(cfg.batch_size, generator=generator)
-        loss = loss_fn(model, x, generator=generator).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
-                pe.lerp_(p, 1 - 0.995)
-    return Denoiser(ema.eval(), parameterization=cfg.parameterization)
-
-
-def distill_round(teacher: Denoiser, *, student_steps: int, cfg: E2EConfig, generator: torch.Generator) -> Denoiser:
-    """One round of Algorithm 2: student (copy of the teacher, fresh AdamW) learns N = student_steps."""
-    net = copy.deepcopy(teacher.net).train().requires_grad_(True)
-    student = Denoiser(net, parameterization=cfg.parameterization)
-    loss_fn = DistillationLoss(teacher, num_steps=student_steps, weighting=cfg.weighting)
-    opt = _adamw(net, cfg.distill_lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / cfg.updates_per_round)
-    for _ in range(cfg.updates_per_round):
-        x = sample_data(cfg.batch_size, generator=generator)
-        loss = loss_fn(student, x, generator=generator).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return Denoiser(net.eval().requires_grad_(False), parameterization=cfg.parameterization)
 
 
 def evaluate(denoiser: Denoiser, *, num_steps: int, cfg: E2EConfig, ref: np.ndarray, sampler: str = "ddim") -> float:
