@@ -3,7 +3,8 @@
     python scripts/fullstack_services.py            # start everything, print the URLs; Ctrl-C stops it
     python scripts/fullstack_services.py --no-worker --ui
 
-Used by tests/test_fullstack.py. :class:`FullStack` (a context manager, in ``stack``) starts, in this order:
+Used by tests/test_fullstack.py. :class:`FullStack` (a context manager, in ``stack``; the servers it spawns
+in ``servers``, the deploy script and the worker in ``worker``, their addresses in ``info``) starts, in this order:
 
 1. PostgreSQL (the installed server binaries, a throwaway cluster in a temp dir; as the `postgres`
    user when run as root) with databases `prefect` and `mlflow`, each owned by its own role;
@@ -22,10 +23,11 @@ that (SIGKILL), a small reaper process kills the servers and deletes the Postgre
 """
 
 from .common import BUCKETS, S3_ACCESS_KEY, S3_SECRET_KEY, StackError, clean_env, free_port, log, tail
+from .info import StackInfo
 from .postgres import Postgres, find_pg_bin, stop_cluster
 from .processes import Service, descendants, spawn, wait_until
 from .reaper import Reaper, reap
-from .stack import FullStack, StackInfo
+from .stack import FullStack
 
 __all__ = [
     "BUCKETS", "S3_ACCESS_KEY", "S3_SECRET_KEY", "FullStack", "Postgres", "Reaper", "Service", "StackError",
