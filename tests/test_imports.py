@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -93,8 +94,25 @@ def test_no_module_is_over_500_lines():
     assert not long, f"split these along their seams: {long}"
 
 
-def test_no_section_banners_in_the_library():
+# a comment line, at any indent, that opens with a rule and holds one of 4+ characters: "# ---- x ----",
+# "    # -- x -----", "# ==== x"; not a comment about an option ("# --tiny: ...")
+BANNER = re.compile(r"^[ \t]*#[ \t]*(?=--|==)(?=.*(?:----|====))", re.MULTILINE)
+
+
+def banners(text: str) -> list[str]:
+    """The section-banner lines of a module's text."""
+    return [m.group(0) + text[m.end():].split("\n", 1)[0] for m in BANNER.finditer(text)]
+
+
+def test_the_banner_finder_finds_banners_and_not_option_comments():
+    text = ("# ---- data ----\n    # -- servers ------\n# ----------\n# ===== x\n"
+            "# --tiny: the same code\n# --durations in one run\nx = 1  # ---- trailing\n")
+    assert banners(text) == ["# ---- data ----", "    # -- servers ------", "# ----------", "# ===== x"]
+
+
+def test_no_section_banners_in_the_library_benchmarks_and_scripts():
     """A module that needs ``# ----`` banners is several modules."""
-    hits = [str(p.relative_to(ROOT)) for folder in ("pd_core", "tasks", "flows", "deployments")
-            for p in (ROOT / folder).rglob("*.py") if "\n# ----" in p.read_text()]
-    assert not hits, hits
+    hits = {str(p.relative_to(ROOT)): found
+            for folder in ("pd_core", "tasks", "flows", "deployments", "benchmarks", "scripts")
+            for p in (ROOT / folder).rglob("*.py") if (found := banners(p.read_text()))}
+    assert not hits, f"split these along their banners: {hits}"
