@@ -19,7 +19,8 @@ import pytest
 from pd_core import jobs
 from pd_core.config import load_config
 from pd_core.store import CheckpointStore, StoreError
-from tests.faults.helpers import PIPELINE_FAST, _free_port, _pd, _pd_env, _Proc, _round_key, _set_args
+from tests.faults.helpers import _free_port, _round_key
+from tests.faults.pd_runs import PIPELINE_FAST, _pd, _pd_env, _Proc, _set_args
 
 LEASE_TTL_S = 2.0  # the pipeline's lease TTL in the MLflow-down run: renewal must keep it alive for the whole run
 

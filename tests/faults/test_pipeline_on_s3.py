@@ -16,19 +16,8 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.faults.helpers import (
-    FAKE_KEY_ID,
-    FAKE_SECRET,
-    PIPELINE_FAST,
-    _boto,
-    _free_port,
-    _pd,
-    _pd_env,
-    _Proc,
-    _set_args,
-    _start_moto,
-    _wait_for,
-)
+from tests.faults.helpers import FAKE_KEY_ID, FAKE_SECRET, _boto, _free_port, _start_moto
+from tests.faults.pd_runs import PIPELINE_FAST, _pd, _pd_env, _Proc, _set_args, _wait_for
 
 
 @dataclass

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.helpers import PIPELINE_FAST, _free_port, _pd_env, _set_args
+from tests.faults.helpers import _free_port
+from tests.faults.pd_runs import PIPELINE_FAST, _pd_env, _set_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
