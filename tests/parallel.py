@@ -58,7 +58,7 @@ HEAVIEST_FIRST: tuple[str, ...] = (
     "tests/faults/test_hostile_models.py",
     "tests/test_tracking.py",
     "tests/test_guided_training.py",
-    "tests/test_metrics.py",
+    "tests/test_feature_classifier.py",  # the session-scoped classifier, trained once
     "tests/test_tracking_ui.py",
 )
 

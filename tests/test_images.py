@@ -1,6 +1,6 @@
 """pd_core.images: the grids people look at (nearest-neighbour upscale, minimum width, caption).
 
-The metrics' images are the quantised samples (tests/test_metrics.py); the display grid must hold
+The metrics' images are the quantised samples (tests/test_image_quantisation.py); the display grid must hold
 exactly those pixels, each repeated in a k x k block (checked against numpy's Kronecker product,
 an independent computation), with nothing but padding between them and a caption bar above.
 """

@@ -122,7 +122,6 @@ def test_no_section_banners_in_the_library_benchmarks_and_scripts():
 # they keep their banners until they are split along them. Any other test file (a new one included) has none.
 TEST_FILES_WITH_BANNERS = frozenset({
     "tests/pipeline/test_smoke_run.py", "tests/test_compose.py", "tests/test_config.py", "tests/test_data.py",
-    "tests/test_metrics.py",
     "tests/test_tracking.py",
 })
 
