@@ -40,6 +40,8 @@ GRID_STEPS = (1, 2, 4, 8)
 
 
 def build_report(*, preset: str, work: Path, out: Path, readme: Path | None, teacher_uri: str | None = None) -> dict:
+    """Every results file, in ``out``, from the store and MLflow db the two pipelines wrote under ``work`` (and
+    the README's block when ``readme`` is given); returns results.json's content."""
     from benchmarks.speed.common import machine
 
     work = work.resolve()
