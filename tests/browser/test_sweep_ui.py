@@ -47,7 +47,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SweepStack]:
     mlflow = start_mlflow(home / "mlflow")
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "PD_DEBUG"}
-        env.update(PD_HOME=str(home / "pd"), OMP_NUM_THREADS="1", DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true")
+        env.update(PD_HOME=str(home / "pd"), OMP_NUM_THREADS="1", DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true",
+                   PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300")  # a hang bound (tests/conftest.py)
         args = ["sweep", "--name", SWEEP, "--tracking-uri", mlflow.url, *(a for o in LIGHT for a in ("--set", o)),
                 *(a for g in GRID for a in ("--grid", g))]
         proc = subprocess.run([*pd_command(), *args], cwd=home, env=env, capture_output=True, text=True, timeout=800)
