@@ -50,7 +50,8 @@ from tasks.training import (
     round_run_name,
 )
 
-LEASE_TTL_S = 15 * 60  # renewed every third of it while the flow runs; a crashed owner's lease expires after this
+LEASE_TTL_S = 15 * 60  # a crashed owner's lease expires after this
+LEASE_RENEW_S = LEASE_TTL_S / 3  # how often the flow renews its lease while it runs (well inside the TTL)
 
 
 def pipeline_resource(name: str) -> dict[str, str]:
@@ -72,13 +73,18 @@ class LeaseGuard:
 
 
 @contextlib.contextmanager
-def _kept_alive(lease: Lease, *, logger) -> Iterator[LeaseGuard]:
-    """Renew ``lease`` from a daemon thread every third of its TTL while the body runs (rounds outlast a TTL)."""
+def _kept_alive(lease: Lease, *, logger, every_s: float) -> Iterator[LeaseGuard]:
+    """Renew ``lease`` from a daemon thread every ``every_s`` seconds while the body runs (rounds outlast a TTL).
+
+    ``every_s`` must be well below the lease's TTL: a renewal late by the rest of the TTL lets another owner in.
+    """
+    if not 0 < every_s < lease.ttl_s:
+        raise ValueError(f"every_s must be between 0 and the lease's TTL ({lease.ttl_s} s), got {every_s}")
     stop = threading.Event()
     guard = LeaseGuard()
 
     def renew_until_stopped() -> None:
-        while not stop.wait(lease.ttl_s / 3):
+        while not stop.wait(every_s):
             try:
                 lease.renew()
             except LeaseLostError as err:  # another run took the pipeline over: stop renewing, stop the flow
@@ -181,7 +187,7 @@ def distillation_pipeline(preset: PresetName = "smoke", overrides: list[str] | N
     gpu_tags = gpu_task_tags(task_tags, api_url=get_current_settings().api.url)
     with store.acquire_lease(f"{pipeline_prefix(name)}/lease", owner=owner, ttl_s=LEASE_TTL_S,
                              meta={"flow_run_id": flow_run_id}) as lease, \
-            _kept_alive(lease, logger=logger) as guard:
+            _kept_alive(lease, logger=logger, every_s=LEASE_RENEW_S) as guard:
         tracker = tracker_for(cfg)
         if lease.taken_over is not None:
             end_dead_run(lease.taken_over, tracker=tracker, logger=logger, current_flow_run_id=flow_run_id)

@@ -27,6 +27,9 @@ import pytest
 os.environ["DO_NOT_TRACK"] = "true"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# A hang bound for a `pd run`'s temporary Prefect server (ours waits for the longer of this and 60 s, Prefect's own
+# for this): a cold start takes ~15 s on this 2-core machine at load average 3.5, longer beside other work.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="pd-tests-"))
 os.environ["PD_HOME"] = str(_SESSION_HOME / "pd")
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")

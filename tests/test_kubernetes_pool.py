@@ -132,10 +132,11 @@ def test_the_round_task_on_kubernetes_submits_a_jobset_and_logs_its_phase_to_pre
     APILogHandler().flush()  # the run's logs reach the server in batches
     messages: list[str] = []
     with get_client(sync_client=True) as client:
-        for _ in range(60):  # at most ~30 s
+        deadline = time.monotonic() + 120  # a hang bound: the server stores the batch when it gets to it
+        while True:
             logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
             messages = [log.message for log in logs]
-            if any(m.endswith("Failed, restarts 0") for m in messages):
+            if any(m.endswith("Failed, restarts 0") for m in messages) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
     assert any(m.startswith("JobSet default/pd-k8s-task-round1-") and m.endswith("submitted (2 nodes x 1 processes)")

@@ -47,7 +47,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SweepStack]:
     mlflow = start_mlflow(home / "mlflow")
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "PD_DEBUG"}
-        env.update(PD_HOME=str(home / "pd"), OMP_NUM_THREADS="1", DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true")
+        env.update(PD_HOME=str(home / "pd"), OMP_NUM_THREADS="1", DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true",
+                   PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300")  # a hang bound (tests/conftest.py)
         args = ["sweep", "--name", SWEEP, "--tracking-uri", mlflow.url, *(a for o in LIGHT for a in ("--set", o)),
                 *(a for g in GRID for a in ("--grid", g))]
         proc = subprocess.run([*pd_command(), *args], cwd=home, env=env, capture_output=True, text=True, timeout=800)
@@ -79,9 +80,16 @@ _ROWS = """() => {
   }
   return Object.values(rows);
 }"""
+# True once each named run has a row (its name the last line of the name cell) with every column non-empty.
+_ROWS_FILLED = f"""w => {{
+  const rows = ({_ROWS})();
+  const name = r => (r['attributes.`Run Name`'] || '').trim().split('\\n').pop().trim();
+  return w.names.every(n => rows.some(r => name(r) === n && w.columns.every(c => r[c])));
+}}"""
 
 
 def test_the_sweeps_saved_view_shows_every_points_grid_values_and_fd_per_step(stack: SweepStack, page) -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
     from playwright.sync_api import expect
 
     printed = next(line for line in stack.output.stdout.splitlines() if line.strip().startswith("sweep view"))
@@ -96,10 +104,16 @@ def test_the_sweeps_saved_view_shows_every_points_grid_values_and_fd_per_step(st
     expect(page.get_by_text(f"Sweep {SWEEP}: grid values and FD by steps").first).to_be_visible()
     for run in runs:
         expect(page.get_by_role("link", name=run.info.run_name, exact=True).first).to_be_visible()
-    page.wait_for_timeout(1000)  # the grid renders its cells after the links
-    rows = page.evaluate(_ROWS)
     fd_columns = [f"metrics.`distilled_fd_digits_{n}steps`" for n in STEPS]
     param_columns = [f"params.`pd.sweep.{f}`" for f in FIELDS]
+    # The grid renders its cells after the links: wait until every run's row has every column filled (the checks
+    # below then say what differs; a grid that never fills them fails there after the hang bound).
+    try:
+        page.wait_for_function(_ROWS_FILLED, arg={"names": [r.info.run_name for r in runs],
+                                                  "columns": [*param_columns, *fd_columns]})
+    except PlaywrightTimeoutError:
+        pass
+    rows = page.evaluate(_ROWS)
     shown = {}
     for row in rows:  # the name cell shows a colour swatch's label, then the run name
         lines = row.get("attributes.`Run Name`", "").splitlines()

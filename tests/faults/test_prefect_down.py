@@ -108,13 +108,27 @@ def test_a_standing_server_that_stops_answering_is_given_up_after_several_misses
     assert gone == [gone_message(url)]
 
 
+class _Looked:
+    """A process whose ``poll`` (the watch's look at the embedded server) is counted; ``seen`` is set after ``n``."""
+
+    def __init__(self, proc: subprocess.Popen, n: int) -> None:
+        self.proc, self.n, self.looks, self.seen = proc, n, 0, threading.Event()
+
+    def poll(self) -> int | None:
+        self.looks += 1
+        if self.looks >= self.n:
+            self.seen.set()
+        return self.proc.poll()
+
+
 def test_an_embedded_server_that_answers_is_never_given_up() -> None:
     gone: list[str] = []
-    sleeper = subprocess.Popen(["sleep", "30"])
+    sleeper = subprocess.Popen(["sleep", "600"])
     try:
-        with watch_api(embedded_process=sleeper, api_url="http://127.0.0.1:1/api", interval_s=0.01,
+        looked = _Looked(sleeper, n=20)  # counted looks, not a sleep: a slow machine looks less often, not fewer times
+        with watch_api(embedded_process=looked, api_url="http://127.0.0.1:1/api", interval_s=0.01,
                        on_gone=gone.append):
-            time.sleep(0.3)
+            assert looked.seen.wait(60), f"the watch stopped looking after {looked.looks}: {gone}"  # a hang bound
         assert gone == []
         sleeper.kill()
         sleeper.wait()
