@@ -86,11 +86,11 @@ def test_headline_bolds_wins_except_the_stage_one_row(tmp_path):
 def test_readme_block_is_replaced_between_the_markers(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"top\n{rp.README_START}\nold\n{rp.README_END}\nbottom\n")
-    rp.update_readme(readme, "new block")
+    rp.update_readme(readme, "new block", start=rp.README_START, end=rp.README_END)
     assert readme.read_text() == f"top\n{rp.README_START}\nnew block\n{rp.README_END}\nbottom\n"
     readme.write_text("no markers")
     with pytest.raises(SystemExit, match="markers"):
-        rp.update_readme(readme, "x")
+        rp.update_readme(readme, "x", start=rp.README_START, end=rp.README_END)
 
 
 def test_committed_results_match_results_md_and_readme():

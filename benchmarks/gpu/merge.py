@@ -26,7 +26,7 @@ import pandas as pd
 
 from benchmarks.gpu import report
 from benchmarks.gpu.quality import COLUMNS as QUALITY_COLUMNS
-from benchmarks.quality.report_text import with_notes
+from benchmarks.quality.report_text import replace_block, with_notes
 from benchmarks.speed.common import write_rows
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,12 +85,11 @@ def merge_quality(out: Path, repo: Path, *, summary: dict) -> int:
 
 def readme_with_block(text: str, block: str, *, readme: Path) -> str:
     """The README text with the block between its gpu markers replaced (the markers must exist)."""
-    if README_START not in text or README_END not in text:
+    replaced = replace_block(text, block, start=README_START, end=README_END)
+    if replaced is None:
         raise MergeError(f"{readme} lacks the markers {README_START} / {README_END}; add them where the GPU "
                          "paragraph goes")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    return f"{head}{README_START}\n{block.strip()}\n{README_END}{tail}"
+    return replaced
 
 
 def merge(out: Path, repo: Path, *, allow_tiny: bool = False) -> list[str]:

@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.quality.records import records_at
-from benchmarks.quality.report_text import pipeline_wall_lines, with_notes
+from benchmarks.quality.report_text import pipeline_wall_lines, update_readme, with_notes
 from benchmarks.quality.runs import pipeline_durations, report_command, run_pipelines
 from pd_core import jobs
 from pd_core.config import load_config
@@ -242,14 +242,6 @@ def stochastic_markdown(df: pd.DataFrame, *, metric: str, weights: Sequence[floa
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, block: str) -> None:
-    """Replace the text between the README's guided markers (they must exist)."""
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise SystemExit(f"error: {readme} lacks the markers {README_START} / {README_END}")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_START}\n{block.strip()}\n{README_END}{tail}")
 
 
 def build_report(*, preset: str, work: Path, out: Path, readme: Path | None, grid_w: float | None = None,
@@ -308,7 +300,7 @@ def build_report(*, preset: str, work: Path, out: Path, readme: Path | None, gri
     old = results_md.read_text() if results_md.exists() else ""
     results_md.write_text(with_notes(results_markdown(summary, table=table, cfg=cfg, df=df), old=old))
     if readme is not None:
-        update_readme(readme, readme_block(summary, table=table))
+        update_readme(readme, readme_block(summary, table=table), start=README_START, end=README_END)
     return summary
 
 

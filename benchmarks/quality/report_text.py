@@ -50,14 +50,20 @@ def with_notes(generated: str, *, old: str) -> str:
     return generated.rstrip("\n") + "\n" + (f"\n{NOTES}{notes}" if notes else "")
 
 
-def update_readme(readme: Path, block: str) -> None:
-    """Replace the text between the README's quality markers (they must exist)."""
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise SystemExit(f"error: {readme} lacks the markers {README_START} / {README_END}")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_START}\n{block.strip()}\n{README_END}{tail}")
+def replace_block(text: str, block: str, *, start: str, end: str) -> str | None:
+    """``text`` with what lies between the markers ``start`` and ``end`` replaced by ``block``; None without them."""
+    if start not in text or end not in text:
+        return None
+    head, rest = text.split(start, 1)
+    return f"{head}{start}\n{block.strip()}\n{end}{rest.split(end, 1)[1]}"
+
+
+def update_readme(readme: Path, block: str, *, start: str = README_START, end: str = README_END) -> None:
+    """Replace the text between the README's markers (the quality block's by default; they must exist)."""
+    text = replace_block(readme.read_text(), block, start=start, end=end)
+    if text is None:
+        raise SystemExit(f"error: {readme} lacks the markers {start} / {end}")
+    readme.write_text(text)
 
 
 def pipeline_wall_lines(walls: Mapping[str, Mapping]) -> list[str]:

@@ -60,7 +60,7 @@ from benchmarks.guided.reproduce import (
     student_keys,
     value,
 )
-from benchmarks.quality.report_text import pipeline_wall_lines, with_notes
+from benchmarks.quality.report_text import pipeline_wall_lines, replace_block, with_notes
 from benchmarks.quality.runs import pipeline_durations, run_pipelines
 from pd_core.config import load_config
 from pd_core.evaluation import eval_hash, floor_key, grid_key, teacher_step_counts
@@ -262,12 +262,11 @@ def compact_markdown(df: pd.DataFrame, *, metric: str, start_steps: int, weights
 
 def update_readme(readme: Path, block: str) -> bool:
     """Replace the text between the README's text-to-image markers; without them, say so in one line and skip."""
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
+    text = replace_block(readme.read_text(), block, start=README_START, end=README_END)
+    if text is None:
         print(f"{readme} has no {README_START} / {README_END} markers: README block not written", flush=True)
         return False
-    head, rest = text.split(README_START, 1)
-    readme.write_text(f"{head}{README_START}\n{block.strip()}\n{README_END}{rest.split(README_END, 1)[1]}")
+    readme.write_text(text)
     return True
 
 
