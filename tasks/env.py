@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 OFFLINE_DEFAULTS = {
@@ -76,6 +77,10 @@ def attach_pd_core_logs() -> None:
     logger = logging.getLogger("pd_core")
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
-    for handler in logging.getLogger("prefect.extra").handlers:
-        if handler not in logger.handlers:
+    # Prefect's API handlers only (none exist before Prefect's logging is imported; importing it here
+    # would come before PREFECT_HOME is set): anything else on prefect.extra at that moment, such as a
+    # test harness's log-capturing handler, is not ours to copy and would see pd_core's records twice
+    handlers = sys.modules.get("prefect.logging.handlers")
+    for handler in logging.getLogger("prefect.extra").handlers if handlers else ():
+        if isinstance(handler, handlers.APILogHandler) and handler not in logger.handlers:
             logger.addHandler(handler)
