@@ -32,6 +32,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PICKLE_NAME = "diffusion_pytorch_model.bin"
 MAX_JSON_BYTES = 1 << 20  # a config file is a few KB
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x"}  # diffusers -> our parameterization
+SUPPORTED_TIME_EMBEDDINGS = ("positional",)  # fractional timesteps need a continuous embedding
 
 
 def scheduler_parameterization(scheduler_config: dict) -> str:
@@ -42,7 +43,6 @@ def scheduler_parameterization(scheduler_config: dict) -> str:
 def scheduler_timesteps(scheduler_config: dict) -> int:
     """T from a scheduler config's num_train_timesteps (diffusers' default 1000)."""
     return int(scheduler_config.get("num_train_timesteps", 1000))
-SUPPORTED_TIME_EMBEDDINGS = ("positional",)  # fractional timesteps need a continuous embedding
 
 
 def is_diffusers_uri(uri: str | None) -> bool:

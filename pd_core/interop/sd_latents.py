@@ -34,7 +34,7 @@ from torch import Tensor
 from pd_core.interop.sd_folder import component_sha256
 from pd_core.interop.sd_pipeline import TextToImageModel, build_text_encoder, build_tokenizer, build_vae, encode_prompts
 from pd_core.store import CheckpointStore
-from pd_core.train.progress import format_seconds
+from pd_core.train.progress import images_line
 
 log = logging.getLogger(__name__)
 ENCODERS = ("vae", "text_encoder", "tokenizer")
@@ -101,9 +101,7 @@ def encode_captions(model: TextToImageModel, data: CaptionSource, *, seed: int, 
         latents.append((dist.mean + dist.std * noise.to(dist.mean.device)).cpu() * model.scaling_factor)
         done += int(images.shape[0])
         if number % log_every == 0 or done == data.count:
-            rate = done / max(time.perf_counter() - t0, 1e-9)
-            log.info("encode: %d/%d images (%.1f%%), %.2f img/s, ETA %s", done, data.count, 100.0 * done / data.count,
-                     rate, format_seconds((data.count - done) / rate))
+            log.info(images_line("encode", done=done, total=data.count, elapsed_s=time.perf_counter() - t0))
     distinct = list(dict.fromkeys(data.captions))
     where = {text: i for i, text in enumerate(distinct)}
     embeds = torch.cat([encode_prompts(tokenizer, text_encoder, distinct[i:i + batch])

@@ -16,6 +16,7 @@ from pd_core.images import to_uint8
 from pd_core.metrics.features import FeatureExtractor
 from pd_core.metrics.kid import kernel_inception_distance, precision_recall
 from pd_core.metrics.stats import FeatureStats, StreamingStats, frechet_distance_stats
+from pd_core.train.progress import images_line
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,6 @@ def sample_noise(*, seed: int, start: int, count: int, shape: tuple[int, ...]) -
         rng = np.random.Generator(np.random.Philox(key=seed, counter=(start + j) << 192))
         out[j] = rng.standard_normal(shape, dtype=np.float32)
     return torch.from_numpy(out)
-
-
-def _format_eta(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 def evaluate_sampler(sample_fn: SampleFn, *, num_samples: int, batch_size: int, seed: int,
@@ -98,9 +93,7 @@ def evaluate_sampler(sample_fn: SampleFn, *, num_samples: int, batch_size: int, 
             progress(done, num_samples)
         now = time.perf_counter()
         if now - last_log >= log_every_s or done == num_samples:
-            rate = done / (now - t0)
-            log.info("evaluate: %d/%d images (%.1f%%), %.2f img/s, ETA %s", done, num_samples,
-                     100.0 * done / num_samples, rate, _format_eta((num_samples - done) / rate))
+            log.info(images_line("evaluate", done=done, total=num_samples, elapsed_s=now - t0))
             last_log = now
     fake = stats.finalize()
     out: dict[str, float] = {feature_extractor.fd_name: frechet_distance_stats(fake, reference_stats),

@@ -1,4 +1,4 @@
-"""Training progress: one event per ``log_every`` updates (loss, lr, rate, ETA), as a log line."""
+"""Progress lines: training (one event per ``log_every`` updates: loss, lr, rate, ETA) and work over images."""
 
 from __future__ import annotations
 
@@ -39,3 +39,10 @@ def format_seconds(seconds: float) -> str:
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
+
+
+def images_line(what: str, *, done: int, total: int, elapsed_s: float) -> str:
+    """One log line for work over images: `encode: 640/1000 images (64.0%), 12.30 img/s, ETA 29s`."""
+    rate = done / max(elapsed_s, 1e-9)
+    eta = format_seconds((total - done) / rate) if rate > 0 else "?"
+    return f"{what}: {done}/{total} images ({100.0 * done / total:.1f}%), {rate:.2f} img/s, ETA {eta}"
